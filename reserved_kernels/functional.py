@@ -1,0 +1,131 @@
+"""The differentiable functions the modules call: one place that defines the maths."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from reserved_kernels import ops
+
+
+def check_reserved_ids(reserved_ids: Tensor | Sequence[int], num_embeddings: int,
+                       padding_idx: int | None = None) -> Tensor:
+    """Validate reserved ids and return them as an int64 CPU tensor (in the order given).
+
+    Raises on float ids, ids outside [0, num_embeddings), duplicates, or the padding id (its row
+    never receives a gradient in ``nn.Embedding``, so training it would be a contradiction).
+    """
+    ids = torch.as_tensor(reserved_ids) if not isinstance(reserved_ids, Tensor) else reserved_ids.detach()
+    if ids.numel() == 0:
+        return torch.empty(0, dtype=torch.int64)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"reserved_ids must be integers, got {ids.dtype}")
+    if ids.dim() != 1:
+        raise ValueError(f"reserved_ids must be 1-D, got shape {tuple(ids.shape)}")
+    ids = ids.to("cpu", torch.int64)
+    bad = ids[(ids < 0) | (ids >= num_embeddings)]
+    if bad.numel():
+        raise IndexError(f"reserved_ids must lie in [0, {num_embeddings}), got {bad[:10].tolist()}")
+    unique, counts = torch.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"reserved_ids must be distinct; repeated: {unique[counts > 1][:10].tolist()}")
+    if padding_idx is not None and bool((ids == padding_idx).any()):
+        raise ValueError(f"reserved_ids must not contain padding_idx={padding_idx}")
+    return ids
+
+
+def build_slot_map(reserved_ids: Tensor, num_embeddings: int, device: torch.device | str | None = None) -> Tensor:
+    """int32 vector of length V: ``slot_map[reserved_ids[k]] = k``, -1 elsewhere (4 bytes per vocabulary id)."""
+    slot_map = torch.full((num_embeddings,), -1, dtype=torch.int32, device=device)
+    if reserved_ids.numel():
+        slot_map[reserved_ids.to(device=slot_map.device, dtype=torch.int64)] = torch.arange(
+            reserved_ids.numel(), dtype=torch.int32, device=slot_map.device)
+    return slot_map
+
+
+def reserved_embedding(ids: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, *,
+                       weight_scaler: Tensor | None = None, scale: float | None = None,
+                       padding_idx: int | None = None, deterministic: bool = False) -> Tensor:
+    """``out[n] = cast(scale * row(ids[n]))``; the gradient reaches ``reserved_weight`` as a compact K×D tensor.
+
+    Bit-identical to ``F.embedding(ids, merged) * torch.tensor(scale, dtype=dtype)`` where
+    ``merged`` is ``weight`` (dequantised with ``weight_scaler`` for an int8 table) with rows
+    ``reserved_ids`` replaced by ``reserved_weight``. ``deterministic`` (or
+    ``torch.use_deterministic_algorithms(True)``) makes the backward bitwise repeatable.
+    """
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+    return ops.gather(ids, weight, reserved_weight, slot_map, weight_scaler,
+                      1.0 if scale is None else float(scale),
+                      -1 if padding_idx is None else int(padding_idx), deterministic)
+
+
+def to_csr(sources: Sequence[Sequence[int]] | tuple[Tensor, Tensor], device: torch.device | str | None = None,
+           exclude: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Lists of source ids (or an ``(offsets, ids)`` pair) as int64 CSR, minus ``exclude``d ids.
+
+    Raises if a list is empty, before or after exclusion, naming the destination.
+    """
+    if isinstance(sources, tuple) and len(sources) == 2 and all(isinstance(t, Tensor) for t in sources):
+        offsets, ids = (t.to("cpu") for t in sources)
+        if ids.is_floating_point() or offsets.is_floating_point():
+            raise TypeError("CSR offsets and ids must be integer tensors")
+        bounds = offsets.tolist()
+        lists = [ids[bounds[k]:bounds[k + 1]].tolist() for k in range(len(bounds) - 1)]
+    else:
+        lists = []
+        for k, src in enumerate(sources):
+            src = torch.as_tensor(src)
+            if src.is_floating_point():
+                raise TypeError(f"source ids must be integers; destination {k} has {src.dtype}")
+            lists.append(src.reshape(-1).tolist())
+    excluded = set(torch.as_tensor(exclude).reshape(-1).tolist()) if exclude is not None else set()
+    kept = [[i for i in src if i not in excluded] for src in lists]
+    empty = [k for k, src in enumerate(kept) if not src]
+    if empty:
+        why = " after excluding ids" if excluded else ""
+        raise ValueError(f"every destination needs at least one source id{why}; destinations {empty[:10]} have none")
+    offsets = torch.tensor([0] + [len(src) for src in kept], dtype=torch.int64).cumsum(0)
+    flat = torch.tensor([i for src in kept for i in src], dtype=torch.int64)
+    return offsets.to(device), flat.to(device)
+
+
+def mean_rows(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, sources, *,
+              weight_scaler: Tensor | None = None, exclude=None, noise_std: float = 0.0,
+              generator: torch.Generator | None = None) -> Tensor:
+    """fp32 (K, D): the mean of ``row(i)`` over each destination's sources, plus optional Gaussian noise.
+
+    Every row is read before anything is written, so the result does not depend on order.
+    """
+    offsets, src_ids = to_csr(sources, weight.device, exclude)
+    means = ops.segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)
+    if noise_std < 0 or not math.isfinite(noise_std):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
+    if noise_std > 0:
+        noise = torch.randn(means.shape, generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else means.device)
+        means = means + noise.to(means.device) * noise_std
+    return means
+
+
+@torch.no_grad()
+def mean_init_(table: Tensor, dst: Tensor | Sequence[int], sources, *, exclude=None, noise_std: float = 0.0,
+               generator: torch.Generator | None = None) -> Tensor:
+    """``table[dst[k]] = mean(table[sources[k]])`` for all k in one batched op; returns ``table``.
+
+    Sources are read as they were before any write, so the result does not depend on order
+    even when a destination is also another's source. ``sources`` is a list of id lists or an
+    ``(offsets, ids)`` CSR pair; ``exclude`` drops ids from every list (e.g. untrained rows).
+    """
+    if table.dim() != 2 or not table.is_floating_point():
+        raise ValueError(f"table must be a floating 2-D tensor, got {table.dtype} of shape {tuple(table.shape)}")
+    dst = check_reserved_ids(dst, table.shape[0]).to(table.device)  # same rules: in range, distinct
+    no_slots = torch.full((table.shape[0],), -1, dtype=torch.int32, device=table.device)
+    means = mean_rows(table.contiguous(), table.new_empty(0, table.shape[1]), no_slots, sources,
+                      exclude=exclude, noise_std=noise_std, generator=generator)
+    if means.shape[0] != dst.numel():
+        raise ValueError(f"got {dst.numel()} destinations but {means.shape[0]} source lists")
+    table.index_copy_(0, dst, means.to(table.dtype))
+    return table

@@ -1,0 +1,141 @@
+"""The torch.library ops: opcheck, gradcheck, torch.compile, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reserved_kernels as rk
+from reserved_kernels import ops
+from tests.kernel_cases import make_case
+
+
+def _gather_args(dtype=torch.float32, requires_grad=True, weight_grad=False, int8=False):
+    c = make_case(device="cpu", dtype=dtype, dim=7, num_reserved=3, shape=(2, 9), int8=int8)
+    rw = c["reserved_weight"].requires_grad_(requires_grad)
+    w = c["weight"].requires_grad_(weight_grad)
+    return (c["ids"], w, rw, c["slot_map"], c["scaler"], 2.5, -1, False)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_opcheck_gather(weight_grad):
+    torch.library.opcheck(ops.gather, _gather_args(weight_grad=weight_grad))
+
+
+def test_opcheck_gather_int8():
+    torch.library.opcheck(ops.gather, _gather_args(int8=True))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_opcheck_scatter_grad(deterministic):
+    c = make_case(device="cpu", dtype=torch.float32, dim=7, num_reserved=3, shape=(2, 9))
+    torch.library.opcheck(ops.scatter_grad, (torch.randn(2, 9, 7), c["ids"], c["slot_map"], 3, 1.5, deterministic))
+
+
+def test_opcheck_segment_mean():
+    c = make_case(device="cpu", dtype=torch.float32, dim=7, num_reserved=3)
+    offsets = torch.tensor([0, 2, 5], dtype=torch.int64)
+    torch.library.opcheck(ops.segment_mean, (c["weight"], c["reserved_weight"], c["slot_map"], None, offsets,
+                                             torch.tensor([1, 2, 3, 4, 5])))
+
+
+def test_gradcheck_float64():
+    c = make_case(device="cpu", dtype=torch.float64, dim=5, num_reserved=3, shape=(4, 6))
+    w = c["weight"].clone().requires_grad_(True)
+    rw = c["reserved_weight"].clone().requires_grad_(True)
+
+    def f(w, rw):
+        return rk.reserved_embedding(c["ids"], w, rw, c["slot_map"], scale=1.5, padding_idx=int(c["ids"][0, 1]))
+
+    assert torch.autograd.gradcheck(f, (w, rw))
+
+
+def test_weight_gradient_matches_nn_embedding_off_reserved_rows():
+    """With ``weight`` unfrozen it gets nn.Embedding's gradient on every non-reserved row (padding row included)."""
+    c = make_case(device="cpu", dtype=torch.float32, dim=6, num_reserved=3, shape=(5, 8))
+    pad = int(c["ids"][1, 1])
+    w = c["weight"].clone().requires_grad_(True)
+    rk.reserved_embedding(c["ids"], w, c["reserved_weight"], c["slot_map"], scale=2.0,
+                          padding_idx=pad).pow(2).sum().backward()
+    w2 = c["weight"].clone().requires_grad_(True)
+    merged = w2.index_copy(0, c["reserved_ids"], c["reserved_weight"])
+    (torch.nn.functional.embedding(c["ids"], merged, padding_idx=pad) * 2.0).pow(2).sum().backward()
+    expected = w2.grad.index_fill(0, c["reserved_ids"], 0)
+    torch.testing.assert_close(w.grad, expected)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_forward_backward(dynamic):
+    emb = rk.ReservedEmbedding(64, 12, reserved_ids=[3, 9, 20], scale=12 ** 0.5)
+
+    def step(ids):
+        return emb(ids).float().pow(2).mean()
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    ids = torch.tensor([[3, 9, 1, 20, 3], [5, 6, 7, 8, 9]])
+    loss = compiled(ids)
+    loss.backward()
+    got = emb.reserved_weight.grad.clone()
+    emb.reserved_weight.grad = None
+    step(ids).backward()
+    torch.testing.assert_close(got, emb.reserved_weight.grad)
+    torch.testing.assert_close(loss, step(ids))
+
+
+def test_compile_inductor():
+    emb = rk.ReservedEmbedding(64, 12, reserved_ids=[3, 9, 20], scale=2.0)
+    compiled = torch.compile(lambda ids: emb(ids).sum(), fullgraph=True)
+    ids = torch.tensor([3, 9, 1, 20])
+    compiled(ids).backward()
+    assert emb.reserved_weight.grad is not None and emb.reserved_weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+def test_bad_ids_raise_clear_errors():
+    ids, w, rw, sm, scaler, *_ = _gather_args()
+    with pytest.raises(IndexError, match=r"ids must lie in \[0, 97\)"):
+        ops.gather(torch.tensor([0, 97]), w, rw, sm, None, 1.0, -1, False)
+    with pytest.raises(IndexError, match="from -1"):
+        ops.gather(torch.tensor([-1, 3]), w, rw, sm, None, 1.0, -1, False)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        ops.gather(torch.tensor([0.0, 1.0]), w, rw, sm, None, 1.0, -1, False)
+
+
+def test_mismatched_tables_raise():
+    ids, w, rw, sm, *_ = _gather_args()
+    with pytest.raises(ValueError, match="reserved_weight must be"):
+        ops.gather(ids, w, rw[:, :3], sm, None, 1.0, -1, False)
+    with pytest.raises(TypeError, match="share a dtype"):
+        ops.gather(ids, w, rw.double(), sm, None, 1.0, -1, False)
+    with pytest.raises(ValueError, match="slot_map"):
+        ops.gather(ids, w, rw, sm[:-1], None, 1.0, -1, False)
+    with pytest.raises(ValueError, match="one device"):
+        ops.gather(ids.to("meta"), w, rw, sm, None, 1.0, -1, False)
+
+
+def test_segment_mean_rejects_empty_and_bad_offsets():
+    c = make_case(device="cpu", dtype=torch.float32, dim=4, num_reserved=2)
+    args = (c["weight"], c["reserved_weight"], c["slot_map"], None)
+    with pytest.raises(ValueError, match=r"destinations \[1\] have none"):
+        ops.segment_mean(*args, torch.tensor([0, 2, 2, 3]), torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="start at 0"):
+        ops.segment_mean(*args, torch.tensor([1, 3]), torch.tensor([1, 2, 3]))
+    with pytest.raises(IndexError, match="src_ids"):
+        ops.segment_mean(*args, torch.tensor([0, 1]), torch.tensor([1000]))
+
+
+def test_scatter_grad_shape_checks():
+    c = make_case(device="cpu", dtype=torch.float32, dim=4, num_reserved=2, shape=(3, 5))
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        ops.scatter_grad(torch.randn(3, 4, 4), c["ids"], c["slot_map"], 2, 1.0, False)
+
+
+def test_large_offsets_do_not_overflow_int32():
+    """N * D > 2**31: the reference indexes rows, never flat int32 offsets (kernels use int64 program ids)."""
+    weight = torch.zeros(4, 2, dtype=torch.float16)
+    weight[3] = 1.0
+    ids = torch.full((2**30 + 8,), 3, dtype=torch.int32)  # 2**31 + 16 output elements, 4 GiB as fp16
+    out = rk.reserved_embedding(ids, weight, torch.zeros(0, 2, dtype=torch.float16),
+                                rk.build_slot_map(torch.empty(0, dtype=torch.int64), 4))
+    assert out[-1].tolist() == [1.0, 1.0] and out.shape == (2**30 + 8, 2)
