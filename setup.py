@@ -83,7 +83,7 @@ def _extensions():
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")] + _pip_cuda_include_dirs(),
         # No --use_fast_math: it would change rounding of the scale multiply and the means.
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},  # torch picks the C++ standard
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -46,3 +46,50 @@ def plan_pieces(offsets: Tensor, num_positions: int, chunk: int = CHUNK) -> tupl
     owner = torch.searchsorted(offsets, bounds[:-1], right=True) - 1  # segment of each piece; K past the end
     piece_offsets = torch.searchsorted(owner, torch.arange(num_segments + 1, device=offsets.device))
     return bounds, piece_offsets
+
+
+class SegmentedBackend:
+    """The host logic the Triton and CUDA backends share; each provides four kernels.
+
+    ``gather(ids, weight, reserved_weight, slot_map, weight_scaler, scale)``,
+    ``scatter_atomic(grad (N, D), ids (N,), slot_map, num_slots, scale)``,
+    ``piece_sum(src, index, bounds, table)`` with ``table = (reserved_weight, slot_map, weight_scaler)``
+    or None, and ``segment_reduce(partial, piece_offsets, offsets, scale, mean)``.
+    """
+
+    def gather(self, ids, weight, reserved_weight, slot_map, weight_scaler, scale):
+        raise NotImplementedError
+
+    def scatter_atomic(self, grad, ids, slot_map, num_slots, scale):
+        raise NotImplementedError
+
+    def piece_sum(self, src, index, bounds, table):
+        raise NotImplementedError
+
+    def segment_reduce(self, partial, piece_offsets, offsets, scale, mean):
+        raise NotImplementedError
+
+    def scatter_grad(self, grad_out: Tensor, ids: Tensor, slot_map: Tensor, num_slots: int, scale: float,
+                     deterministic: bool) -> Tensor:
+        dim, num_tokens = grad_out.shape[-1], ids.numel()
+        if num_slots == 0 or num_tokens == 0 or dim == 0:
+            return torch.zeros((num_slots, dim), dtype=torch.float32, device=grad_out.device)
+        grad = grad_out.view(num_tokens, dim)
+        if deterministic:
+            order, offsets = sort_tokens_by_slot(ids, slot_map, num_slots)
+            return self._segment_sum(grad, order, offsets, scale=scale, mean=False, table=None)
+        return self.scatter_atomic(grad, ids.view(-1), slot_map, num_slots, scale)
+
+    def segment_mean(self, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor,
+                     weight_scaler: Tensor | None, offsets: Tensor, src_ids: Tensor) -> Tensor:
+        return self._segment_sum(weight, src_ids.long(), offsets, scale=1.0, mean=True,
+                                 table=(reserved_weight, slot_map, weight_scaler))
+
+    def _segment_sum(self, src: Tensor, index: Tensor, offsets: Tensor, *, scale: float, mean: bool,
+                     table) -> Tensor:
+        num_segments, dim = offsets.shape[0] - 1, src.shape[1]
+        if num_segments == 0 or dim == 0:
+            return torch.zeros((num_segments, dim), dtype=torch.float32, device=src.device)
+        bounds, piece_offsets = plan_pieces(offsets, index.shape[0])
+        partial = self.piece_sum(src, index, bounds, table)
+        return self.segment_reduce(partial, piece_offsets, offsets, scale, mean)

@@ -78,7 +78,7 @@ def to_csr(sources: Sequence[Sequence[int]] | tuple[Tensor, Tensor], device: tor
         lists = []
         for k, src in enumerate(sources):
             src = torch.as_tensor(src)
-            if src.is_floating_point():
+            if src.numel() and src.is_floating_point():  # as_tensor([]) is float32: emptiness is reported below
                 raise TypeError(f"source ids must be integers; destination {k} has {src.dtype}")
             lists.append(src.reshape(-1).tolist())
     excluded = set(torch.as_tensor(exclude).reshape(-1).tolist()) if exclude is not None else set()

@@ -8,7 +8,7 @@ import torch
 import triton
 from torch import Tensor
 
-from reserved_kernels._segments import plan_pieces, sort_tokens_by_slot
+from reserved_kernels._segments import SegmentedBackend
 from reserved_kernels.triton.kernels import (
     _gather_kernel,
     _piece_sum_kernel,
@@ -37,69 +37,56 @@ def _nonempty(reserved_weight: Tensor) -> Tensor:
     return reserved_weight if reserved_weight.shape[0] else reserved_weight.new_zeros(1, reserved_weight.shape[1])
 
 
-def gather(ids: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, weight_scaler: Tensor | None,
-           scale: float) -> Tensor:
-    num_tokens, (vocab, dim) = ids.numel(), weight.shape
-    out = torch.empty((num_tokens, dim), dtype=reserved_weight.dtype, device=weight.device)
-    if num_tokens and dim:
+class TritonBackend(SegmentedBackend):
+    def gather(self, ids, weight, reserved_weight, slot_map, weight_scaler, scale):
+        num_tokens, (vocab, dim) = ids.numel(), weight.shape
+        out = torch.empty((num_tokens, dim), dtype=reserved_weight.dtype, device=weight.device)
+        if num_tokens and dim:
+            block_n, block_d, num_warps = _config(dim)
+            grid = (triton.cdiv(num_tokens, block_n), triton.cdiv(dim, block_d))
+            scale = float(torch.tensor(scale, dtype=reserved_weight.dtype))
+            with _device_guard(weight):
+                _gather_kernel[grid](ids, weight, _nonempty(reserved_weight), slot_map,
+                                     weight_scaler if weight_scaler is not None else slot_map, out,
+                                     num_tokens, vocab, dim, scale, HAS_SCALER=weight_scaler is not None,
+                                     APPLY_SCALE=scale != 1.0, BLOCK_N=block_n, BLOCK_D=block_d,
+                                     num_warps=num_warps)
+        return out.view(*ids.shape, dim)
+
+    def scatter_atomic(self, grad, ids, slot_map, num_slots, scale):
+        (num_tokens, dim) = grad.shape
+        out = torch.zeros((num_slots, dim), dtype=torch.float32, device=grad.device)
         block_n, block_d, num_warps = _config(dim)
         grid = (triton.cdiv(num_tokens, block_n), triton.cdiv(dim, block_d))
-        scale = float(torch.tensor(scale, dtype=reserved_weight.dtype))
-        with _device_guard(weight):
-            _gather_kernel[grid](ids, weight, _nonempty(reserved_weight), slot_map,
-                                 weight_scaler if weight_scaler is not None else slot_map, out,
-                                 num_tokens, vocab, dim, scale, HAS_SCALER=weight_scaler is not None,
-                                 APPLY_SCALE=scale != 1.0, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
-    return out.view(*ids.shape, dim)
+        with _device_guard(grad):
+            _scatter_atomic_kernel[grid](grad, ids, slot_map, out, num_tokens, slot_map.shape[0], dim, scale,
+                                         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+        return out
+
+    def piece_sum(self, src, index, bounds, table):
+        num_pieces, dim = bounds.shape[0] - 1, src.shape[1]
+        partial = torch.empty((num_pieces, dim), dtype=torch.float32, device=src.device)
+        _, block_d, num_warps = _config(dim)
+        reserved_weight, slot_map, weight_scaler = table if table is not None else (None, None, None)
+        with _device_guard(src):
+            _piece_sum_kernel[(num_pieces, triton.cdiv(dim, block_d))](
+                src, index, bounds, partial, _nonempty(reserved_weight) if table is not None else src,
+                slot_map if table is not None else index, weight_scaler if weight_scaler is not None else index,
+                src.shape[0], dim, FROM_TABLE=table is not None, HAS_SCALER=weight_scaler is not None,
+                BLOCK_N=_PIECE_BLOCK_N, BLOCK_D=block_d, num_warps=num_warps)
+        return partial
+
+    def segment_reduce(self, partial, piece_offsets, offsets, scale, mean):
+        num_segments, dim = offsets.shape[0] - 1, partial.shape[1]
+        out = torch.empty((num_segments, dim), dtype=torch.float32, device=partial.device)
+        _, block_d, num_warps = _config(dim)
+        with _device_guard(partial):
+            _segment_reduce_kernel[(num_segments, triton.cdiv(dim, block_d))](
+                partial, piece_offsets, offsets, out, dim, scale, MEAN=mean, BLOCK_D=block_d, num_warps=num_warps)
+        return out
 
 
-def _segment_sum(src: Tensor, index: Tensor, offsets: Tensor, *, scale: float = 1.0, mean: bool = False,
-                 reserved_weight: Tensor | None = None, slot_map: Tensor | None = None,
-                 weight_scaler: Tensor | None = None) -> Tensor:
-    """Deterministic fp32 ``Σ src_row(index[offsets[k]:offsets[k+1]])`` per segment (see ``_segments``).
-
-    With ``reserved_weight`` given, ``src`` is the base table and rows are read as ``row(i)``.
-    """
-    num_segments, dim = offsets.shape[0] - 1, src.shape[1]
-    out = torch.empty((num_segments, dim), dtype=torch.float32, device=src.device)
-    if num_segments == 0 or dim == 0:
-        return out.zero_()
-    bounds, piece_offsets = plan_pieces(offsets, index.shape[0])
-    num_pieces = bounds.shape[0] - 1
-    partial = torch.empty((num_pieces, dim), dtype=torch.float32, device=src.device)
-    _, block_d, num_warps = _config(dim)
-    from_table = reserved_weight is not None
-    with _device_guard(src):
-        _piece_sum_kernel[(num_pieces, triton.cdiv(dim, block_d))](
-            src, index, bounds, partial, _nonempty(reserved_weight) if from_table else src,
-            slot_map if from_table else index, weight_scaler if weight_scaler is not None else index,
-            src.shape[0], dim, FROM_TABLE=from_table, HAS_SCALER=weight_scaler is not None,
-            BLOCK_N=_PIECE_BLOCK_N, BLOCK_D=block_d, num_warps=num_warps)
-        _segment_reduce_kernel[(num_segments, triton.cdiv(dim, block_d))](
-            partial, piece_offsets, offsets, out, dim, scale, MEAN=mean, BLOCK_D=block_d, num_warps=num_warps)
-    return out
-
-
-def scatter_grad(grad_out: Tensor, ids: Tensor, slot_map: Tensor, num_slots: int, scale: float,
-                 deterministic: bool) -> Tensor:
-    dim, num_tokens = grad_out.shape[-1], ids.numel()
-    if num_slots == 0 or num_tokens == 0 or dim == 0:
-        return torch.zeros((num_slots, dim), dtype=torch.float32, device=grad_out.device)
-    grad = grad_out.view(num_tokens, dim)
-    if deterministic:
-        order, offsets = sort_tokens_by_slot(ids, slot_map, num_slots)
-        return _segment_sum(grad, order, offsets, scale=scale)
-    out = torch.zeros((num_slots, dim), dtype=torch.float32, device=grad_out.device)
-    block_n, block_d, num_warps = _config(dim)
-    grid = (triton.cdiv(num_tokens, block_n), triton.cdiv(dim, block_d))
-    with _device_guard(grad):
-        _scatter_atomic_kernel[grid](grad, ids, slot_map, out, num_tokens, slot_map.shape[0], dim, scale,
-                                     BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
-    return out
-
-
-def segment_mean(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, weight_scaler: Tensor | None,
-                 offsets: Tensor, src_ids: Tensor) -> Tensor:
-    return _segment_sum(weight, src_ids, offsets, mean=True, reserved_weight=reserved_weight, slot_map=slot_map,
-                        weight_scaler=weight_scaler)
-
+_backend = TritonBackend()
+gather = _backend.gather
+scatter_grad = _backend.scatter_grad
+segment_mean = _backend.segment_mean

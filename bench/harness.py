@@ -1,0 +1,82 @@
+"""Shared benchmark plumbing: timing medians, copy bandwidth, environment metadata, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+
+def environment() -> dict:
+    """Device name, versions, commit and date: what every result file records."""
+    import reserved_kernels
+    from reserved_kernels import _backend
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), check=False).stdout.strip() or None
+    except OSError:
+        commit = None
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+               triton=triton_version, reserved_kernels=reserved_kernels.__version__, commit=commit,
+               cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+               cuda_extension=_backend.cuda_extension_status()[0])
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, check=False).stdout.strip()
+        except OSError:
+            env["driver"] = None
+    return env
+
+
+def cpu_median(fn, *, warmup: int = 1, repeat: int = 5) -> dict:
+    """Median, p20 and p80 wall time in ms of ``fn()`` on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return dict(median_ms=statistics.median(times), p20_ms=q[0], p80_ms=q[3])
+
+
+def gpu_median(fn, *, warmup_ms: int = 10, rep_ms: int = 40) -> dict:
+    """Median, p20 and p80 in ms of ``fn()`` with CUDA events (triton.testing.do_bench, L2 flushed)."""
+    import triton.testing
+
+    med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return dict(median_ms=med, p20_ms=p20, p80_ms=p80)
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + bytes written per second), measured now."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = gpu_median(lambda: dst.copy_(src))["median_ms"]
+    return 2 * nbytes / ms / 1e6
+
+
+def write_results(path: str, payload: dict) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,132 @@
+"""GPU kernel matrix: forward, backward, forward+backward of every backend beside the plain-PyTorch peers.
+
+    python bench/kernels_gpu.py --out DIR [--quick]
+
+Peers: ``F.embedding`` then the scale multiply (forward), ``nn.Embedding``'s dense backward
+(``embedding_dense_backward``, V×D), and both together. Ideal bytes: ids + rows read + rows written
+(forward); ids + reserved tokens' gradient rows + the K×D fp32 result (backward). Value checks that
+synchronise (``RESERVED_KERNELS_CHECK_IDS``) are off while timing, as nothing else in the peers checks ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+os.environ.setdefault("RESERVED_KERNELS_CHECK_IDS", "0")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import reserved_kernels as rk  # noqa: E402
+from bench.harness import copy_bandwidth_gbs, environment, gpu_median, write_results  # noqa: E402
+from reserved_kernels import _backend  # noqa: E402
+
+VOCAB = 262_144
+
+
+def _force(backend: str | None):
+    if backend is None:
+        os.environ.pop(_backend.ENV_VAR, None)
+    else:
+        os.environ[_backend.ENV_VAR] = backend
+
+
+def run(dims, tokens, slots, dists, out_dir, rep_ms):
+    dtype, dev = torch.bfloat16, torch.device("cuda")
+    copy_gbs = copy_bandwidth_gbs()
+    print(f"copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)
+    backends = ["triton"] + (["cuda"] if _backend.cuda_extension_status()[0] else [])
+    rows = []
+    for dim in dims:
+        weight = torch.randn(VOCAB, dim, device=dev, dtype=dtype)
+        scale = torch.tensor(dim ** 0.5, dtype=dtype, device=dev)
+        for k, n, dist in itertools.product(slots, tokens, dists):
+            reserved_ids = torch.randperm(VOCAB, device=dev)[:k]
+            emb = rk.ReservedEmbedding.from_embedding(weight, reserved_ids, scale=dim ** 0.5)
+            if dist == "uniform":
+                ids = torch.randint(0, VOCAB, (n,), device=dev)
+            else:  # one-hot-row: every token is the same reserved id (worst case for contention)
+                ids = reserved_ids[:1].repeat(n)
+            grad = torch.randn(n, dim, device=dev, dtype=dtype)
+            reserved_tokens = int((emb._slot_map[ids] >= 0).sum())
+            fwd_bytes = n * 8 + 2 * n * dim * 2
+            bwd_bytes = n * 8 + reserved_tokens * dim * 2 + k * dim * 4
+            case = dict(dim=dim, tokens=n, slots=k, dist=dist)
+
+            def record(name, op, ms, nbytes):
+                gbs = nbytes / ms["median_ms"] / 1e6
+                rows.append(dict(case, impl=name, op=op, gbs=gbs, pct_copy=100 * gbs / copy_gbs, **ms))
+
+            base_fwd = gpu_median(lambda: torch.nn.functional.embedding(ids, weight) * scale, rep_ms=rep_ms)
+            record("F.embedding*scale", "forward", base_fwd, fwd_bytes)
+            base_bwd = gpu_median(lambda: torch.ops.aten.embedding_dense_backward(grad, ids, VOCAB, -1, False),
+                                  rep_ms=rep_ms)
+            record("nn.Embedding dense", "backward", base_bwd, n * 8 + n * dim * 2 + VOCAB * dim * 2)
+            for backend in backends:
+                _force(backend)
+                record(backend, "forward", gpu_median(lambda: emb(ids), rep_ms=rep_ms), fwd_bytes)
+                for det in (False, True):
+                    name = f"{backend}{'-det' if det else ''}"
+                    ms = gpu_median(lambda: rk.ops.scatter_grad(grad, ids, emb._slot_map, k, 1.0, det), rep_ms=rep_ms)
+                    record(name, "backward", ms, bwd_bytes)
+            _force(None)
+            print(f"D={dim} N={n} K={k} {dist}: done", flush=True)
+        del weight
+        torch.cuda.empty_cache()
+    payload = dict(environment=environment(), copy_gbs=copy_gbs, dtype="bfloat16", vocab=VOCAB, rows=rows)
+    write_results(os.path.join(out_dir, "kernels_gpu.json"), payload)
+    return payload
+
+
+def table(payload) -> str:
+    """Markdown: per case, forward and backward medians and the ratios against the peers."""
+    from collections import defaultdict
+
+    by_case = defaultdict(dict)
+    for r in payload["rows"]:
+        by_case[(r["dim"], r["tokens"], r["slots"], r["dist"])][(r["impl"], r["op"])] = r
+    impls = sorted({r["impl"] for r in payload["rows"] if r["impl"] in ("triton", "cuda")})
+    head = "| D | N | K | ids | peer fwd µs | " + " | ".join(
+        f"{i} fwd µs (%copy, ×peer)" for i in impls) + " | dense bwd µs | " + " | ".join(
+        f"{i} bwd µs (×dense) | {i}-det bwd µs" for i in impls) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (d, n, k, dist), cell in sorted(by_case.items()):
+        pf = cell[("F.embedding*scale", "forward")]["median_ms"]
+        pb = cell[("nn.Embedding dense", "backward")]["median_ms"]
+        parts = [str(d), str(n), str(k), dist, f"{pf * 1e3:.1f}"]
+        for i in impls:
+            f = cell[(i, "forward")]
+            parts.append(f"{f['median_ms'] * 1e3:.1f} ({f['pct_copy']:.0f}%, {pf / f['median_ms']:.2f}×)")
+        parts.append(f"{pb * 1e3:.1f}")
+        for i in impls:
+            b, bd = cell[(i, "backward")], cell[(f"{i}-det", "backward")]
+            parts.append(f"{b['median_ms'] * 1e3:.1f} ({pb / b['median_ms']:.0f}×) | {bd['median_ms'] * 1e3:.1f}")
+        lines.append("| " + " | ".join(parts) + " |")
+    env = payload["environment"]
+    return (f"GPU {env.get('gpu')} (driver {env.get('driver')}), torch {env['torch']}, Triton {env['triton']}, "
+            f"CUDA {env['cuda']}, {env['date']}; bf16, V={payload['vocab']}; copy bandwidth "
+            f"{payload['copy_gbs']:.0f} GB/s\n\n" + "\n".join(lines) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--rep-ms", type=int, default=25)
+    args = parser.parse_args()
+    if args.quick:
+        payload = run([2048, 3840], [2048, 8192], [128, 1024], ["uniform", "one-hot-row"], args.out, args.rep_ms)
+    else:
+        payload = run([2048, 3072, 3840, 5376], [2048, 8192, 32768, 131072], [128, 1024],
+                      ["uniform", "one-hot-row"], args.out, args.rep_ms)
+    text = table(payload)
+    with open(os.path.join(args.out, "kernels_gpu.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs what the project needs, builds the CUDA extension
+# when a toolkit is present, then runs the suite and, in its own process, Triton's interpreter tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python -m pip install --quiet "torch<=2.14.1"
+python -m pip install --quiet ninja pytest pytest-benchmark
+# A CUDA toolkit means the extension must build (a compile error fails here); without one, pure Python.
+if command -v nvcc >/dev/null 2>&1 || [ -n "${CUDA_HOME:-}" ]; then
+  export RESERVED_KERNELS_BUILD_CUDA="${RESERVED_KERNELS_BUILD_CUDA:-1}"
+else
+  export RESERVED_KERNELS_BUILD_CUDA="${RESERVED_KERNELS_BUILD_CUDA:-0}"
+fi
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
+python -m pip install --quiet --no-build-isolation -e ".[test]"
+if [ "$RESERVED_KERNELS_BUILD_CUDA" = "1" ]; then
+  export RESERVED_KERNELS_EXPECT_CUDA_EXT=1
+fi
+
+python -m pytest -q "$@"
+# TRITON_INTERPRET must be set before triton is imported: a separate process.
+TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_interpreter.py "$@"
