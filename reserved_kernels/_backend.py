@@ -18,9 +18,12 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "RESERVED_KERNELS_BACKEND"
 
-# Ops for which the CUDA extension beats Triton on CUDA tensors (see bench/results/ for the
-# measurements behind this choice). Ops not listed go to Triton when both are available.
-_PREFER_CUDA: frozenset[str] = frozenset()
+# Ops for which the CUDA extension beats Triton on CUDA tensors; ops not listed go to Triton when
+# both are available. Measured on an H200 (bench/results/h200/kernels_gpu.md, bf16, V=262,144):
+# gather is faster through the extension at N <= 32,768 (less host overhead per call: ~110 µs vs
+# ~190 µs floor) and within 4% at N=131,072; the atomic scatter is 2-3x faster on uniform ids and the
+# deterministic path ~20% faster. Triton's atomic scatter wins only when every token hits one row.
+_PREFER_CUDA: frozenset[str] = frozenset({"gather", "scatter_grad", "segment_mean"})
 
 # The Triton and CUDA kernels accumulate in fp32; float64 tables (gradcheck) use the reference.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

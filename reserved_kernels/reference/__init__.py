@@ -28,6 +28,10 @@ def gather_rows(ids: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: 
     if reserved_weight.shape[0] == 0:
         return rows
     slot = slot_map.index_select(0, ids)
+    if rows.device.type == "cpu":
+        # On the CPU a data-dependent shape costs no sync: overwrite only the reserved tokens' rows.
+        hit = (slot >= 0).nonzero().squeeze(-1)
+        return rows.index_copy_(0, hit, reserved_weight.index_select(0, slot.index_select(0, hit)))
     reserved_rows = reserved_weight.index_select(0, slot.clamp_min(0))
     return torch.where((slot >= 0).unsqueeze(-1), reserved_rows, rows)
 
@@ -49,9 +53,14 @@ def scatter_grad(grad_out: Tensor, ids: Tensor, slot_map: Tensor, num_slots: int
     reference is deterministic whatever ``deterministic`` says.
     """
     dim = grad_out.shape[-1]
-    grad = grad_out.reshape(-1, dim).float()
+    grad = grad_out.reshape(-1, dim)
     slot = slot_map.index_select(0, ids.reshape(-1)).long()
-    # Tokens of non-reserved ids go to a spare row K that is dropped: no data-dependent shapes.
+    if grad.device.type == "cpu":
+        # No sync on the CPU: read and convert only the reserved tokens' gradient rows.
+        hit = (slot >= 0).nonzero().squeeze(-1)
+        grad, slot = grad.index_select(0, hit), slot.index_select(0, hit)
+    grad = grad.float()
+    # On CUDA, tokens of non-reserved ids go to a spare row K that is dropped: no data-dependent shapes.
     slot = torch.where(slot >= 0, slot, num_slots)
     out = torch.zeros(num_slots + 1, dim, dtype=torch.float32, device=grad.device)
     out.index_put_((slot,), grad, accumulate=True)
