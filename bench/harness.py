@@ -65,11 +65,15 @@ def gpu_median(fn, *, warmup_ms: int = 10, rep_ms: int = 40) -> dict:
     return dict(median_ms=med, p20_ms=p20, p80_ms=p80)
 
 
-def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
-    """Device-to-device copy bandwidth (bytes read + bytes written per second), measured now."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+def copy_bandwidth_gbs(nbytes: int = 2 << 30, device: torch.device | str = "cuda") -> float:
+    """Copy bandwidth on ``device`` (bytes read + bytes written per second), measured now."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        nbytes = min(nbytes, 256 << 20)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = gpu_median(lambda: dst.copy_(src))["median_ms"]
+    timer = gpu_median if device.type == "cuda" else cpu_median
+    ms = timer(lambda: dst.copy_(src))["median_ms"]
     return 2 * nbytes / ms / 1e6
 
 

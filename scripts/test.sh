@@ -18,6 +18,6 @@ if [ "$RESERVED_KERNELS_BUILD_CUDA" = "1" ]; then
   export RESERVED_KERNELS_EXPECT_CUDA_EXT=1
 fi
 
-python -m pytest -q "$@"
+python -m pytest -q tests bench --benchmark-disable "$@"
 # TRITON_INTERPRET must be set before triton is imported: a separate process.
 TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_interpreter.py "$@"

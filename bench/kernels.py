@@ -1,6 +1,7 @@
-"""GPU kernel matrix: forward, backward, forward+backward of every backend beside the plain-PyTorch peers.
+"""Kernel matrix: forward and backward of every backend beside the plain-PyTorch peers.
 
-    python bench/kernels_gpu.py --out DIR [--quick]
+    python bench/kernels.py --out DIR [--quick]          # GPU: Triton and CUDA backends
+    python bench/kernels.py --device cpu --smoke --out DIR   # tiny CPU run of the reference (CI)
 
 Peers: ``F.embedding`` then the scale multiply (forward), ``nn.Embedding``'s dense backward
 (``embedding_dense_backward``, V×D), and both together. Ideal bytes: ids + rows read + rows written
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import reserved_kernels as rk  # noqa: E402
-from bench.harness import copy_bandwidth_gbs, environment, gpu_median, write_results  # noqa: E402
+from bench.harness import copy_bandwidth_gbs, cpu_median, environment, gpu_median, write_results  # noqa: E402
 from reserved_kernels import _backend  # noqa: E402
 
 VOCAB = 262_144
@@ -34,50 +35,61 @@ def _force(backend: str | None):
         os.environ[_backend.ENV_VAR] = backend
 
 
-def run(dims, tokens, slots, dists, out_dir, rep_ms):
-    dtype, dev = torch.bfloat16, torch.device("cuda")
-    copy_gbs = copy_bandwidth_gbs()
+def run(dims, tokens, slots, dists, out_dir, rep_ms, device="cuda", vocab=VOCAB):
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    copy_gbs = copy_bandwidth_gbs(device=dev)
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)
-    backends = ["triton"] + (["cuda"] if _backend.cuda_extension_status()[0] else [])
+    if dev.type == "cuda":
+        backends = ["triton"] + (["cuda"] if _backend.cuda_extension_status()[0] else [])
+
+        def timer(fn):
+            return gpu_median(fn, rep_ms=rep_ms)
+    else:
+        backends = ["torch"]
+
+        def timer(fn):
+            return cpu_median(fn, warmup=1, repeat=3)
     rows = []
     for dim in dims:
-        weight = torch.randn(VOCAB, dim, device=dev, dtype=dtype)
+        weight = torch.randn(vocab, dim, device=dev, dtype=dtype)
         scale = torch.tensor(dim ** 0.5, dtype=dtype, device=dev)
         for k, n, dist in itertools.product(slots, tokens, dists):
-            reserved_ids = torch.randperm(VOCAB, device=dev)[:k]
+            reserved_ids = torch.randperm(vocab, device=dev)[:k]
             emb = rk.ReservedEmbedding.from_embedding(weight, reserved_ids, scale=dim ** 0.5)
             if dist == "uniform":
-                ids = torch.randint(0, VOCAB, (n,), device=dev)
+                ids = torch.randint(0, vocab, (n,), device=dev)
             else:  # one-hot-row: every token is the same reserved id (worst case for contention)
                 ids = reserved_ids[:1].repeat(n)
             grad = torch.randn(n, dim, device=dev, dtype=dtype)
             reserved_tokens = int((emb._slot_map[ids] >= 0).sum())
-            fwd_bytes = n * 8 + 2 * n * dim * 2
-            bwd_bytes = n * 8 + reserved_tokens * dim * 2 + k * dim * 4
+            fwd_bytes = n * 8 + 2 * n * dim * weight.element_size()
+            bwd_bytes = n * 8 + reserved_tokens * dim * weight.element_size() + k * dim * 4
             case = dict(dim=dim, tokens=n, slots=k, dist=dist)
 
             def record(name, op, ms, nbytes):
                 gbs = nbytes / ms["median_ms"] / 1e6
                 rows.append(dict(case, impl=name, op=op, gbs=gbs, pct_copy=100 * gbs / copy_gbs, **ms))
 
-            base_fwd = gpu_median(lambda: torch.nn.functional.embedding(ids, weight) * scale, rep_ms=rep_ms)
+            base_fwd = timer(lambda: torch.nn.functional.embedding(ids, weight) * scale)
             record("F.embedding*scale", "forward", base_fwd, fwd_bytes)
-            base_bwd = gpu_median(lambda: torch.ops.aten.embedding_dense_backward(grad, ids, VOCAB, -1, False),
-                                  rep_ms=rep_ms)
-            record("nn.Embedding dense", "backward", base_bwd, n * 8 + n * dim * 2 + VOCAB * dim * 2)
+            base_bwd = timer(lambda: torch.ops.aten.embedding_dense_backward(grad, ids, vocab, -1, False))
+            record("nn.Embedding dense", "backward", base_bwd, n * 8 + (n + vocab) * dim * weight.element_size())
             for backend in backends:
                 _force(backend)
-                record(backend, "forward", gpu_median(lambda: emb(ids), rep_ms=rep_ms), fwd_bytes)
+                record(backend, "forward", timer(lambda: emb(ids)), fwd_bytes)
                 for det in (False, True):
                     name = f"{backend}{'-det' if det else ''}"
-                    ms = gpu_median(lambda: rk.ops.scatter_grad(grad, ids, emb._slot_map, k, 1.0, det), rep_ms=rep_ms)
+                    ms = timer(lambda: rk.ops.scatter_grad(grad, ids, emb._slot_map, k, 1.0, det))
                     record(name, "backward", ms, bwd_bytes)
             _force(None)
             print(f"D={dim} N={n} K={k} {dist}: done", flush=True)
         del weight
-        torch.cuda.empty_cache()
-    payload = dict(environment=environment(), copy_gbs=copy_gbs, dtype="bfloat16", vocab=VOCAB, rows=rows)
-    write_results(os.path.join(out_dir, "kernels_gpu.json"), payload)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    payload = dict(environment=environment(), device=dev.type, copy_gbs=copy_gbs, dtype=str(dtype), vocab=vocab,
+                   rows=rows)
+    write_results(os.path.join(out_dir, f"kernels_{dev.type}.json"), payload)
     return payload
 
 
@@ -88,7 +100,7 @@ def table(payload) -> str:
     by_case = defaultdict(dict)
     for r in payload["rows"]:
         by_case[(r["dim"], r["tokens"], r["slots"], r["dist"])][(r["impl"], r["op"])] = r
-    impls = sorted({r["impl"] for r in payload["rows"] if r["impl"] in ("triton", "cuda")})
+    impls = sorted({r["impl"] for r in payload["rows"] if r["impl"] in ("torch", "triton", "cuda")})
     head = "| D | N | K | ids | peer fwd µs | " + " | ".join(
         f"{i} fwd µs (%copy, ×peer)" for i in impls) + " | dense bwd µs | " + " | ".join(
         f"{i} bwd µs (×dense) | {i}-det bwd µs" for i in impls) + " |"
@@ -106,24 +118,31 @@ def table(payload) -> str:
             parts.append(f"{b['median_ms'] * 1e3:.1f} ({pb / b['median_ms']:.0f}×) | {bd['median_ms'] * 1e3:.1f}")
         lines.append("| " + " | ".join(parts) + " |")
     env = payload["environment"]
-    return (f"GPU {env.get('gpu')} (driver {env.get('driver')}), torch {env['torch']}, Triton {env['triton']}, "
-            f"CUDA {env['cuda']}, {env['date']}; bf16, V={payload['vocab']}; copy bandwidth "
+    where = f"GPU {env.get('gpu')} (driver {env.get('driver')})" if payload["device"] == "cuda" else f"CPU {env['cpu']}"
+    return (f"{where}, torch {env['torch']}, Triton {env['triton']}, "
+            f"CUDA {env['cuda']}, {env['date']}; {payload['dtype']}, V={payload['vocab']}; copy bandwidth "
             f"{payload['copy_gbs']:.0f} GB/s\n\n" + "\n".join(lines) + "\n")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (V=4,096): checks the suite runs")
     parser.add_argument("--rep-ms", type=int, default=25)
-    args = parser.parse_args()
-    if args.quick:
-        payload = run([2048, 3840], [2048, 8192], [128, 1024], ["uniform", "one-hot-row"], args.out, args.rep_ms)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        payload = run([64, 123], [256], [16], ["uniform", "one-hot-row"], args.out, args.rep_ms, args.device,
+                      vocab=4096)
+    elif args.quick:
+        payload = run([2048, 3840], [2048, 8192], [128, 1024], ["uniform", "one-hot-row"], args.out, args.rep_ms,
+                      args.device)
     else:
         payload = run([2048, 3072, 3840, 5376], [2048, 8192, 32768, 131072], [128, 1024],
-                      ["uniform", "one-hot-row"], args.out, args.rep_ms)
+                      ["uniform", "one-hot-row"], args.out, args.rep_ms, args.device)
     text = table(payload)
-    with open(os.path.join(args.out, "kernels_gpu.md"), "w") as f:
+    with open(os.path.join(args.out, f"kernels_{payload['device']}.md"), "w") as f:
         f.write(text)
     print(text)
 
