@@ -1,4 +1,4 @@
-"""``reserved-kernels info|demo``: the command-line entry point."""
+"""``reserved-kernels info|plan|demo``: the command-line entry point."""
 
 from __future__ import annotations
 
@@ -31,6 +31,36 @@ def info() -> str:
         for backend in _backend.BACKENDS:
             ok, why = _backend.availability(backend, torch.device(device))
             lines.append(f"  {device:4s} {backend:6s} {'available' if ok else 'unavailable'}: {why}")
+    return "\n".join(lines)
+
+
+def read_terms(path: str) -> dict[str, str | None]:
+    """One term per line, optionally ``term<TAB>description``; blank lines and ``#`` comments are skipped."""
+    terms: dict[str, str | None] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            term, _, description = line.partition("\t")
+            terms[term] = description or None
+    return terms
+
+
+def plan(args: argparse.Namespace) -> str:
+    """Assign the terms of ``args.terms`` to reserved slots, save the tokenizer and plan, return the table."""
+    from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path
+
+    vocab = ReservedVocab.from_file(args.tokenizer or default_tokenizer_path(),
+                                    plan=args.plan if args.plan else None)
+    result = vocab.assign(read_terms(args.terms))
+    tok_path, plan_path = vocab.save(args.out)
+    rows = [("term", "id", "replaced", "source pieces")]
+    rows += [(e.term, str(e.id), e.piece, " ".join(vocab.piece(i) for i in e.source_ids)) for e in result.entries]
+    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    lines = ["  ".join(r[c].ljust(widths[c]) for c in range(3)) + "  " + r[3] for r in rows]
+    lines.append(f"{len(vocab.free_ids)} of {len(vocab.reserved_ids)} reserved slots still free; "
+                 f"wrote {tok_path} and {plan_path}")
     return "\n".join(lines)
 
 
@@ -72,6 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="reserved-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and available backends")
+    p_plan = sub.add_parser("plan", help="assign new terms to reserved <unusedN> slots")
+    p_plan.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the embedded one)")
+    p_plan.add_argument("--terms", required=True, help="one term per line, optionally term<TAB>description")
+    p_plan.add_argument("--out", required=True, help="folder for the renamed tokenizer and reserved_plan.json")
+    p_plan.add_argument("--plan", help="an earlier reserved_plan.json to extend")
     p_demo = sub.add_parser("demo", help="train a few reserved rows end to end")
     p_demo.add_argument("--steps", type=int, default=50)
     p_demo.add_argument("--seed", type=int, default=0)
@@ -79,6 +114,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
+    elif args.command == "plan":
+        from reserved_kernels.vocab import PlanError
+
+        try:
+            print(plan(args))
+        except (PlanError, OSError) as exc:
+            sys.exit(f"reserved-kernels plan: {exc}")
     elif args.command == "demo":
         demo(args)
 

@@ -1,0 +1,31 @@
+"""Atomic file writes: a temporary file in the same folder, flushed to disk, then renamed over the target."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+
+
+def atomic_write_many(files: Mapping[str, bytes]) -> None:
+    """Write every file to a temporary sibling first; only when all are written, rename each into place.
+
+    An error while writing leaves every target as it was and removes the temporary files.
+    """
+    staged: list[tuple[str, str]] = []
+    try:
+        for path, data in files.items():
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -1,0 +1,159 @@
+"""The two tokenizer formats planning reads and writes: a SentencePiece ``.model`` and a Hugging Face ``tokenizer.json``.
+
+Each backend answers the same few questions (pieces, which ids are special, encode with the
+original, write a copy with some pieces renamed, check a term encodes to its single id), so the
+planning logic in ``planning.py`` is written once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Protocol
+
+RESERVED_PIECE = re.compile(r"^<unused(\d+)>$")
+BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+class TokenizerBackend(Protocol):
+    kind: str
+    filename: str
+
+    def pieces(self) -> list[str]: ...
+
+    def special_ids(self) -> set[int]: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def renamed(self, renames: dict[int, str]) -> bytes: ...
+
+    def check_term(self, data: bytes, term: str, token_id: int) -> str | None: ...
+
+
+class SentencePieceBackend:
+    """A SentencePiece model: renamed pieces become USER_DEFINED symbols, matched wherever they occur."""
+
+    kind = "sentencepiece"
+    filename = "tokenizer.model"
+
+    def __init__(self, data: bytes):
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        self._spm, self._pb = spm, pb
+        self.proto = pb.ModelProto()
+        self.proto.ParseFromString(data)
+        self.processor = spm.SentencePieceProcessor(model_proto=data)
+        self._escape = self.proto.normalizer_spec.escape_whitespaces
+
+    def pieces(self) -> list[str]:
+        return [p.piece for p in self.proto.pieces]
+
+    def special_ids(self) -> set[int]:
+        t = self._pb.ModelProto.SentencePiece
+        return {i for i, p in enumerate(self.proto.pieces) if p.type in (t.CONTROL, t.UNKNOWN, t.BYTE, t.UNUSED)}
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.processor.encode(text))
+
+    def piece_for(self, term: str) -> str:
+        # With escape_whitespaces the text's spaces reach the matcher as "▁": the piece must say the same.
+        return term.replace(" ", "\u2581") if self._escape else term
+
+    def renamed(self, renames: dict[int, str]) -> bytes:
+        proto = self._pb.ModelProto()
+        proto.CopyFrom(self.proto)
+        for token_id, term in renames.items():
+            piece = proto.pieces[token_id]
+            piece.piece = self.piece_for(term)
+            piece.type = self._pb.ModelProto.SentencePiece.USER_DEFINED
+            piece.score = 0.0
+        return proto.SerializeToString()
+
+    def check_term(self, data: bytes, term: str, token_id: int) -> str | None:
+        try:
+            processor = self._spm.SentencePieceProcessor(model_proto=data)
+        except RuntimeError as exc:
+            return f"SentencePiece rejects the renamed model: {exc}"
+        ids = list(processor.encode(term))
+        if ids != [token_id]:
+            return f"encodes to {ids}, not the single id {token_id}"
+        if processor.decode([token_id]) != term:
+            return f"decodes to {processor.decode([token_id])!r}"
+        return None
+
+
+class HFTokenizerBackend:
+    """A Hugging Face fast tokenizer (``tokenizer.json``): renamed slots become non-special added tokens."""
+
+    kind = "tokenizer.json"
+    filename = "tokenizer.json"
+
+    def __init__(self, data: bytes):
+        from tokenizers import Tokenizer
+
+        self._tokenizer_cls = Tokenizer
+        self.spec = json.loads(data)
+        self.tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+        size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        self._pieces = [""] * size
+        for piece, token_id in vocab.items():
+            self._pieces[token_id] = piece
+
+    def pieces(self) -> list[str]:
+        return list(self._pieces)
+
+    def special_ids(self) -> set[int]:
+        special = {t["id"] for t in self.spec.get("added_tokens", []) if t.get("special")}
+        special |= {i for i, p in enumerate(self._pieces) if BYTE_PIECE.match(p)}
+        unk = self.spec.get("model", {}).get("unk_token")
+        if unk is not None and unk in self.tokenizer.get_vocab():
+            special.add(self.tokenizer.token_to_id(unk))
+        return special
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def renamed(self, renames: dict[int, str]) -> bytes:
+        spec = json.loads(json.dumps(self.spec))
+        added = {t["id"]: t for t in spec.setdefault("added_tokens", [])}
+        model = spec.get("model", {})
+        vocab = model.get("vocab")
+        for token_id, term in renames.items():
+            old = self._pieces[token_id]
+            if isinstance(vocab, dict):  # BPE / WordPiece: piece -> id
+                vocab.pop(old, None)
+                vocab[term] = token_id
+            elif isinstance(vocab, list):  # Unigram: [piece, score] at position id
+                vocab[token_id] = [term, 0.0]
+            entry = added.get(token_id)
+            if entry is None:
+                entry = {"id": token_id}
+                spec["added_tokens"].append(entry)
+            entry.update(content=term, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                         special=False)
+        spec["added_tokens"].sort(key=lambda t: t["id"])
+        return json.dumps(spec, ensure_ascii=False, indent=2).encode("utf-8")
+
+    def check_term(self, data: bytes, term: str, token_id: int) -> str | None:
+        try:
+            tok = self._tokenizer_cls.from_str(data.decode("utf-8"))
+        except Exception as exc:  # tokenizers raises a bare Exception subclass from Rust
+            return f"the tokenizers library rejects the renamed file: {exc}"
+        ids = tok.encode(term, add_special_tokens=False).ids
+        if ids != [token_id]:
+            return f"encodes to {ids}, not the single id {token_id}"
+        if tok.decode([token_id], skip_special_tokens=False) != term:
+            return f"decodes to {tok.decode([token_id])!r}"
+        return None
+
+
+def open_backend(data: bytes, path: str) -> SentencePieceBackend | HFTokenizerBackend:
+    """Pick the backend from the file's content (JSON or a SentencePiece protobuf)."""
+    if data.lstrip()[:1] == b"{":
+        return HFTokenizerBackend(data)
+    try:
+        return SentencePieceBackend(data)
+    except Exception as exc:  # protobuf's DecodeError, sentencepiece's RuntimeError
+        raise ValueError(f"{path} is neither a SentencePiece model nor a tokenizer.json: {exc}") from exc

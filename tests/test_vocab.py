@@ -1,0 +1,182 @@
+"""Reserved-slot planning on the embedded SentencePiece tokenizer and on a tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import sentencepiece as spm
+
+import reserved_kernels as rk
+from reserved_kernels.cli import main as cli_main
+from reserved_kernels.vocab import PlanError, ReservedVocab, default_tokenizer_path
+
+SAMPLE = "The model trains every row, then stops. Le réseau mesure 4096 tokens; 東京 data — twice!\n"
+TERMS = {"[summary]": "a short summary of the text", "machine learning": None, "東京タワー": "the tower in Tokyo",
+         "café-crème": "a coffee with cream", "🚀": "rocket launch"}
+
+
+@pytest.fixture
+def vocab() -> ReservedVocab:
+    return ReservedVocab.from_file(default_tokenizer_path())
+
+
+def test_embedded_tokenizer_has_gemma_layout(vocab):
+    pieces = [vocab.piece(i) for i in range(8)]
+    assert pieces == ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<2mass>", "[@BOS@]", "<unused0>"]
+    assert vocab.reserved_ids == list(range(7, 106))
+    assert vocab.piece(106) == "<start_of_turn>" and vocab.piece(107) == "<end_of_turn>"
+    assert vocab.piece(108) == "<0x00>" and vocab.free_ids == vocab.reserved_ids
+
+
+def test_round_trip_of_every_term_and_other_ids_unchanged(vocab, tmp_path):
+    plan = vocab.assign(TERMS)
+    assert plan.ids == list(range(7, 7 + len(TERMS)))
+    tok_path, plan_path = vocab.save(tmp_path)
+    renamed = spm.SentencePieceProcessor(model_file=tok_path)
+    original = spm.SentencePieceProcessor(model_file=default_tokenizer_path())
+    assert renamed.vocab_size() == original.vocab_size()
+    for entry in plan.entries:
+        assert renamed.encode(entry.term) == [entry.id]
+        assert renamed.decode([entry.id]) == entry.term
+        text = f"Before {entry.term} after."
+        assert entry.id in renamed.encode(text) and renamed.decode(renamed.encode(text)) == text
+    assert renamed.encode(SAMPLE) == original.encode(SAMPLE)
+    for i in range(renamed.vocab_size()):
+        if i not in plan.ids:
+            assert renamed.id_to_piece(i) == original.id_to_piece(i)
+    saved = json.loads(open(plan_path, encoding="utf-8").read())
+    assert saved["format_version"] == 1 and saved["tokenizer_sha256"] == vocab.sha256
+    assert [e["term"] for e in saved["entries"]] == list(TERMS)
+
+
+def test_sources_come_from_the_original_tokenizer_without_special_ids(vocab):
+    plan = vocab.assign({"[summary]": "a short summary", "<unused5> only": None})
+    summary = plan["[summary]"]
+    assert summary.source_ids == tuple(vocab.encode("a short summary"))
+    assert all(i not in vocab.reserved_ids and i > 107 for e in plan.entries for i in e.source_ids)
+    offsets, ids = plan.sources_csr()
+    assert offsets.tolist()[0] == 0 and offsets.tolist()[-1] == ids.numel()
+
+
+def test_sources_initialise_reserved_embedding_rows(vocab):
+    plan = vocab.assign(TERMS)
+    emb = rk.ReservedEmbedding(vocab.vocab_size, 8, reserved_ids=vocab.reserved_ids)
+    merged = emb.merged_weight()
+    emb.init_reserved_(plan.sources_csr(), targets=plan.ids)
+    row = emb.reserved_weight[emb.reserved_ids.tolist().index(plan["[summary]"].id)].detach()
+    expected = merged[list(plan["[summary]"].source_ids)].mean(0)
+    assert (row - expected).abs().max() < 1e-6
+
+
+def test_assign_is_idempotent(vocab):
+    first = vocab.assign(["[summary]", "[translate]"])
+    again = vocab.assign({"[translate]": "ignored: already planned", "[summary]": None})
+    assert again == first and len(vocab.free_ids) == 97
+    more = vocab.assign(["[summary]", "[qa]"])
+    assert more.ids == [7, 8, 9]
+
+
+def test_exhaustion_is_refused_and_changes_nothing(vocab):
+    vocab.assign(["[a]"])
+    before = vocab.plan
+    with pytest.raises(PlanError, match="99 new terms asked for but only 98 reserved slots are free"):
+        vocab.assign([f"[term{i}]" for i in range(99)])
+    assert vocab.plan is before
+
+
+@pytest.mark.parametrize("bad, match", [("", "non-empty"), ("   ", "non-empty"), ("\t\n", "non-empty"),
+                                        ("▁the", "already pieces"), ("<unused3>", "already pieces")])
+def test_bad_terms_are_refused(vocab, bad, match):
+    with pytest.raises(PlanError, match=match):
+        vocab.assign([bad])
+    assert len(vocab.plan) == 0
+
+
+def test_term_without_sources_is_reported(vocab):
+    with pytest.raises(PlanError, match="no initialisation sources"):
+        vocab.assign({"[x]": "<unused4><unused5>"})
+    assert len(vocab.plan) == 0
+
+
+def test_plan_reloads_and_checks_the_tokenizer(vocab, tmp_path):
+    vocab.assign(TERMS)
+    tok_path, plan_path = vocab.save(tmp_path)
+    again = ReservedVocab.from_file(default_tokenizer_path(), plan=tmp_path)
+    assert again.plan == vocab.plan and again.free_ids == vocab.free_ids
+    with pytest.raises(PlanError, match="renamed tokenizer this plan wrote"):
+        ReservedVocab.from_file(tok_path, plan=plan_path)
+    other = tmp_path / "other.model"  # a different tokenizer file: one more slot renamed
+    other.write_bytes(vocab.backend.renamed({vocab.reserved_ids[-1]: "[zz]"}))
+    with pytest.raises(PlanError, match="another tokenizer"):
+        ReservedVocab.from_file(other, plan=plan_path)
+
+
+@pytest.mark.parametrize("content, match", [("not json", "corrupt"), ('{"format_version": 99}', "format_version"),
+                                            ('{"format_version": 1, "entries": []}', "corrupt")])
+def test_corrupt_plan_files_are_refused(tmp_path, content, match):
+    path = tmp_path / "reserved_plan.json"
+    path.write_text(content)
+    with pytest.raises(PlanError, match=match):
+        ReservedVocab.from_file(default_tokenizer_path(), plan=path)
+
+
+def test_interrupted_save_leaves_old_files_intact(vocab, tmp_path, monkeypatch):
+    vocab.assign(["[one]"])
+    vocab.save(tmp_path)
+    old = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    vocab.assign(["[two]"])
+    calls = []
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:  # the second file is half-written when the "crash" comes
+            raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        vocab.save(tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == old
+
+
+def test_tokenizer_json_round_trip(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizer.json support needs the tokenizers package")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<unused{i}>" for i in range(5)]
+    tok.train_from_iterator([SAMPLE] * 50, trainers.BpeTrainer(vocab_size=120, special_tokens=specials))
+    src = tmp_path / "src" / "tokenizer.json"
+    src.parent.mkdir()
+    tok.save(str(src))
+    vocab = ReservedVocab.from_file(src)
+    assert vocab.reserved_ids == list(range(4, 9))
+    plan = vocab.assign({"[summary]": "The model", "東京タワー": "data"})
+    tok_path, _ = vocab.save(tmp_path / "out")
+    renamed = tokenizers.Tokenizer.from_file(tok_path)
+    for entry in plan.entries:
+        assert renamed.encode(entry.term, add_special_tokens=False).ids == [entry.id]
+        assert renamed.decode([entry.id]) == entry.term
+    assert renamed.get_vocab_size() == tok.get_vocab_size()
+    assert renamed.encode(SAMPLE).ids == tok.encode(SAMPLE).ids
+    assert all(i not in vocab.reserved_ids for e in plan.entries for i in e.source_ids)
+
+
+def test_cli_plan_prints_the_table(tmp_path, capsys):
+    terms = tmp_path / "terms.txt"
+    terms.write_text("[summary]\ta short summary of the text\n# comment\n\nmachine learning\n", encoding="utf-8")
+    cli_main(["plan", "--terms", str(terms), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "[summary]" in out and "<unused0>" in out and "▁summary" in out and "97 of 99" in out
+    assert (tmp_path / "out" / "tokenizer.model").exists()
+
+
+def test_cli_plan_reports_errors_cleanly(tmp_path):
+    terms = tmp_path / "terms.txt"
+    terms.write_text("".join(f"[t{i}]\n" for i in range(100)))
+    with pytest.raises(SystemExit, match="only 99 reserved slots are free"):
+        cli_main(["plan", "--terms", str(terms), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
