@@ -93,16 +93,30 @@ def to_csr(sources: Sequence[Sequence[int]] | tuple[Tensor, Tensor], device: tor
 
 
 def mean_rows(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, sources, *,
-              weight_scaler: Tensor | None = None, exclude=None, noise_std: float = 0.0,
-              generator: torch.Generator | None = None) -> Tensor:
-    """fp32 (K, D): the mean of ``row(i)`` over each destination's sources, plus optional Gaussian noise.
+              weight_scaler: Tensor | None = None, exclude=None) -> Tensor:
+    """fp32 (S, D): the mean of ``row(i)`` over each of the S source lists.
 
     Every row is read before anything is written, so the result does not depend on order.
     """
     offsets, src_ids = to_csr(sources, weight.device, exclude)
-    means = ops.segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)
-    if noise_std < 0 or not math.isfinite(noise_std):
+    return ops.segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)
+
+
+def check_noise_std(noise_std: float) -> None:
+    if not math.isfinite(noise_std) or noise_std < 0:
         raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
+
+
+def means_for_targets(means: Tensor, num_targets: int, noise_std: float = 0.0,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """One fp32 row per target: ``means`` as given, or its single row for every target; plus N(0, noise_std²).
+
+    Raises if the counts differ (and ``means`` is not a single shared row).
+    """
+    if means.shape[0] == 1 and num_targets != 1:
+        means = means.expand(num_targets, means.shape[1])
+    if means.shape[0] != num_targets:
+        raise ValueError(f"got {num_targets} targets but {means.shape[0]} source lists")
     if noise_std > 0:
         noise = torch.randn(means.shape, generator=generator, dtype=torch.float32,
                             device=generator.device if generator is not None else means.device)
@@ -117,15 +131,15 @@ def mean_init_(table: Tensor, dst: Tensor | Sequence[int], sources, *, exclude=N
 
     Sources are read as they were before any write, so the result does not depend on order
     even when a destination is also another's source. ``sources`` is a list of id lists or an
-    ``(offsets, ids)`` CSR pair; ``exclude`` drops ids from every list (e.g. untrained rows).
+    ``(offsets, ids)`` CSR pair (a single list is shared by every destination); ``exclude`` drops
+    ids from every list (e.g. untrained rows).
     """
     if table.dim() != 2 or not table.is_floating_point():
         raise ValueError(f"table must be a floating 2-D tensor, got {table.dtype} of shape {tuple(table.shape)}")
+    check_noise_std(noise_std)
     dst = check_reserved_ids(dst, table.shape[0]).to(table.device)  # same rules: in range, distinct
     no_slots = torch.full((table.shape[0],), -1, dtype=torch.int32, device=table.device)
-    means = mean_rows(table.contiguous(), table.new_empty(0, table.shape[1]), no_slots, sources,
-                      exclude=exclude, noise_std=noise_std, generator=generator)
-    if means.shape[0] != dst.numel():
-        raise ValueError(f"got {dst.numel()} destinations but {means.shape[0]} source lists")
+    means = mean_rows(table.contiguous(), table.new_empty(0, table.shape[1]), no_slots, sources, exclude=exclude)
+    means = means_for_targets(means, dst.numel(), noise_std, generator)
     table.index_copy_(0, dst, means.to(table.dtype))
     return table

@@ -162,13 +162,23 @@ def test_init_reserved_bad_input_changes_nothing():
         emb.init_reserved_([[1, 2], [7]], exclude=[7])
     with pytest.raises(ValueError, match="targets must be reserved"):
         emb.init_reserved_([[1]], targets=[9])
-    with pytest.raises(ValueError, match="2 targets but 1 source lists"):
-        emb.init_reserved_([[1]])
+    with pytest.raises(ValueError, match="2 targets but 3 source lists"):
+        emb.init_reserved_([[1], [2], [3]])
     with pytest.raises(IndexError, match="src_ids"):
         emb.init_reserved_([[1], [1000]])
     with pytest.raises(TypeError, match="integers"):
         emb.init_reserved_([[1.5], [2.0]])
     assert torch.equal(before, emb.reserved_weight.detach())
+
+
+def test_one_source_list_is_shared_by_every_target_with_its_own_noise():
+    emb = _module(reserved=(7, 8, 50))
+    base = emb.merged_weight()
+    emb.init_reserved_([[1, 2, 3, 4]])
+    assert torch.equal(emb.reserved_weight[0], emb.reserved_weight[2])
+    torch.testing.assert_close(emb.reserved_weight[1].detach(), base[[1, 2, 3, 4]].mean(0))
+    emb.init_reserved_([[1, 2, 3, 4]], noise_std=0.1, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(emb.reserved_weight[0], emb.reserved_weight[2])
 
 
 def test_mean_init_on_a_plain_table_is_order_independent():

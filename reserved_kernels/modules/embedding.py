@@ -151,8 +151,9 @@ class ReservedEmbedding(nn.Embedding):
         """Set each target's reserved row to the mean of its source rows, all in one batched op.
 
         Args:
-            sources: one list of source ids per target, or an ``(offsets, ids)`` int64 CSR pair.
-                Rows are read as the forward pass sees them, all before any write.
+            sources: one list of source ids per target, or an ``(offsets, ids)`` int64 CSR pair; a
+                single list is shared by every target. Rows are read as the forward pass sees them,
+                all before any write.
             targets: reserved ids to initialise (default: all of ``reserved_ids``, in order).
             exclude: ids dropped from every source list (e.g. untrained reserved rows).
             noise_std, generator: add ``noise_std * N(0, 1)`` noise drawn from ``generator``.
@@ -164,11 +165,10 @@ class ReservedEmbedding(nn.Embedding):
             slots = self._slot_map.index_select(0, targets).long()
             if bool((slots < 0).any()):
                 raise ValueError(f"targets must be reserved ids; not reserved: {targets[slots < 0][:10].tolist()}")
+        F.check_noise_std(noise_std)
         means = F.mean_rows(self.weight, self.reserved_weight, self._slot_map, sources,
-                            weight_scaler=self.weight_scaler, exclude=exclude, noise_std=noise_std,
-                            generator=generator)
-        if means.shape[0] != slots.numel():
-            raise ValueError(f"got {slots.numel()} targets but {means.shape[0]} source lists")
+                            weight_scaler=self.weight_scaler, exclude=exclude)
+        means = F.means_for_targets(means, slots.numel(), noise_std, generator)
         self.reserved_weight.index_copy_(0, slots, means.to(self.reserved_weight.dtype))
         return self
 

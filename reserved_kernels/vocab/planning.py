@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from reserved_kernels.vocab._io import atomic_write_many
+from reserved_kernels._io import atomic_write_many
 from reserved_kernels.vocab.backends import RESERVED_PIECE, open_backend
 
 PLAN_FILENAME = "reserved_plan.json"
