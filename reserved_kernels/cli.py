@@ -64,40 +64,6 @@ def plan(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def demo(args: argparse.Namespace) -> None:
-    """A runnable example: train three reserved rows of a small table, check every other row is untouched."""
-    import torch
-
-    from reserved_kernels import ReservedEmbedding, _backend
-
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    vocab, dim = 256_000, 256
-    reserved = [7, 8, 9]  # Gemma 1/2's <unused0>..<unused2>
-    table = torch.nn.Embedding(vocab, dim, device=device)
-    embedding = ReservedEmbedding.from_embedding(table, reserved, scale=dim**0.5)
-    # Initialise each new row from the mean of three "description" rows.
-    embedding.init_reserved_([[1000, 2000, 3000], [4000, 5000], [6000]])
-    before = embedding.weight.detach().clone()
-    target = torch.randn(3, dim, device=device)
-    optimizer = torch.optim.AdamW(embedding.parameters(), lr=1e-2, weight_decay=0.1)
-    print(f"backend: {_backend.select('gather', device)} on {device}; training {len(reserved)} of {vocab} rows")
-    for step in range(args.steps):
-        ids = torch.randint(0, vocab, (8, 64), device=device)
-        ids[:, :3] = torch.tensor(reserved, device=device)
-        out = embedding(ids)
-        loss = (out[:, :3] - target).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.4f}")
-    unchanged = torch.equal(before, embedding.weight)
-    print(f"frozen rows bit-identical: {unchanged}; gradient held: {tuple(embedding.reserved_weight.grad.shape)}")
-    if not unchanged:
-        sys.exit("frozen rows changed")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="reserved-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     p_plan.add_argument("--terms", required=True, help="one term per line, optionally term<TAB>description")
     p_plan.add_argument("--out", required=True, help="folder for the renamed tokenizer and reserved_plan.json")
     p_plan.add_argument("--plan", help="an earlier reserved_plan.json to extend")
-    p_demo = sub.add_parser("demo", help="train a few reserved rows end to end")
-    p_demo.add_argument("--steps", type=int, default=50)
-    p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    p_demo = sub.add_parser("demo", help="plan three terms and train only their rows of a Gemma model")
+    from reserved_kernels.gemma.demo import add_arguments
+
+    add_arguments(p_demo)
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
@@ -122,13 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         except (PlanError, OSError) as exc:
             sys.exit(f"reserved-kernels plan: {exc}")
     elif args.command == "demo":
-        demo(args)
+        from reserved_kernels.gemma.demo import run
 
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+        run(args)
 
 
 if __name__ == "__main__":

@@ -5,38 +5,19 @@
 Layout, as in Gemma 1/2: <pad>=0, <eos>=1, <bos>=2, <unk>=3, <mask>=4, <2mass>=5, [@BOS@]=6,
 <unused0>…<unused98> at 7–105, <start_of_turn>=106, <end_of_turn>=107, then 256 byte-fallback pieces,
 then learned pieces. Identity normalisation, no dummy prefix, digits split: Gemma's settings.
-The training text is generated here from fixed word lists and a fixed seed, so the model is reproducible.
+The training text comes from ``reserved_kernels.vocab.corpus`` (fixed word lists, fixed seed): reproducible.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
+import sys
 import tempfile
 
-SUBJECTS = ["the model", "a tokenizer", "the embedding table", "this kernel", "the optimizer", "a new token",
-            "the reserved row", "our benchmark", "the gradient", "each layer", "the vocabulary", "a control token",
-            "la phrase", "el modelo", "die Tabelle", "le réseau", "the 学習 step", "データ"]
-VERBS = ["reads", "writes", "trains", "scales", "gathers", "updates", "freezes", "measures", "initialises",
-         "summarises", "translates", "compiles", "copies", "averages", "tokenises", "encodes", "decodes"]
-OBJECTS = ["every row", "the mean of related rows", "a compact gradient", "only the planned slots",
-           "held-out text", "the perplexity", "memory bandwidth", "the frozen weights", "a batch of 4096 tokens",
-           "the learning rate", "a summary", "a translation", "the café menu", "naïve estimates", "東京 data",
-           "español y français", "the output head", "Gemma's vocabulary"]
-TAILS = [".", "!", "?", " again.", " in 12 ms.", " on 2 cores.", " (quickly).", ", then stops.", ": done.",
-         " — twice.", "; see §3.", " at 3.5 TB/s."]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def corpus(lines: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(lines):
-        words = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)]
-        sentence = " ".join(words) + rng.choice(TAILS)
-        out.append(sentence[0].upper() + sentence[1:] + (f" {rng.randint(0, 99999)}" if i % 7 == 0 else ""))
-    return out
-
+from reserved_kernels.vocab.corpus import corpus  # noqa: E402
 
 def train(out_path: str, vocab_size: int = 1024) -> None:
     import sentencepiece as spm
@@ -54,8 +35,17 @@ def train(out_path: str, vocab_size: int = 1024) -> None:
             byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
             remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
             num_threads=1, minloglevel=2)
+        # The trainer records its temporary paths in the model: fix them, so a retrain is byte-identical.
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto()
+        with open(prefix + ".model", "rb") as f:
+            proto.ParseFromString(f.read())
+        proto.trainer_spec.input[:] = ["corpus.txt"]
+        proto.trainer_spec.model_prefix = "tokenizer"
         os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-        os.replace(prefix + ".model", out_path)
+        with open(out_path, "wb") as f:
+            f.write(proto.SerializeToString())
 
 
 def main() -> None:

@@ -180,3 +180,20 @@ def test_cli_plan_reports_errors_cleanly(tmp_path):
     with pytest.raises(SystemExit, match="only 99 reserved slots are free"):
         cli_main(["plan", "--terms", str(terms), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_renamed_encoder_matches_the_saved_tokenizer(vocab, tmp_path):
+    vocab.assign(TERMS)
+    tok_path, _ = vocab.save(tmp_path)
+    text = "Make a [summary] of machine learning in 東京タワー 🚀"
+    assert vocab.renamed_encoder()(text) == spm.SentencePieceProcessor(model_file=tok_path).encode(text)
+
+
+def test_shipped_tokenizer_is_what_the_training_script_makes(tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "train_tokenizer.py")
+    out = tmp_path / "tokenizer.model"
+    subprocess.run([sys.executable, script, "--out", str(out)], check=True, capture_output=True)
+    assert out.read_bytes() == open(default_tokenizer_path(), "rb").read()

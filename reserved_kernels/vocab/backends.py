@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Protocol
 
 RESERVED_PIECE = re.compile(r"^<unused(\d+)>$")
@@ -28,6 +29,8 @@ class TokenizerBackend(Protocol):
     def renamed(self, renames: dict[int, str]) -> bytes: ...
 
     def check_term(self, data: bytes, term: str, token_id: int) -> str | None: ...
+
+    def encoder(self, data: bytes) -> Callable[[str], list[int]]: ...
 
 
 class SentencePieceBackend:
@@ -69,6 +72,10 @@ class SentencePieceBackend:
             piece.type = self._pb.ModelProto.SentencePiece.USER_DEFINED
             piece.score = 0.0
         return proto.SerializeToString()
+
+    def encoder(self, data: bytes) -> Callable[[str], list[int]]:
+        processor = self._spm.SentencePieceProcessor(model_proto=data)
+        return lambda text: list(processor.encode(text))
 
     def check_term(self, data: bytes, term: str, token_id: int) -> str | None:
         try:
@@ -135,6 +142,10 @@ class HFTokenizerBackend:
                          special=False)
         spec["added_tokens"].sort(key=lambda t: t["id"])
         return json.dumps(spec, ensure_ascii=False, indent=2).encode("utf-8")
+
+    def encoder(self, data: bytes) -> Callable[[str], list[int]]:
+        tok = self._tokenizer_cls.from_str(data.decode("utf-8"))
+        return lambda text: tok.encode(text, add_special_tokens=False).ids
 
     def check_term(self, data: bytes, term: str, token_id: int) -> str | None:
         try:

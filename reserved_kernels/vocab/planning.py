@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -204,6 +204,10 @@ class ReservedVocab:
     def renamed_tokenizer(self) -> bytes:
         """The tokenizer file's bytes with every planned slot renamed to its term."""
         return self.backend.renamed({e.id: e.term for e in self.plan.entries})
+
+    def renamed_encoder(self) -> Callable[[str], list[int]]:
+        """``text -> ids`` with the renamed tokenizer: each planned term becomes its single id."""
+        return self.backend.encoder(self.renamed_tokenizer())
 
     def save(self, out_dir: str | os.PathLike) -> tuple[str, str]:
         """Write ``out_dir/tokenizer.model`` (or ``tokenizer.json``) and ``out_dir/reserved_plan.json`` atomically.
