@@ -19,8 +19,8 @@ stage info
 stage tests
 timeout 240 $py -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$out/tests.log" | tail -25
 stage kernels
-timeout 240 $py bench/kernels.py --out "$out" $quick 2>&1 | tee "$out/bench.log" | tail -45
+timeout 240 $py -m reserved_kernels.benchmarks.kernels --out "$out" $quick 2>&1 | tee "$out/bench.log" | tail -45
 stage train-step
-timeout 120 $py bench/train_step.py --device cuda --vocab 262144 --dim 3840 --slots 1024 --tokens 8192 \
+timeout 120 $py -m reserved_kernels.benchmarks.train_step --device cuda --vocab 262144 --dim 3840 --slots 1024 --tokens 8192 \
   --dtype bfloat16 --out "$out/train_step_gpu.json" 2>&1 | tee "$out/train_step.log"
 stage done

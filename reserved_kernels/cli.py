@@ -1,4 +1,4 @@
-"""``reserved-kernels info|plan|demo``: the command-line entry point."""
+"""``reserved-kernels info|plan|demo|bench``: the command-line entry point."""
 
 from __future__ import annotations
 
@@ -77,6 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     from reserved_kernels.gemma.demo import add_arguments
 
     add_arguments(p_demo)
+    p_bench = sub.add_parser("bench", help="the benchmark matrix, side by side with the peers")
+    p_bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p_bench.add_argument("--quick", action="store_true", help="one shape per workload")
+    p_bench.add_argument("--smoke", action="store_true", help="tiny shapes: checks that everything runs")
+    p_bench.add_argument("--out", default="bench/results", help="folder for <device>-<date>.json/.md/.png")
+    p_bench.add_argument("--readme", metavar="README", nargs="?", const="README.md",
+                         help="only regenerate README's Results section from the files in --out")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
@@ -87,6 +94,16 @@ def main(argv: list[str] | None = None) -> None:
             print(plan(args))
         except (PlanError, OSError) as exc:
             sys.exit(f"reserved-kernels plan: {exc}")
+    elif args.command == "bench":
+        if args.readme:
+            from reserved_kernels.benchmarks.report import update_readme
+
+            update_readme(args.readme, args.out)
+            print(f"updated {args.readme} from {args.out}")
+        else:
+            from reserved_kernels.benchmarks.suite import main as bench_main
+
+            bench_main(args)
     elif args.command == "demo":
         from reserved_kernels.gemma.demo import run
 

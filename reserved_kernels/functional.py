@@ -66,30 +66,39 @@ def to_csr(sources: Sequence[Sequence[int]] | tuple[Tensor, Tensor], device: tor
            exclude: Tensor | Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Lists of source ids (or an ``(offsets, ids)`` pair) as int64 CSR, minus ``exclude``d ids.
 
-    Raises if a list is empty, before or after exclusion, naming the destination.
+    Raises if a list is empty, before or after exclusion, naming the destination. Tensor work
+    only (no Python loop per list for CSR input), so batched initialisation stays one cheap call.
     """
     if isinstance(sources, tuple) and len(sources) == 2 and all(isinstance(t, Tensor) for t in sources):
-        offsets, ids = (t.to("cpu") for t in sources)
+        offsets, ids = sources
         if ids.is_floating_point() or offsets.is_floating_point():
             raise TypeError("CSR offsets and ids must be integer tensors")
-        bounds = offsets.tolist()
-        lists = [ids[bounds[k]:bounds[k + 1]].tolist() for k in range(len(bounds) - 1)]
+        if offsets.dim() != 1 or ids.dim() != 1 or offsets.numel() < 1:
+            raise ValueError("CSR offsets and ids must be 1-D, with at least one offset")
+        offsets, ids = offsets.to("cpu", torch.int64), ids.to("cpu", torch.int64)
+        if int(offsets[0]) != 0 or int(offsets[-1]) != ids.numel():
+            raise ValueError(f"offsets must start at 0 and end at len(ids)={ids.numel()}")
+        lengths = offsets.diff()
+        if bool((lengths < 0).any()):
+            raise ValueError("offsets must be non-decreasing")
     else:
-        lists = []
-        for k, src in enumerate(sources):
-            src = torch.as_tensor(src)
-            if src.numel() and src.is_floating_point():  # as_tensor([]) is float32: emptiness is reported below
-                raise TypeError(f"source ids must be integers; destination {k} has {src.dtype}")
-            lists.append(src.reshape(-1).tolist())
-    excluded = set(torch.as_tensor(exclude).reshape(-1).tolist()) if exclude is not None else set()
-    kept = [[i for i in src if i not in excluded] for src in lists]
-    empty = [k for k, src in enumerate(kept) if not src]
+        lists = [src.reshape(-1).tolist() if isinstance(src, Tensor) else list(src) for src in sources]
+        for k, src in enumerate(lists):
+            if any(isinstance(i, float) for i in src):
+                raise TypeError(f"source ids must be integers; destination {k} has {src}")
+        lengths = torch.tensor([len(src) for src in lists], dtype=torch.int64)
+        ids = torch.tensor([i for src in lists for i in src], dtype=torch.int64)
+    if exclude is not None:
+        keep = ~torch.isin(ids, torch.as_tensor(exclude, dtype=torch.int64).reshape(-1))
+        segment = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        lengths = torch.bincount(segment[keep], minlength=lengths.numel())
+        ids = ids[keep]
+    empty = (lengths == 0).nonzero().squeeze(-1).tolist()
     if empty:
-        why = " after excluding ids" if excluded else ""
+        why = " after excluding ids" if exclude is not None else ""
         raise ValueError(f"every destination needs at least one source id{why}; destinations {empty[:10]} have none")
-    offsets = torch.tensor([0] + [len(src) for src in kept], dtype=torch.int64).cumsum(0)
-    flat = torch.tensor([i for src in kept for i in src], dtype=torch.int64)
-    return offsets.to(device), flat.to(device)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    return offsets.to(device), ids.to(device)
 
 
 def mean_rows(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, sources, *,

@@ -38,8 +38,12 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
         _loss(ddp, ids).backward()
         if rank == 0:
             torch.save(ddp.module.reserved_weight.grad, out_file)
+        dist.barrier()  # both ranks done before either tears down gloo
     finally:
         dist.destroy_process_group()
+    # Skip interpreter finalisation on success: gloo's worker threads can abort it with SIGABRT
+    # ("terminate called without an active exception"; see pytorch/pytorch#179291).
+    os._exit(0)
 
 
 def test_ddp_gradients_equal_single_process():

@@ -326,8 +326,12 @@ def _distributed_worker(rank, init_file, out_file, wrapper):
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
         if rank == 0:
             torch.save(grad, out_file)
+        dist.barrier()  # both ranks done before either tears down gloo
     finally:
         dist.destroy_process_group()
+    # Skip interpreter finalisation on success: gloo's worker threads can abort it with SIGABRT
+    # ("terminate called without an active exception"; see pytorch/pytorch#179291).
+    os._exit(0)
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])

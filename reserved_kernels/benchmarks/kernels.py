@@ -1,7 +1,7 @@
 """Kernel matrix: forward and backward of every backend beside the plain-PyTorch peers.
 
-    python bench/kernels.py --out DIR [--quick]          # GPU: Triton and CUDA backends
-    python bench/kernels.py --device cpu --smoke --out DIR   # tiny CPU run of the reference (CI)
+    python -m reserved_kernels.benchmarks.kernels --out DIR [--quick]            # GPU: Triton and CUDA
+    python -m reserved_kernels.benchmarks.kernels --device cpu --smoke --out DIR  # tiny CPU run (CI)
 
 Peers: ``F.embedding`` then the scale multiply (forward), ``nn.Embedding``'s dense backward
 (``embedding_dense_backward``, V×D), and both together. Ideal bytes: ids + rows read + rows written
@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-import reserved_kernels as rk  # noqa: E402
-from bench.harness import copy_bandwidth_gbs, cpu_median, environment, gpu_median, write_results  # noqa: E402
-from reserved_kernels import _backend  # noqa: E402
+import reserved_kernels as rk
+from reserved_kernels import _backend
+from reserved_kernels.benchmarks.harness import copy_bandwidth_gbs, cpu_median, environment, gpu_median, write_results
 
 VOCAB = 262_144
 

@@ -1,0 +1,225 @@
+"""One training step for each recipe, each in a fresh process: peak memory and median time.
+
+    python -m reserved_kernels.benchmarks.train_step [--device cpu|cuda] [--vocab 256000] [--dim 2048]
+        [--slots 99] [--tokens 4096] [--dtype float32] [--head]
+
+Without ``--head`` the step is embedding forward, backward and AdamW. With ``--head`` it is a
+whole tied embedding + output-head step: a Gemma model with no decoder layers (embedding, final
+norm, tied ``lm_head``), next-token cross-entropy, AdamW.
+
+Recipes: ``reserved`` (this package), ``hook`` (the table trainable, a gradient hook zeroing the
+other rows, AdamW over the whole table, then restoring the frozen rows that weight decay moved, as
+users must) and ``peft`` (PEFT's trainable tokens, when installed). Peak memory is beyond the frozen
+table and inputs: CPU peak RSS with the high-water mark reset after set-up; CUDA
+``max_memory_allocated``; both over the first two steps, before timing (the timer's buffers never count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+
+RECIPES = ("reserved", "hook", "peft")
+CONFIG_KEYS = ("device", "vocab", "dim", "slots", "tokens", "dtype", "repeat", "head")
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _hook_recipe(weight, reserved_ids):
+    """The table trainable, other rows' gradient zeroed, frozen rows restored after each step."""
+    import torch
+
+    weight.requires_grad_(True)
+    mask = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+    mask[reserved_ids] = True
+    weight.register_hook(lambda g: g * mask)
+    frozen = weight.detach().clone()  # weight decay moves every row: keep them to restore
+
+    def restore():
+        with torch.no_grad():
+            torch.where(mask, weight, frozen, out=weight)
+
+    return torch.optim.AdamW([weight], lr=1e-3, weight_decay=0.01), restore
+
+
+def _build(args, weight, reserved_ids):
+    """(loss function of ids, optimizer, after-step hook or None) for one recipe."""
+    import torch
+    from torch import nn
+
+    scale = args.dim ** 0.5
+    if args.head:
+        from reserved_kernels.gemma import patch_model, tiny_gemma
+
+        model = tiny_gemma("gemma", vocab_size=args.vocab, hidden_size=args.dim, num_hidden_layers=0,
+                           head_dim=64, dtype=weight.dtype).to(weight.device)
+        model.get_input_embeddings().weight = nn.Parameter(weight, requires_grad=False)
+        model.tie_weights()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.train()
+
+        def loss_of(m):
+            return lambda ids: m(input_ids=ids, labels=ids).loss
+
+        if args.recipe == "reserved":
+            patch_model(model, reserved_ids.tolist())
+            return loss_of(model), torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                                     lr=1e-3, weight_decay=0.01), None
+        if args.recipe == "hook":
+            opt, restore = _hook_recipe(model.get_input_embeddings().weight, reserved_ids)
+            return loss_of(model), opt, restore
+        import peft
+
+        config = peft.TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=reserved_ids.tolist())
+        wrapped = peft.get_peft_model(model, config)
+        return loss_of(wrapped), torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad],
+                                                   lr=1e-3, weight_decay=0.01), None
+
+    scale_t = torch.tensor(scale, dtype=weight.dtype, device=weight.device)
+    if args.recipe == "reserved":
+        import reserved_kernels as rk
+
+        emb = rk.ReservedEmbedding.from_embedding(weight, reserved_ids, scale=scale)
+        return (lambda ids: emb(ids).float().pow(2).mean()), torch.optim.AdamW(emb.parameters(), lr=1e-3,
+                                                                               weight_decay=0.01), None
+    if args.recipe == "hook":
+        emb = nn.Embedding.from_pretrained(weight, freeze=False)  # shares the storage
+        opt, restore = _hook_recipe(emb.weight, reserved_ids)
+        return (lambda ids: (emb(ids) * scale_t).float().pow(2).mean()), opt, restore
+    import peft
+
+    holder = nn.Module()
+    holder.embed = nn.Embedding.from_pretrained(weight, freeze=True)
+    model = peft.get_peft_model(holder, peft.TrainableTokensConfig(target_modules=["embed"],
+                                                                   token_indices=reserved_ids.tolist()))
+    embed = model.base_model.model.embed
+    return ((lambda ids: (embed(ids) * scale_t).float().pow(2).mean()),
+            torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01), None)
+
+
+def child(args) -> None:
+    import torch
+
+    from reserved_kernels.benchmarks.harness import cpu_median, gpu_median
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    weight = torch.randn(args.vocab, args.dim, device=dev, dtype=dtype)
+    reserved_ids = torch.arange(7, 7 + args.slots, device=dev)
+    ids = torch.randint(0, args.vocab, (args.tokens,), device=dev)
+    ids[: args.slots] = reserved_ids  # every reserved row gets a gradient
+    if args.head:
+        ids = ids.view(-1, min(args.tokens, 512))
+    loss_fn, opt, after_step = _build(args, weight, reserved_ids)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(ids).backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        step()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        timing = gpu_median(step, warmup_ms=50, rep_ms=300)
+    else:
+        base = _rss_bytes("VmRSS")
+        if not _reset_peak_rss():
+            base = _rss_bytes("VmHWM")
+        step()
+        step()
+        extra = _rss_bytes("VmHWM") - base
+        timing = cpu_median(step, warmup=0, repeat=args.repeat)
+    print(json.dumps(dict(recipe=args.recipe, extra_bytes=extra, **timing)))
+
+
+def run_one(recipe: str, **config) -> dict:
+    """One recipe in a fresh subprocess (no allocator state or peak carries over)."""
+    cmd = [sys.executable, "-m", "reserved_kernels.benchmarks.train_step", "--child", "--recipe", recipe]
+    for key in CONFIG_KEYS:
+        value = config[key]
+        if key == "head":
+            cmd += ["--head"] if value else []
+        else:
+            cmd.append(f"--{key}={value}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{recipe} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def available_recipes() -> list[str]:
+    return [r for r in RECIPES if r != "peft" or importlib.util.find_spec("peft") is not None]
+
+
+def run_all(args) -> dict:
+    results = {}
+    for recipe in available_recipes():
+        results[recipe] = r = run_one(recipe, **{k: getattr(args, k) for k in CONFIG_KEYS})
+        print(f"{recipe:9s} extra memory {r['extra_bytes'] / 2**20:9.1f} MiB   step {r['median_ms']:9.1f} ms "
+              f"(p20 {r['p20_ms']:.1f}, p80 {r['p80_ms']:.1f})", flush=True)
+    ours = results["reserved"]
+    for recipe, r in results.items():
+        if recipe != "reserved":
+            print(f"vs {recipe}: {r['extra_bytes'] / max(ours['extra_bytes'], 1):.1f}x less memory, "
+                  f"{r['median_ms'] / ours['median_ms']:.1f}x faster")
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--vocab", type=int, default=256_000)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--slots", type=int, default=99)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--head", action="store_true", help="a whole step with the tied output head")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--out", default=None, help="write JSON results here")
+    parser.add_argument("--recipe", choices=RECIPES)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args)
+        return
+    from reserved_kernels.benchmarks.harness import environment, write_results
+
+    results = run_all(args)
+    if args.out:
+        write_results(args.out, dict(environment=environment(), config={k: getattr(args, k) for k in CONFIG_KEYS},
+                                     results=results))
+
+
+if __name__ == "__main__":
+    main()
