@@ -1,7 +1,7 @@
-"""Smoke runs of the benchmark suite on the CPU (CI): the scripts run and write their results.
+"""The benchmark suite in CI: smoke runs on the CPU (no timing assertions) and pytest-benchmark micro-benchmarks.
 
-Not timed tests: nothing here asserts a duration. ``pytest bench --benchmark-only`` times the
-reference gather with pytest-benchmark for a quick local look.
+``pytest bench --benchmark-only`` times the micro-benchmarks; ``scripts/test.sh`` runs them once each
+with ``--benchmark-disable`` as a check that they work.
 """
 
 from __future__ import annotations
@@ -11,12 +11,30 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 import reserved_kernels as rk
-from bench import kernels
+from reserved_kernels.benchmarks import kernels, report, suite
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_suite_smoke_on_cpu(tmp_path):
+    payload, path = suite.run_matrix("cpu", smoke=True, out=str(tmp_path), log=lambda s: None)
+    seen = {(r["workload"], r["impl"]) for r in payload["rows"]}
+    expected = {("forward", "torch"), ("forward", "F.embedding*scale"), ("forward+backward", "torch"),
+                ("forward+backward", "nn.Embedding+hook"), ("int8 forward", "torch"),
+                ("int8 forward", "dequantise table"), ("mean init", "torch"), ("mean init", "per-token loop"),
+                ("train step (embedding)", "reserved"), ("train step (embedding)", "hook"),
+                ("train step (embedding + tied head)", "reserved"), ("train step (embedding + tied head)", "hook")}
+    assert expected <= seen
+    assert all(r["median_ms"] > 0 and r["p20_ms"] <= r["p80_ms"] for r in payload["rows"])
+    assert payload["environment"]["torch"] == torch.__version__
+    markdown = (tmp_path / os.path.basename(path).replace(".json", ".md")).read_text()
+    assert "### mean init" in markdown and "peer ÷ ours" in markdown
+    assert os.environ.get("RESERVED_KERNELS_CHECK_IDS") != "0"  # restored after the run
 
 
 def test_kernel_matrix_smoke_on_cpu(tmp_path, monkeypatch):
@@ -26,21 +44,59 @@ def test_kernel_matrix_smoke_on_cpu(tmp_path, monkeypatch):
     impls = {(r["impl"], r["op"]) for r in payload["rows"]}
     assert {("torch", "forward"), ("torch", "backward"), ("torch-det", "backward"),
             ("F.embedding*scale", "forward"), ("nn.Embedding dense", "backward")} <= impls
-    assert all(r["median_ms"] > 0 for r in payload["rows"])
-    assert "| D | N | K |" in (tmp_path / "kernels_cpu.md").read_text()
 
 
-def test_train_step_smoke_on_cpu(tmp_path):
+def test_train_step_cli_smoke(tmp_path):
     out = tmp_path / "step.json"
-    subprocess.run([sys.executable, os.path.join(HERE, "train_step.py"), "--vocab", "5000", "--dim", "64",
-                    "--tokens", "256", "--slots", "9", "--repeat", "2", "--out", str(out)], check=True)
+    subprocess.run([sys.executable, "-m", "reserved_kernels.benchmarks.train_step", "--vocab", "5000", "--dim", "64",
+                    "--tokens", "256", "--slots", "9", "--repeat", "2", "--out", str(out)], check=True,
+                   capture_output=True)
     results = json.loads(out.read_text())["results"]
     assert {"reserved", "hook"} <= set(results)
     assert results["reserved"]["extra_bytes"] < results["hook"]["extra_bytes"]
 
 
-def test_gather_benchmark(benchmark):
-    emb = rk.ReservedEmbedding(20_000, 256, reserved_ids=list(range(7, 106)), scale=16.0)
-    ids = torch.randint(0, 20_000, (2048,))
-    out = benchmark(emb, ids)
-    assert out.shape == (2048, 256)
+def test_readme_results_are_generated_from_the_committed_files():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert report.readme_section(os.path.join(REPO, "bench", "results")) in readme
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark
+
+@pytest.fixture(scope="module")
+def table():
+    torch.manual_seed(0)
+    emb = rk.ReservedEmbedding(50_000, 256, reserved_ids=list(range(7, 106)), scale=16.0)
+    ids = torch.randint(0, 50_000, (2048,))
+    ids[:99] = emb.reserved_ids
+    return emb, ids
+
+
+@pytest.mark.benchmark(group="forward")
+def test_bench_forward_ours(benchmark, table):
+    emb, ids = table
+    assert benchmark(emb, ids).shape == (2048, 256)
+
+
+@pytest.mark.benchmark(group="forward")
+def test_bench_forward_plain_lookup(benchmark, table):
+    emb, ids = table
+    scale = torch.tensor(16.0)
+    assert benchmark(lambda: F.embedding(ids, emb.weight) * scale).shape == (2048, 256)
+
+
+@pytest.mark.benchmark(group="backward")
+def test_bench_scatter_grad(benchmark, table):
+    emb, ids = table
+    grad = torch.randn(2048, 256)
+    out = benchmark(rk.ops.scatter_grad, grad, ids, emb._slot_map, 99, 16.0, False)
+    assert out.shape == (99, 256)
+
+
+@pytest.mark.benchmark(group="backward")
+def test_bench_dense_backward(benchmark, table):
+    emb, ids = table
+    grad = torch.randn(2048, 256)
+    out = benchmark(torch.ops.aten.embedding_dense_backward, grad, ids, 50_000, -1, False)
+    assert out.shape == (50_000, 256)
