@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine: build, info, the whole test suite with the GPU present,
-# the kernel benchmark matrix and the training-step comparison. Logs and results go to DIR.
+# One prepared run on a GPU machine: build, info, the whole test suite with the GPU present, the
+# kernel matrix and the benchmark suite (training steps included). Logs and results go to DIR;
+# copy them to bench/results/<gpu>/ and run `reserved-kernels bench --readme`.
 #   bash bench/gpu_check.sh DIR [--quick]
 set -uo pipefail
 out="${1:?usage: gpu_check.sh DIR [--quick]}"
@@ -17,10 +18,9 @@ $py -m pip install --no-build-isolation --no-deps --no-index -e . >"$out/build.l
 stage info
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; $py -m reserved_kernels info; } 2>&1 | tee "$out/info.txt"
 stage tests
-timeout 240 $py -m pytest -q -p no:cacheprovider -rs tests 2>&1 | tee "$out/tests.log" | tail -25
+timeout 240 $py -m pytest -q -p no:cacheprovider -rs tests bench --benchmark-disable 2>&1 | tee "$out/tests.log" | tail -25
 stage kernels
-timeout 240 $py -m reserved_kernels.benchmarks.kernels --out "$out" $quick 2>&1 | tee "$out/bench.log" | tail -45
-stage train-step
-timeout 120 $py -m reserved_kernels.benchmarks.train_step --device cuda --vocab 262144 --dim 3840 --slots 1024 --tokens 8192 \
-  --dtype bfloat16 --out "$out/train_step_gpu.json" 2>&1 | tee "$out/train_step.log"
+timeout 240 $py -m reserved_kernels.benchmarks.kernels --out "$out" $quick 2>&1 | tee "$out/kernels.log" | tail -45
+stage suite
+timeout 300 $py -m reserved_kernels bench --device cuda --out "$out" $quick 2>&1 | tail -60
 stage done

@@ -99,3 +99,21 @@ def test_cuda_graph_capture_of_a_training_step(deterministic):
     torch.cuda.synchronize()
     assert not torch.equal(before, emb.reserved_weight.detach())
     assert torch.equal(frozen, emb.weight)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_patched_gemma_on_cuda_is_bit_identical_and_trains(backend, monkeypatch):
+    pytest.importorskip("transformers", reason="needs transformers")
+    if backend == "cuda" and not _backend.cuda_extension_status()[0]:
+        pytest.skip("CUDA extension not built")
+    from reserved_kernels.gemma import patch_model, tiny_gemma
+
+    monkeypatch.setenv(_backend.ENV_VAR, backend)
+    model = tiny_gemma("gemma2", dtype=torch.bfloat16).cuda()
+    ids = torch.randint(108, 1024, (2, 32), device="cuda")
+    ids[:, 5] = 7
+    before = model(ids).logits
+    patch_model(model, list(range(7, 12)))
+    assert torch.equal(model(ids).logits, before)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.get_input_embeddings().reserved_weight.grad.abs().sum() > 0

@@ -113,8 +113,19 @@ def readme_section(results_dir: str) -> str:
         for workload, cases in _grouped(payload["rows"]).items():
             lines += [f"*{workload}*", ""] + workload_table(cases, only_first=True) + [""]
     gpu_dir = os.path.join(results_dir, "h200")
-    kernels, steps = os.path.join(gpu_dir, "kernels_gpu.json"), os.path.join(gpu_dir, "train_step_gpu.json")
-    if os.path.exists(kernels):
+    # kernels_gpu.json: the file name of the first GPU run (bench/kernels_gpu.py); kernels_cuda.json since.
+    kernels = next((p for p in (os.path.join(gpu_dir, n) for n in ("kernels_cuda.json", "kernels_gpu.json"))
+                    if os.path.exists(p)), "")
+    steps = os.path.join(gpu_dir, "train_step_gpu.json")
+    gpu_suite = latest(gpu_dir, "cuda")
+    if gpu_suite:
+        with open(gpu_suite) as f:
+            payload = json.load(f)
+        lines += [f"**GPU suite** — {_header(payload)}. Every case: `bench/results/h200/"
+                  f"{os.path.basename(gpu_suite).removesuffix('.json')}.md`.", ""]
+        for workload, cases in _grouped(payload["rows"]).items():
+            lines += [f"*{workload}*", ""] + workload_table(cases, only_first=True) + [""]
+    if kernels:
         with open(kernels) as f:
             payload = json.load(f)
         env = payload["environment"]
@@ -128,7 +139,7 @@ def readme_section(results_dir: str) -> str:
                 lines.append(f"| {r['tokens']:,} | {r['impl']} | {r['op']} | {r['median_ms'] * 1e3:.1f} "
                              f"({r['p20_ms'] * 1e3:.1f}–{r['p80_ms'] * 1e3:.1f}) | {r['gbs']:.0f} ({r['pct_copy']:.0f}%) |")
         lines.append("")
-    if os.path.exists(steps):
+    if os.path.exists(steps) and not gpu_suite:
         with open(steps) as f:
             payload = json.load(f)
         c = payload["config"]

@@ -51,12 +51,16 @@ def _check_values_now(t: Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def check_ids(ids: Tensor, num_embeddings: int, name: str = "ids") -> None:
-    """Raise a clear error unless ``ids`` is an int32/int64 tensor with values in [0, num_embeddings)."""
+def _check_index_dtype(ids: Tensor, name: str = "ids") -> None:
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {ids.dtype}")
+
+
+def check_ids(ids: Tensor, num_embeddings: int, name: str = "ids") -> None:
+    """Raise a clear error unless ``ids`` is an int32/int64 tensor with values in [0, num_embeddings)."""
+    _check_index_dtype(ids, name)
     if ids.numel() and _check_values_now(ids):
         lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < 0 or hi >= num_embeddings:
@@ -114,8 +118,7 @@ def gather(ids: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tenso
 def _check_gather_meta(ids, weight, reserved_weight, slot_map, weight_scaler) -> None:
     _check_table(weight, reserved_weight, slot_map, weight_scaler)
     _check_same_device(ids=ids, weight=weight)
-    if ids.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"ids must be an int32 or int64 tensor, got {ids.dtype}")
+    _check_index_dtype(ids)
 
 
 @gather.register_fake
@@ -220,8 +223,9 @@ def segment_mean(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, weig
 def _check_mean_meta(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids) -> None:
     _check_table(weight, reserved_weight, slot_map, weight_scaler)
     _check_same_device(weight=weight, offsets=offsets, src_ids=src_ids)
-    if src_ids.dim() != 1 or src_ids.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"src_ids must be a 1-D int32/int64 tensor, got {src_ids.dtype} {tuple(src_ids.shape)}")
+    _check_index_dtype(src_ids, "src_ids")
+    if src_ids.dim() != 1:
+        raise ValueError(f"src_ids must be 1-D, got shape {tuple(src_ids.shape)}")
     if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.shape[0] < 1:
         raise ValueError(f"offsets must be a non-empty int64 vector, got {offsets.dtype} of shape {tuple(offsets.shape)}")
 
