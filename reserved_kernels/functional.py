@@ -111,17 +111,14 @@ def mean_rows(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, sources
     return ops.segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)
 
 
-def check_noise_std(noise_std: float) -> None:
-    if not math.isfinite(noise_std) or noise_std < 0:
-        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
-
-
 def means_for_targets(means: Tensor, num_targets: int, noise_std: float = 0.0,
                       generator: torch.Generator | None = None) -> Tensor:
     """One fp32 row per target: ``means`` as given, or its single row for every target; plus N(0, noise_std²).
 
-    Raises if the counts differ (and ``means`` is not a single shared row).
+    Raises if the counts differ (and ``means`` is not a single shared row) or ``noise_std`` is invalid.
     """
+    if not math.isfinite(noise_std) or noise_std < 0:
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
     if means.shape[0] == 1 and num_targets != 1:
         means = means.expand(num_targets, means.shape[1])
     if means.shape[0] != num_targets:
@@ -145,7 +142,6 @@ def mean_init_(table: Tensor, dst: Tensor | Sequence[int], sources, *, exclude=N
     """
     if table.dim() != 2 or not table.is_floating_point():
         raise ValueError(f"table must be a floating 2-D tensor, got {table.dtype} of shape {tuple(table.shape)}")
-    check_noise_std(noise_std)
     dst = check_reserved_ids(dst, table.shape[0]).to(table.device)  # same rules: in range, distinct
     no_slots = torch.full((table.shape[0],), -1, dtype=torch.int32, device=table.device)
     means = mean_rows(table.contiguous(), table.new_empty(0, table.shape[1]), no_slots, sources, exclude=exclude)

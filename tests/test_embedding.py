@@ -168,6 +168,10 @@ def test_init_reserved_bad_input_changes_nothing():
         emb.init_reserved_([[1], [1000]])
     with pytest.raises(TypeError, match="integers"):
         emb.init_reserved_([[1.5], [2.0]])
+    with pytest.raises(ValueError, match="noise_std"):
+        emb.init_reserved_([[1], [2]], noise_std=-0.1)
+    with pytest.raises(ValueError, match="noise_std"):
+        rk.mean_init_(emb.weight.detach().clone(), [3], [[4]], noise_std=float("nan"))
     assert torch.equal(before, emb.reserved_weight.detach())
 
 

@@ -165,7 +165,6 @@ class ReservedEmbedding(nn.Embedding):
             slots = self._slot_map.index_select(0, targets).long()
             if bool((slots < 0).any()):
                 raise ValueError(f"targets must be reserved ids; not reserved: {targets[slots < 0][:10].tolist()}")
-        F.check_noise_std(noise_std)
         means = F.mean_rows(self.weight, self.reserved_weight, self._slot_map, sources,
                             weight_scaler=self.weight_scaler, exclude=exclude)
         means = F.means_for_targets(means, slots.numel(), noise_std, generator)
