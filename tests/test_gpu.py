@@ -117,3 +117,18 @@ def test_patched_gemma_on_cuda_is_bit_identical_and_trains(backend, monkeypatch)
     assert torch.equal(model(ids).logits, before)
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.get_input_embeddings().reserved_weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_offsets_beyond_int32_on_cuda(backend, monkeypatch):
+    """N * D > 2**31 output elements: the kernels' int64 address arithmetic must not wrap."""
+    if backend == "cuda" and not _backend.cuda_extension_status()[0]:
+        pytest.skip("CUDA extension not built")
+    monkeypatch.setenv(_backend.ENV_VAR, backend)
+    weight = torch.zeros(4, 2, dtype=torch.float16, device="cuda")
+    weight[3] = 1.0
+    reserved = torch.full((1, 2), 2.0, dtype=torch.float16, device="cuda")
+    ids = torch.full((2**30 + 8,), 3, dtype=torch.int32, device="cuda")
+    ids[-1] = 1
+    out = rk.reserved_embedding(ids, weight, reserved, rk.build_slot_map(torch.tensor([1]), 4, "cuda"))
+    assert out[-2].tolist() == [1.0, 1.0] and out[-1].tolist() == [2.0, 2.0]
