@@ -21,8 +21,8 @@ ENV_VAR = "RESERVED_KERNELS_BACKEND"
 # Ops for which the CUDA extension beats Triton on CUDA tensors; ops not listed go to Triton when
 # both are available. Measured on an H200 (bench/results/h200/kernels_gpu.md, bf16, V=262,144):
 # gather is faster through the extension at N <= 32,768 (less host overhead per call: ~110 µs vs
-# ~190 µs floor); at N=131,072 Triton is ahead by up to 16% for D=2,048 and behind by up to 4% for
-# D=5,376. The extension's atomic scatter is 2-3x faster on uniform ids and its deterministic path
+# ~190 µs floor); at N=131,072 the extension takes 18% longer than Triton for D=2,048 (4% for
+# D=3,840) and 4% less for D=5,376. The extension's atomic scatter is 2-3x faster on uniform ids and its deterministic path
 # ~20% faster; Triton's atomic scatter wins (3x) only when every token hits one row.
 _PREFER_CUDA: frozenset[str] = frozenset({"gather", "scatter_grad", "segment_mean"})
 

@@ -47,6 +47,13 @@ def read_terms(path: str) -> dict[str, str | None]:
     return terms
 
 
+def _width(text: str) -> int:
+    """Terminal columns of ``text``: East Asian wide and full-width characters take two."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
 def plan(args: argparse.Namespace) -> str:
     """Assign the terms of ``args.terms`` to reserved slots, save the tokenizer and plan, return the table."""
     from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path
@@ -57,8 +64,8 @@ def plan(args: argparse.Namespace) -> str:
     tok_path, plan_path = vocab.save(args.out)
     rows = [("term", "id", "replaced", "source pieces")]
     rows += [(e.term, str(e.id), e.piece, " ".join(vocab.piece(i) for i in e.source_ids)) for e in result.entries]
-    widths = [max(len(r[c]) for r in rows) for c in range(3)]
-    lines = ["  ".join(r[c].ljust(widths[c]) for c in range(3)) + "  " + r[3] for r in rows]
+    widths = [max(_width(r[c]) for r in rows) for c in range(3)]
+    lines = ["  ".join(r[c] + " " * (widths[c] - _width(r[c])) for c in range(3)) + "  " + r[3] for r in rows]
     lines.append(f"{len(vocab.free_ids)} of {len(vocab.reserved_ids)} reserved slots still free; "
                  f"wrote {tok_path} and {plan_path}")
     return "\n".join(lines)
