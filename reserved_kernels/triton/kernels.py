@@ -28,6 +28,18 @@ def _table_rows(ids, valid, cols, col_mask, weight_ptr, reserved_ptr, slot_ptr, 
 
 
 @triton.jit
+def _token_tile(ids_ptr, N, V, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's BLOCK_N tokens x BLOCK_D columns: offsets, masks, the ids and which ids are in range."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_mask = rows < N
+    col_mask = cols < D
+    ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    valid = row_mask & (ids >= 0) & (ids < V)
+    return rows, cols, row_mask, col_mask, ids, valid
+
+
+@triton.jit
 def _gather_kernel(ids_ptr, weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, out_ptr, N, V, D, scale,
                    HAS_SCALER: tl.constexpr, APPLY_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
@@ -36,12 +48,7 @@ def _gather_kernel(ids_ptr, weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, out_
     ``scale`` arrives already rounded to the output dtype; the product of two values of a 16-bit
     (or fp32) type is exact in fp32 before the one rounding, so this matches PyTorch bit for bit.
     """
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_mask = rows < N
-    col_mask = cols < D
-    ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    valid = row_mask & (ids >= 0) & (ids < V)
+    rows, cols, row_mask, col_mask, ids, valid = _token_tile(ids_ptr, N, V, D, BLOCK_N, BLOCK_D)
     val = _table_rows(ids, valid, cols, col_mask, weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, D, HAS_SCALER)
     if APPLY_SCALE:
         val = val * scale
@@ -56,12 +63,7 @@ def _scatter_atomic_kernel(grad_ptr, ids_ptr, slot_ptr, out_ptr, N, V, D, scale,
 
     Rows of non-reserved tokens are masked off, so their gradient is never read.
     """
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_mask = rows < N
-    col_mask = cols < D
-    ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    valid = row_mask & (ids >= 0) & (ids < V)
+    rows, cols, row_mask, col_mask, ids, valid = _token_tile(ids_ptr, N, V, D, BLOCK_N, BLOCK_D)
     slot = tl.load(slot_ptr + ids, mask=valid, other=-1).to(tl.int64)
     mask = (valid & (slot >= 0))[:, None] & col_mask[None, :]
     g = tl.load(grad_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0).to(tl.float32)
