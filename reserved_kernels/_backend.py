@@ -8,6 +8,7 @@ that cannot run the call raises :class:`BackendUnavailableError` instead of fall
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import os
@@ -22,8 +23,9 @@ ENV_VAR = "RESERVED_KERNELS_BACKEND"
 # both are available. Measured on an H200 (bench/results/h200/kernels_gpu.md, bf16, V=262,144):
 # gather is faster through the extension at N <= 32,768 (less host overhead per call: ~110 µs vs
 # ~190 µs floor); at N=131,072 the extension takes 18% longer than Triton for D=2,048 (4% for
-# D=3,840) and 4% less for D=5,376. The extension's atomic scatter is 2-3x faster on uniform ids and its deterministic path
-# ~20% faster; Triton's atomic scatter wins (3x) only when every token hits one row.
+# D=3,840) and 4% less for D=5,376. The extension's atomic scatter is 2-3x faster on uniform ids
+# and its deterministic path ~20% faster; Triton's atomic scatter wins (3x) only when every token
+# hits one row.
 _PREFER_CUDA: frozenset[str] = frozenset({"gather", "scatter_grad", "segment_mean"})
 
 # The Triton and CUDA kernels accumulate in fp32; float64 tables (gradcheck) use the reference.
@@ -116,3 +118,22 @@ def select(op: str, device: torch.device, dtype: torch.dtype | None = None) -> s
         if cuda_ok:
             return "cuda"
     return "torch"
+
+
+@contextlib.contextmanager
+def scoped_env(name: str, value: str):
+    """Set environment variable ``name`` inside the ``with`` block, then restore its previous state."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def forced(backend: str):
+    """Force ``backend`` for the op calls inside the ``with`` block."""
+    return scoped_env(ENV_VAR, backend)

@@ -24,13 +24,6 @@ from reserved_kernels.benchmarks.harness import copy_bandwidth_gbs, cpu_median, 
 VOCAB = 262_144
 
 
-def _force(backend: str | None):
-    if backend is None:
-        os.environ.pop(_backend.ENV_VAR, None)
-    else:
-        os.environ[_backend.ENV_VAR] = backend
-
-
 def run(dims, tokens, slots, dists, out_dir, rep_ms, device="cuda", vocab=VOCAB):
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -72,13 +65,12 @@ def run(dims, tokens, slots, dists, out_dir, rep_ms, device="cuda", vocab=VOCAB)
             base_bwd = timer(lambda: torch.ops.aten.embedding_dense_backward(grad, ids, vocab, -1, False))
             record("nn.Embedding dense", "backward", base_bwd, n * 8 + (n + vocab) * dim * weight.element_size())
             for backend in backends:
-                _force(backend)
-                record(backend, "forward", timer(lambda: emb(ids)), fwd_bytes)
-                for det in (False, True):
-                    name = f"{backend}{'-det' if det else ''}"
-                    ms = timer(lambda: rk.ops.scatter_grad(grad, ids, emb._slot_map, k, 1.0, det))
-                    record(name, "backward", ms, bwd_bytes)
-            _force(None)
+                with _backend.forced(backend):
+                    record(backend, "forward", timer(lambda: emb(ids)), fwd_bytes)
+                    for det in (False, True):
+                        name = f"{backend}{'-det' if det else ''}"
+                        ms = timer(lambda: rk.ops.scatter_grad(grad, ids, emb._slot_map, k, 1.0, det))
+                        record(name, "backward", ms, bwd_bytes)
             print(f"D={dim} N={n} K={k} {dist}: done", flush=True)
         del weight
         if dev.type == "cuda":

@@ -65,21 +65,6 @@ def _ours(device: torch.device) -> list[str]:
     return [b for b in _backend.BACKENDS if _backend.availability(b, device)[0]]
 
 
-def _forced(backend: str):
-    """Context: force one backend for the calls inside it."""
-    class _Ctx:
-        def __enter__(self):
-            self.old = os.environ.get(_backend.ENV_VAR)
-            os.environ[_backend.ENV_VAR] = backend
-
-        def __exit__(self, *exc):
-            if self.old is None:
-                os.environ.pop(_backend.ENV_VAR, None)
-            else:
-                os.environ[_backend.ENV_VAR] = self.old
-    return _Ctx()
-
-
 def lookup_workloads(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slots: int, tokens: int,
                      compiled_reference) -> None:
     """Forward, and forward + backward, for our backends and the peers."""
@@ -96,7 +81,7 @@ def lookup_workloads(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slot
     fwd_bytes = ids.numel() * ids.element_size() + 2 * tokens * dim * weight.element_size()
 
     for backend in _ours(dev):
-        with _forced(backend):
+        with _backend.forced(backend):
             run.record("forward", backend, case, run.time(lambda: emb(ids)), fwd_bytes)
 
             def fwd_bwd():
@@ -110,9 +95,7 @@ def lookup_workloads(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slot
         run.record("forward", "torch.compile(reference)", case, run.time(lambda: compiled_reference(*args)), fwd_bytes)
 
     hook_emb = nn.Embedding.from_pretrained(weight, freeze=False)  # a new Parameter over the same storage
-    mask = torch.zeros(vocab, 1, dtype=torch.bool, device=dev)
-    mask[reserved_ids] = True
-    hook_emb.weight.register_hook(lambda g: g * mask)
+    train_step.keep_gradient_rows(hook_emb.weight, reserved_ids)
 
     def hook_fwd_bwd():
         hook_emb.weight.grad = None
@@ -147,7 +130,7 @@ def int8_workload(run: Runner, vocab: int, dim: int, dtype: torch.dtype, tokens:
     ids = torch.randint(0, vocab, (tokens,), device=dev)
     emb = rk.ReservedEmbedding.from_embedding(weight, torch.arange(7, 106, device=dev), weight_scaler=scaler)
     for backend in _ours(dev):
-        with _forced(backend):
+        with _backend.forced(backend):
             run.record("int8 forward", backend, case, run.time(lambda: emb(ids)))
     run.record("int8 forward", "dequantise table", case,
                run.time(lambda: F.embedding(ids, weight * scaler.unsqueeze(-1)), heavy=True))
@@ -163,7 +146,7 @@ def mean_init_workload(run: Runner, vocab: int, dim: int, dtype: torch.dtype, sl
     offsets = torch.arange(0, 8 * slots + 1, 8, device=dev)
     emb = rk.ReservedEmbedding.from_embedding(weight, reserved_ids)
     for backend in _ours(dev):
-        with _forced(backend):
+        with _backend.forced(backend):
             run.record("mean init", backend, case, run.time(lambda: emb.init_reserved_((offsets, src.reshape(-1)))))
     table = weight.clone()
     dst = reserved_ids.tolist()
@@ -214,9 +197,8 @@ def run_matrix(device: str = "cpu", quick: bool = False, smoke: bool = False, ou
         m.update({k: v for k, v in QUICK.items() if v is not None}, dtypes=m["dtypes"][:1])
     if smoke:
         m.update(SMOKE, dtypes=m["dtypes"][:1])
-    old_check = os.environ.get("RESERVED_KERNELS_CHECK_IDS")
-    os.environ["RESERVED_KERNELS_CHECK_IDS"] = "0"  # no peer checks ids; a sync would distort GPU timings
-    try:
+    # No peer checks ids, and the check's sync would distort GPU timings: off for this run only.
+    with _backend.scoped_env("RESERVED_KERNELS_CHECK_IDS", "0"):
         copy_gbs = copy_bandwidth_gbs(device=dev)
         run = Runner(dev, copy_gbs, log)
         log(f"{device}: copy bandwidth {copy_gbs:.0f} GB/s; backends {_ours(dev)}")
@@ -234,11 +216,6 @@ def run_matrix(device: str = "cpu", quick: bool = False, smoke: bool = False, ou
         log(f"training steps (fresh process per recipe): D={step_dim} {dtype} K={step_slots}")
         step_workloads(run, m["vocab"], step_dim, dtype, step_slots, m["step_tokens"], head=False)
         step_workloads(run, m["vocab"], step_dim, dtype, step_slots, m["head_tokens"], head=True)
-    finally:
-        if old_check is None:
-            os.environ.pop("RESERVED_KERNELS_CHECK_IDS", None)
-        else:
-            os.environ["RESERVED_KERNELS_CHECK_IDS"] = old_check
     payload = dict(environment=environment(), device=dev.type, copy_gbs=copy_gbs, matrix=m, quick=quick,
                    smoke=smoke, rows=run.rows)
     stamp = datetime.date.today().isoformat()

@@ -43,14 +43,22 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _hook_recipe(weight, reserved_ids):
-    """The table trainable, other rows' gradient zeroed, frozen rows restored after each step."""
+def keep_gradient_rows(weight, reserved_ids):
+    """The usual recipe's core: ``weight`` trainable, a hook zeroing every other row's gradient; returns the row mask."""
     import torch
 
     weight.requires_grad_(True)
     mask = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
     mask[reserved_ids] = True
     weight.register_hook(lambda g: g * mask)
+    return mask
+
+
+def _hook_recipe(weight, reserved_ids):
+    """The table trainable, other rows' gradient zeroed, frozen rows restored after each step."""
+    import torch
+
+    mask = keep_gradient_rows(weight, reserved_ids)
     frozen = weight.detach().clone()  # weight decay moves every row: keep them to restore
 
     def restore():

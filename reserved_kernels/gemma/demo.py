@@ -27,11 +27,10 @@ def _dense_recipe_state_bytes(model: torch.nn.Module, reserved_ids: list[int], r
     """One step of the usual recipe: the whole table trainable, a hook zeroing other rows' gradient, AdamW."""
     for p in model.parameters():
         p.requires_grad_(False)
+    from reserved_kernels.benchmarks.train_step import keep_gradient_rows
+
     weight = model.get_input_embeddings().weight
-    weight.requires_grad_(True)
-    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
-    mask[reserved_ids] = 1
-    weight.register_hook(lambda g: g * mask)
+    keep_gradient_rows(weight, reserved_ids)
     optimizer = torch.optim.AdamW([weight], lr=1e-3, weight_decay=0.01)
     model.train()
     model(input_ids=rows, labels=rows).loss.backward()
