@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One prepared run on a GPU machine: build, info, the whole test suite with the GPU present, the
-# kernel matrix and the benchmark suite (training steps included). Logs and results go to DIR;
+# One prepared run on a GPU machine: build, info, the whole test suite with the GPU present,
+# compute-sanitizer over the CUDA tests of the three ops (when the toolkit has it), the kernel matrix
+# (uniform, Zipf and one-hot-row ids), host time per call, and the benchmark suite (training steps:
+# ours, PEFT, the hook recipe, peak memory in a fresh process each). Logs and results go to DIR;
 # copy them to bench/results/<gpu>/ and run `reserved-kernels bench --readme`.
 #   bash bench/gpu_check.sh DIR [--quick]
 set -uo pipefail
@@ -18,9 +20,19 @@ $py -m pip install --no-build-isolation --no-deps --no-index -e . >"$out/build.l
 stage info
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; $py -m reserved_kernels info; } 2>&1 | tee "$out/info.txt"
 stage tests
-timeout 240 $py -m pytest -q -p no:cacheprovider -rs tests bench --benchmark-disable 2>&1 | tee "$out/tests.log" | tail -25
+timeout 300 $py -m pytest -q -p no:cacheprovider -rs tests bench --benchmark-disable 2>&1 | tee "$out/tests.log" | tail -25
+stage sanitizer
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  timeout 240 compute-sanitizer --tool memcheck --error-exitcode 1 $py -m pytest -q -p no:cacheprovider \
+    tests/test_gpu.py -k "compiled and (gather or scatter or segment_mean or skewed)" 2>&1 | tee "$out/sanitizer.log" | tail -15
+else
+  echo "compute-sanitizer not found on this machine" | tee "$out/sanitizer.log"
+fi
 stage kernels
-timeout 240 $py -m reserved_kernels.benchmarks.kernels --out "$out" $quick 2>&1 | tee "$out/kernels.log" | tail -45
+timeout 300 $py -m reserved_kernels.benchmarks.kernels --out "$out" $quick 2>&1 | tee "$out/kernels.log" | tail -45
+stage host
+timeout 120 $py -m reserved_kernels.benchmarks.host --device cuda --out "$out" --tokens 2048 --vocab 262144 \
+  --dim 3840 --dtype bfloat16 2>&1 | tee "$out/host.log"
 stage suite
 timeout 300 $py -m reserved_kernels bench --device cuda --out "$out" $quick 2>&1 | tail -60
 stage done

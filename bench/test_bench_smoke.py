@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import reserved_kernels as rk
-from reserved_kernels.benchmarks import kernels, report, suite
+from reserved_kernels.benchmarks import host, kernels, report, suite
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +25,7 @@ def test_suite_smoke_on_cpu(tmp_path):
     payload, path = suite.run_matrix("cpu", smoke=True, out=str(tmp_path), log=lambda s: None)
     seen = {(r["workload"], r["impl"]) for r in payload["rows"]}
     expected = {("forward", "torch"), ("forward", "F.embedding*scale"), ("forward+backward", "torch"),
+                ("forward", "compiled"), ("forward+backward", "compiled"),
                 ("forward+backward", "nn.Embedding+hook"), ("int8 forward", "torch"),
                 ("int8 forward", "dequantise table"), ("mean init", "torch"), ("mean init", "per-token loop"),
                 ("train step (embedding)", "reserved"), ("train step (embedding)", "hook"),
@@ -34,16 +35,23 @@ def test_suite_smoke_on_cpu(tmp_path):
     assert payload["environment"]["torch"] == torch.__version__
     markdown = (tmp_path / os.path.basename(path).replace(".json", ".md")).read_text()
     assert "### mean init" in markdown and "peer ÷ ours" in markdown
-    assert os.environ.get("RESERVED_KERNELS_CHECK_IDS") != "0"  # restored after the run
 
 
-def test_kernel_matrix_smoke_on_cpu(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESERVED_KERNELS_CHECK_IDS", "0")  # main() turns the checks off for timing
+def test_kernel_matrix_smoke_on_cpu(tmp_path):
     kernels.main(["--device", "cpu", "--smoke", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "kernels_cpu.json").read_text())
     impls = {(r["impl"], r["op"]) for r in payload["rows"]}
-    assert {("torch", "forward"), ("torch", "backward"), ("torch-det", "backward"),
-            ("F.embedding*scale", "forward"), ("nn.Embedding dense", "backward")} <= impls
+    assert {("torch", "forward"), ("torch", "backward"), ("F.embedding*scale", "forward"),
+            ("nn.Embedding dense", "backward")} <= impls
+    assert {r["dist"] for r in payload["rows"]} == {"uniform", "zipf", "one-hot-row"}
+
+
+def test_host_overhead_smoke_on_cpu():
+    payload = host.measure("cpu", calls=5, samples=3)
+    assert {(r["op"], r["impl"]) for r in payload["rows"]} == {
+        ("forward", "ours"), ("forward", "F.embedding*scale"), ("forward", "nn.Embedding*scale"),
+        ("forward+backward", "ours"), ("forward+backward", "nn.Embedding*scale")}
+    assert all(r["host_us"] > 0 for r in payload["rows"]) and "ours ÷ this" in host.table(payload)
 
 
 def test_train_step_cli_smoke(tmp_path):
@@ -90,7 +98,7 @@ def test_bench_forward_plain_lookup(benchmark, table):
 def test_bench_scatter_grad(benchmark, table):
     emb, ids = table
     grad = torch.randn(2048, 256)
-    out = benchmark(rk.ops.scatter_grad, grad, ids, emb._slot_map, 99, 16.0, False)
+    out = benchmark(rk.ops.scatter_grad, grad, ids, emb._slot_map, 99, 16.0, torch.float32)
     assert out.shape == (99, 256)
 
 

@@ -8,6 +8,7 @@ import sys
 
 def info() -> str:
     """Versions, and which backends are available here (and why not)."""
+    import os
     import platform
 
     import torch
@@ -21,16 +22,17 @@ def info() -> str:
         f"triton: {_backend.triton_status()[1]}",
         f"CUDA devices: {torch.cuda.device_count()}"
         + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
-        f"{_backend.ENV_VAR}={_backend.forced_backend() or '(unset: automatic)'}",
-        "backends:",
+        f"{_backend.ENV_VAR}={os.environ.get(_backend.ENV_VAR) or '(unset: automatic)'}",
+        "backends (* serves the device now):",
     ]
     ext_ok, ext_why = _backend.cuda_extension_status()
-    lines.append(f"  cuda extension built: {'yes, ' + ext_why if ext_ok else 'no: ' + ext_why}")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
+    lines.append(f"  compiled extension built: {'yes, ' + ext_why if ext_ok else 'no: ' + ext_why}")
+    for device in ("cpu", "cuda"):
+        active = _backend.active(device)
         for backend in _backend.BACKENDS:
-            ok, why = _backend.availability(backend, torch.device(device))
-            lines.append(f"  {device:4s} {backend:6s} {'available' if ok else 'unavailable'}: {why}")
+            ok, why = _backend.availability(backend, device)
+            star = "*" if backend == active else " "
+            lines.append(f"  {device:4s} {backend:8s} {star} {'available' if ok else 'unavailable'}: {why}")
     return "\n".join(lines)
 
 
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     p_bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p_bench.add_argument("--quick", action="store_true", help="one shape per workload")
     p_bench.add_argument("--smoke", action="store_true", help="tiny shapes: checks that everything runs")
+    p_bench.add_argument("--host", action="store_true", help="only the host time per call (N=16, V=1,000, D=64)")
     p_bench.add_argument("--out", default="bench/results", help="folder for <device>-<date>.json/.md/.png")
     p_bench.add_argument("--readme", metavar="README", nargs="?", const="README.md",
                          help="only regenerate README's Results section from the files in --out")
@@ -107,6 +110,10 @@ def main(argv: list[str] | None = None) -> None:
 
             update_readme(args.readme, args.out)
             print(f"updated {args.readme} from {args.out}")
+        elif args.host:
+            from reserved_kernels.benchmarks.host import main as host_main
+
+            host_main(["--device", args.device, "--out", args.out])
         else:
             from reserved_kernels.benchmarks.suite import main as bench_main
 

@@ -47,19 +47,18 @@ def build_slot_map(reserved_ids: Tensor, num_embeddings: int, device: torch.devi
 
 
 def reserved_embedding(ids: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, *,
-                       weight_scaler: Tensor | None = None, scale: float | None = None,
-                       padding_idx: int | None = None, deterministic: bool = False) -> Tensor:
+                       weight_scaler: Tensor | None = None, scale: float | None = None) -> Tensor:
     """``out[n] = cast(scale * row(ids[n]))``; the gradient reaches ``reserved_weight`` as a compact K×D tensor.
 
-    Bit-identical to ``F.embedding(ids, merged) * torch.tensor(scale, dtype=dtype)`` where
-    ``merged`` is ``weight`` (dequantised with ``weight_scaler`` for an int8 table) with rows
-    ``reserved_ids`` replaced by ``reserved_weight``. ``deterministic`` (or
-    ``torch.use_deterministic_algorithms(True)``) makes the backward bitwise repeatable.
+    Bit-identical to ``F.embedding(ids, merged) * torch.tensor(scale, dtype=dtype)`` where ``merged``
+    is ``weight`` (dequantised with ``weight_scaler`` for an int8 table) with rows ``reserved_ids``
+    replaced by ``reserved_weight`` rounded to the table dtype. The backward is always bitwise
+    repeatable. Ids are checked without a host sync (IndexError on CPU, a device-side assertion on
+    CUDA); ``ops.set_strict_id_checks(True)`` adds a synchronous check for debugging.
     """
-    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    return ops.gather(ids, weight, reserved_weight, slot_map, weight_scaler,
-                      1.0 if scale is None else float(scale),
-                      -1 if padding_idx is None else int(padding_idx), deterministic)
+    if ops.strict_id_checks():
+        ops.check_ids_now(ids, weight.shape[0])
+    return ops.gather(ids, weight, reserved_weight, slot_map, weight_scaler, 1.0 if scale is None else float(scale))
 
 
 def to_csr(sources: Sequence[Sequence[int]] | tuple[Tensor, Tensor], device: torch.device | str | None = None,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command (README, .ci/run): installs what the project needs, builds the CUDA extension
-# when a toolkit is present, then runs the suite and, in its own process, Triton's interpreter tests.
+# The test command (README, .ci/run): installs what the project needs, builds the compiled extension
+# when a CUDA toolkit is present, then runs the suite and, each in its own process, Triton's
+# interpreter tests and the pure-Python configuration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,3 +22,6 @@ fi
 python -m pytest -q tests bench --benchmark-disable "$@"
 # TRITON_INTERPRET must be set before triton is imported: a separate process.
 TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_interpreter.py "$@"
+# The pure-Python configuration (no compiled extension: a machine without a CUDA toolkit) in its own process.
+RESERVED_KERNELS_EXTENSION=0 python -m pytest -q tests/test_ops.py tests/test_embedding.py tests/test_reference.py \
+  tests/test_hot_path.py tests/test_gemma.py -k "not distributed and not demo" "$@"

@@ -33,6 +33,7 @@ def test_is_an_nn_embedding():
 @pytest.mark.parametrize("shape", [(0,), (17,), (3, 5, 7)], ids=str)
 def test_forward_and_gradient_match_oracle(dtype, id_dtype, shape):
     emb = _module(dtype, scale=23 ** 0.5, padding_idx=3)
+    assert emb.reserved_weight.dtype == (torch.float32 if dtype != torch.float32 else dtype)  # master rows
     ids = torch.randint(0, 101, shape, dtype=id_dtype)
     if ids.numel() > 5:
         ids.view(-1)[:5] = torch.tensor([7, 7, 99, 3, 50])  # repeated reserved ids and the padding id
@@ -40,7 +41,7 @@ def test_forward_and_gradient_match_oracle(dtype, id_dtype, shape):
     out = emb(ids)
     out.backward(grad)
     rw = emb.reserved_weight.detach().clone().requires_grad_(True)
-    expected = embedding_oracle(ids, merged_table(emb.weight, emb.reserved_ids, rw), 23 ** 0.5)
+    expected = embedding_oracle(ids, merged_table(emb.weight, emb.reserved_ids, rw.to(dtype)), 23 ** 0.5)
     expected.backward(grad)
     assert out.dtype == dtype and torch.equal(out, expected)  # forward: bit-exact
     # fp32 accumulation vs the oracle's own low-precision path: twice the oracle's error budget.
@@ -49,63 +50,108 @@ def test_forward_and_gradient_match_oracle(dtype, id_dtype, shape):
     assert emb.weight.grad is None
 
 
-def test_no_reserved_ids_behaves_like_nn_embedding():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp32_master_rows_learn_at_a_small_learning_rate(dtype):
+    """AdamW at lr=1e-5 moves rows of magnitude ~1 by 1e-5 a step: below bf16's resolution (2**-8).
+
+    With float32 master rows (the default) the rows move; with rows kept in the table dtype the
+    update is rounded away at every step and nothing trains.
+    """
+    def train(reserved_dtype):
+        torch.manual_seed(0)
+        table = torch.randn(50, 16).to(dtype)
+        emb = rk.ReservedEmbedding.from_embedding(table, [3, 4], reserved_dtype=reserved_dtype)
+        start = emb.reserved_weight.detach().clone()
+        opt = torch.optim.AdamW([emb.reserved_weight], lr=1e-5, weight_decay=0.0)
+        for _ in range(5):
+            opt.zero_grad()
+            emb(torch.tensor([3, 4, 3])).float().sum().backward()
+            opt.step()
+        return (emb.reserved_weight.detach().float() - start.float()).abs().max().item()
+
+    moved = train(None)
+    assert 4e-5 < moved < 6e-5  # five steps of 1e-5 each (Adam's update has magnitude lr)
+    assert train(dtype) == 0.0
+
+
+def test_no_reserved_ids_behaves_like_a_frozen_nn_embedding():
     torch.manual_seed(0)
     plain = nn.Embedding(30, 6, padding_idx=2)
+    expected = plain(torch.arange(30)).detach()
     emb = rk.ReservedEmbedding.from_embedding(plain, [])
-    emb.weight.requires_grad_(True)
     ids = torch.randint(0, 30, (4, 9))
     ids[0, 0] = 2
-    grad = torch.randn(4, 9, 6)
-    emb(ids).backward(grad)
-    ref = nn.Embedding(30, 6, padding_idx=2, _weight=plain.weight.detach().clone())
-    out = ref(ids)
-    out.backward(grad)
-    assert torch.equal(emb(ids), out)
-    torch.testing.assert_close(emb.weight.grad, ref.weight.grad)
+    out = emb(ids)
+    assert torch.equal(out, expected[ids])
+    out.sum().backward()
+    assert emb.reserved_weight.grad.shape == (0, 6) and emb.weight.grad is None
 
 
-def test_from_embedding_shares_storage_and_carries_padding():
+def test_from_embedding_adopts_the_parameter_and_carries_padding():
     plain = nn.Embedding(40, 8, padding_idx=1)
     emb = rk.ReservedEmbedding.from_embedding(plain, [5, 6], scale=2.0)
-    assert emb.weight.data_ptr() == plain.weight.data_ptr()
+    assert emb.weight is plain.weight and not plain.weight.requires_grad  # one Parameter, frozen for every holder
     assert emb.padding_idx == 1 and emb.scale == 2.0
     torch.testing.assert_close(emb.reserved_weight.detach(), plain.weight.detach()[[5, 6]])
-    emb2 = rk.ReservedEmbedding.from_embedding(plain.weight, [5])
+    emb2 = rk.ReservedEmbedding.from_embedding(plain.weight.detach(), [5])
     assert emb2.weight.data_ptr() == plain.weight.data_ptr()
 
 
-def test_int8_table_with_row_scales():
+def test_int8_table_with_row_scales_and_requantising_merge():
     torch.manual_seed(0)
     weight = torch.randint(-128, 128, (50, 12), dtype=torch.int8)
     scaler = (torch.rand(50) + 0.1).to(torch.bfloat16)
     emb = rk.ReservedEmbedding.from_embedding(weight, [3, 4], weight_scaler=scaler, scale=12 ** 0.5)
-    assert emb.reserved_weight.dtype == torch.bfloat16
+    assert emb.reserved_weight.dtype == torch.float32 and emb(torch.tensor([1])).dtype == torch.bfloat16
     ids = torch.randint(0, 50, (6, 7))
-    dense = (weight * scaler.unsqueeze(-1)).index_copy(0, torch.tensor([3, 4]), emb.reserved_weight.detach())
+    dense = (weight * scaler.unsqueeze(-1)).index_copy(0, torch.tensor([3, 4]), emb.reserved_weight.detach().bfloat16())
     expected = torch.nn.functional.embedding(ids, dense) * torch.tensor(12 ** 0.5, dtype=torch.bfloat16)
     assert torch.equal(emb(ids), expected)
     assert torch.equal(emb.merged_weight(), dense)
-    with pytest.raises(NotImplementedError, match="re-quantise"):
-        emb.merge_()
+    with torch.no_grad():
+        emb.reserved_weight.add_(torch.randn(2, 12) * 3)  # trained rows, far from the old quantisation grid
+    trained = emb.reserved_weight.detach().clone()
+    others = weight.clone()
+    emb.merge_()
+    step = emb.weight_scaler[[3, 4]].float().unsqueeze(-1)
+    requantised = emb.weight[[3, 4]].float() * step
+    assert ((requantised - trained).abs() <= step / 2).all()  # within half a quantisation step
+    keep = torch.ones(50, dtype=torch.bool)
+    keep[[3, 4]] = False
+    assert torch.equal(emb.weight[keep], others[keep]) and torch.equal(emb.weight_scaler[keep], scaler[keep])
 
 
 def test_state_dict_round_trip_and_plain_embedding_state_dict():
-    emb = _module()
+    emb = _module(scale=2.0)
+    table = emb.weight.detach().clone()
     state = emb.state_dict()
     assert set(state) == {"weight", "reserved_weight", "reserved_ids"}
-    other = rk.ReservedEmbedding(101, 23, reserved_ids=[1, 2, 3, 4])
-    other.load_state_dict(state)
+    # "weight" is the table as the forward pass sees it: a plain nn.Embedding loads it and agrees.
+    assert torch.equal(state["weight"], emb.merged_weight())
+    assert torch.equal(emb.weight, table)  # saving wrote nothing into the frozen table
     ids = torch.randint(0, 101, (5, 6))
     ids[0, :4] = torch.tensor([7, 8, 50, 99])
+    plain = nn.Embedding(101, 23)
+    plain.load_state_dict({"weight": state["weight"]})
+    assert torch.equal(plain(ids) * torch.tensor(2.0), emb(ids))
+
+    other = rk.ReservedEmbedding(101, 23, reserved_ids=[1, 2, 3, 4], scale=2.0)
+    other.load_state_dict(state)
     assert torch.equal(other(ids), emb(ids))
     assert other.reserved_ids.tolist() == [7, 8, 50, 99]
+    assert torch.equal(other.reserved_weight, emb.reserved_weight)  # master rows, exactly
 
-    plain = nn.Embedding(101, 23)
     fresh = rk.ReservedEmbedding(101, 23, reserved_ids=[7, 8])
     fresh.load_state_dict(plain.state_dict())  # only "weight": reserved rows start from it
-    assert torch.equal(fresh.weight, plain.weight.detach())
     assert torch.equal(fresh.reserved_weight.detach(), plain.weight.detach()[[7, 8]])
+
+
+def test_loading_a_merged_state_dict_leaves_the_shared_table_rows_alone():
+    """A checkpoint's merged rows go to reserved_weight, never into the frozen (possibly shared) storage."""
+    emb = _module()
+    before = emb.weight.detach().clone()
+    emb.load_state_dict(emb.state_dict())
+    assert torch.equal(emb.weight, before)
 
 
 def test_state_dict_with_wrong_reserved_count_is_refused():
@@ -249,7 +295,7 @@ def test_bad_reserved_ids_raise(reserved, error, match):
 
 def test_bad_forward_ids_raise_and_change_nothing():
     emb = _module()
-    with pytest.raises(IndexError, match="ids must lie"):
+    with pytest.raises(IndexError, match=r"ids must lie in \[0, 101\), got 101"):
         emb(torch.tensor([0, 101]))
     with pytest.raises(TypeError, match="int32 or int64"):
         emb(torch.tensor([0.0]))

@@ -5,8 +5,9 @@
 
 Peers: ``F.embedding`` then the scale multiply (forward), ``nn.Embedding``'s dense backward
 (``embedding_dense_backward``, V×D), and both together. Ideal bytes: ids + rows read + rows written
-(forward); ids + reserved tokens' gradient rows + the K×D fp32 result (backward). Value checks that
-synchronise (``RESERVED_KERNELS_CHECK_IDS``) are off while timing, as nothing else in the peers checks ids.
+(forward); ids + reserved tokens' gradient rows + the K×D fp32 result (backward). Id distributions:
+uniform, Zipf (reserved ids first: a control token in every sequence, terms often) and one-hot-row
+(every token the same reserved id).
 """
 
 from __future__ import annotations
@@ -24,13 +25,27 @@ from reserved_kernels.benchmarks.harness import copy_bandwidth_gbs, cpu_median, 
 VOCAB = 262_144
 
 
+def _ids(dist: str, reserved_ids: torch.Tensor, vocab: int, n: int) -> torch.Tensor:
+    """Token ids of one distribution: uniform, zipf (P(rank r) ∝ 1/r, reserved ids ranked first) or one-hot-row."""
+    dev = reserved_ids.device
+    if dist == "uniform":
+        return torch.randint(0, vocab, (n,), device=dev)
+    if dist == "one-hot-row":  # every token is the same reserved id (worst case for contention)
+        return reserved_ids[:1].repeat(n)
+    others = torch.ones(vocab, dtype=torch.bool, device=dev)
+    others[reserved_ids] = False
+    order = torch.cat([reserved_ids, others.nonzero().squeeze(-1)])
+    weights = 1.0 / torch.arange(1, vocab + 1, device=dev, dtype=torch.float64)
+    return order[torch.multinomial(weights, n, replacement=True)]
+
+
 def run(dims, tokens, slots, dists, out_dir, rep_ms, device="cuda", vocab=VOCAB):
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     copy_gbs = copy_bandwidth_gbs(device=dev)
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s", flush=True)
     if dev.type == "cuda":
-        backends = ["triton"] + (["cuda"] if _backend.cuda_extension_status()[0] else [])
+        backends = [b for b in ("triton", "compiled") if _backend.availability(b, "cuda")[0]]
 
         def timer(fn):
             return gpu_median(fn, rep_ms=rep_ms)
@@ -46,10 +61,7 @@ def run(dims, tokens, slots, dists, out_dir, rep_ms, device="cuda", vocab=VOCAB)
         for k, n, dist in itertools.product(slots, tokens, dists):
             reserved_ids = torch.randperm(vocab, device=dev)[:k]
             emb = rk.ReservedEmbedding.from_embedding(weight, reserved_ids, scale=dim ** 0.5)
-            if dist == "uniform":
-                ids = torch.randint(0, vocab, (n,), device=dev)
-            else:  # one-hot-row: every token is the same reserved id (worst case for contention)
-                ids = reserved_ids[:1].repeat(n)
+            ids = _ids(dist, reserved_ids, vocab, n)
             grad = torch.randn(n, dim, device=dev, dtype=dtype)
             reserved_tokens = int((emb._slot_map[ids] >= 0).sum())
             fwd_bytes = n * 8 + 2 * n * dim * weight.element_size()
@@ -67,12 +79,10 @@ def run(dims, tokens, slots, dists, out_dir, rep_ms, device="cuda", vocab=VOCAB)
             for backend in backends:
                 with _backend.forced(backend):
                     record(backend, "forward", timer(lambda: emb(ids)), fwd_bytes)
-                    for det in (False, True):
-                        name = f"{backend}{'-det' if det else ''}"
-                        ms = timer(lambda: rk.ops.scatter_grad(grad, ids, emb._slot_map, k, 1.0, det))
-                        record(name, "backward", ms, bwd_bytes)
+                    ms = timer(lambda: rk.ops.scatter_grad(grad, ids, emb._slot_map, k, 1.0, torch.float32))
+                    record(backend, "backward", ms, bwd_bytes)
             print(f"D={dim} N={n} K={k} {dist}: done", flush=True)
-        del weight
+        weight = emb = grad = None  # free this width's table before the next is made
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     payload = dict(environment=environment(), device=dev.type, copy_gbs=copy_gbs, dtype=str(dtype), vocab=vocab,
@@ -88,10 +98,10 @@ def table(payload) -> str:
     by_case = defaultdict(dict)
     for r in payload["rows"]:
         by_case[(r["dim"], r["tokens"], r["slots"], r["dist"])][(r["impl"], r["op"])] = r
-    impls = sorted({r["impl"] for r in payload["rows"] if r["impl"] in ("torch", "triton", "cuda")})
+    impls = sorted({r["impl"] for r in payload["rows"] if r["impl"] in ("torch", "triton", "compiled")})
     head = "| D | N | K | ids | peer fwd µs | " + " | ".join(
         f"{i} fwd µs (%copy, ×peer)" for i in impls) + " | dense bwd µs | " + " | ".join(
-        f"{i} bwd µs (×dense) | {i}-det bwd µs" for i in impls) + " |"
+        f"{i} bwd µs (×dense)" for i in impls) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (d, n, k, dist), cell in sorted(by_case.items()):
         pf = cell[("F.embedding*scale", "forward")]["median_ms"]
@@ -102,8 +112,8 @@ def table(payload) -> str:
             parts.append(f"{f['median_ms'] * 1e3:.1f} ({f['pct_copy']:.0f}%, {pf / f['median_ms']:.2f}×)")
         parts.append(f"{pb * 1e3:.1f}")
         for i in impls:
-            b, bd = cell[(i, "backward")], cell[(f"{i}-det", "backward")]
-            parts.append(f"{b['median_ms'] * 1e3:.1f} ({pb / b['median_ms']:.0f}×) | {bd['median_ms'] * 1e3:.1f}")
+            b = cell[(i, "backward")]
+            parts.append(f"{b['median_ms'] * 1e3:.1f} ({pb / b['median_ms']:.0f}×)")
         lines.append("| " + " | ".join(parts) + " |")
     env = payload["environment"]
     where = f"GPU {env.get('gpu')} (driver {env.get('driver')})" if payload["device"] == "cuda" else f"CPU {env['cpu']}"
@@ -113,7 +123,6 @@ def table(payload) -> str:
 
 
 def main(argv=None):
-    os.environ.setdefault("RESERVED_KERNELS_CHECK_IDS", "0")  # see the module docstring
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--device", default="cuda")
@@ -121,15 +130,14 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (V=4,096): checks the suite runs")
     parser.add_argument("--rep-ms", type=int, default=25)
     args = parser.parse_args(argv)
+    dists = ["uniform", "zipf", "one-hot-row"]
     if args.smoke:
-        payload = run([64, 123], [256], [16], ["uniform", "one-hot-row"], args.out, args.rep_ms, args.device,
-                      vocab=4096)
+        payload = run([64, 123], [256], [16], dists, args.out, args.rep_ms, args.device, vocab=4096)
     elif args.quick:
-        payload = run([2048, 3840], [2048, 8192], [128, 1024], ["uniform", "one-hot-row"], args.out, args.rep_ms,
-                      args.device)
+        payload = run([3840], [2048, 8192, 32768], [1024], dists, args.out, args.rep_ms, args.device)
     else:
-        payload = run([2048, 3072, 3840, 5376], [2048, 8192, 32768, 131072], [128, 1024],
-                      ["uniform", "one-hot-row"], args.out, args.rep_ms, args.device)
+        payload = run([2048, 3840, 5376], [2048, 8192, 32768, 131072], [128, 1024], dists, args.out, args.rep_ms,
+                      args.device)
     text = table(payload)
     with open(os.path.join(args.out, f"kernels_{payload['device']}.md"), "w") as f:
         f.write(text)

@@ -61,8 +61,8 @@ class Runner:
 
 
 def _ours(device: torch.device) -> list[str]:
-    """Our backends that can run here (the reference always; Triton and CUDA on a GPU)."""
-    return [b for b in _backend.BACKENDS if _backend.availability(b, device)[0]]
+    """Our backends that can run here (the reference always; the compiled kernels; Triton on a GPU)."""
+    return [b for b in _backend.BACKENDS if _backend.availability(b, device.type)[0]]
 
 
 def lookup_workloads(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slots: int, tokens: int,
@@ -197,25 +197,23 @@ def run_matrix(device: str = "cpu", quick: bool = False, smoke: bool = False, ou
         m.update({k: v for k, v in QUICK.items() if v is not None}, dtypes=m["dtypes"][:1])
     if smoke:
         m.update(SMOKE, dtypes=m["dtypes"][:1])
-    # No peer checks ids, and the check's sync would distort GPU timings: off for this run only.
-    with _backend.scoped_env("RESERVED_KERNELS_CHECK_IDS", "0"):
-        copy_gbs = copy_bandwidth_gbs(device=dev)
-        run = Runner(dev, copy_gbs, log)
-        log(f"{device}: copy bandwidth {copy_gbs:.0f} GB/s; backends {_ours(dev)}")
-        compiled = torch.compile(reference.gather, dynamic=True) if not smoke else None
-        cases = list(itertools.product(m["dims"], m["dtypes"], m["slots"]))
-        for i, (dim, dtype, slots) in enumerate(cases):
-            log(f"[{i + 1}/{len(cases)}] lookups: D={dim} {dtype} K={slots} N={m['tokens']}")
-            lookup_workloads(run, m["vocab"], dim, getattr(torch, dtype), slots, m["tokens"], compiled)
-        dim, dtype = m["dims"][0], m["dtypes"][0]
-        log(f"int8 forward and mean init: D={dim} {dtype}")
-        int8_workload(run, m["vocab"], dim, getattr(torch, dtype), m["int8_tokens"])
-        mean_init_workload(run, m["vocab"], dim, getattr(torch, dtype), m["init_slots"], with_resize=True)
-        step_slots = m["slots"][0] if dev.type == "cpu" else m["slots"][-1]
-        step_dim = dim if dev.type == "cpu" else m["dims"][-1]
-        log(f"training steps (fresh process per recipe): D={step_dim} {dtype} K={step_slots}")
-        step_workloads(run, m["vocab"], step_dim, dtype, step_slots, m["step_tokens"], head=False)
-        step_workloads(run, m["vocab"], step_dim, dtype, step_slots, m["head_tokens"], head=True)
+    copy_gbs = copy_bandwidth_gbs(device=dev)
+    run = Runner(dev, copy_gbs, log)
+    log(f"{device}: copy bandwidth {copy_gbs:.0f} GB/s; backends {_ours(dev)}")
+    compiled = torch.compile(reference.gather, dynamic=True) if not smoke else None
+    cases = list(itertools.product(m["dims"], m["dtypes"], m["slots"]))
+    for i, (dim, dtype, slots) in enumerate(cases):
+        log(f"[{i + 1}/{len(cases)}] lookups: D={dim} {dtype} K={slots} N={m['tokens']}")
+        lookup_workloads(run, m["vocab"], dim, getattr(torch, dtype), slots, m["tokens"], compiled)
+    dim, dtype = m["dims"][0], m["dtypes"][0]
+    log(f"int8 forward and mean init: D={dim} {dtype}")
+    int8_workload(run, m["vocab"], dim, getattr(torch, dtype), m["int8_tokens"])
+    mean_init_workload(run, m["vocab"], dim, getattr(torch, dtype), m["init_slots"], with_resize=True)
+    step_slots = m["slots"][0] if dev.type == "cpu" else m["slots"][-1]
+    step_dim = dim if dev.type == "cpu" else m["dims"][-1]
+    log(f"training steps (fresh process per recipe): D={step_dim} {dtype} K={step_slots}")
+    step_workloads(run, m["vocab"], step_dim, dtype, step_slots, m["step_tokens"], head=False)
+    step_workloads(run, m["vocab"], step_dim, dtype, step_slots, m["head_tokens"], head=True)
     payload = dict(environment=environment(), device=dev.type, copy_gbs=copy_gbs, matrix=m, quick=quick,
                    smoke=smoke, rows=run.rows)
     stamp = datetime.date.today().isoformat()

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict:
     dense_bytes = None if args.model else _dense_recipe_state_bytes(copy.deepcopy(model), plan.ids, train[:8])
     patch_model(model, vocab, init="description")
     embedding = model.get_input_embeddings()
-    backend = _backend.select("gather", device, embedding.weight.dtype)
+    backend = _backend.active(device.type)
     print(f"model: {type(model).__name__}, vocabulary {embedding.num_embeddings} x {embedding.embedding_dim}; "
           f"training {embedding.num_reserved} rows; backend {backend} on {device}")
 

@@ -51,7 +51,7 @@ def _reserved_ids(reserved) -> tuple[list[int], ReservedPlan | None]:
 def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPlan | ReservedVocab, *,
                 init: str | None = None, noise_std: float = 0.0, generator: torch.Generator | None = None,
                 copy_from: int | None = None, exclude: Sequence[int] | None = None, train_others: bool = False,
-                deterministic: bool = False) -> nn.Module:
+                ) -> nn.Module:
     """Make only the rows ``reserved`` of ``model``'s embedding (and tied output head) trainable.
 
     Works on Hugging Face ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``
@@ -83,7 +83,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
     scale = float(embedding.embed_scale) if isinstance(getattr(embedding, "embed_scale", None), Tensor) else None
     head = _output_head(model)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    new_embedding = ReservedEmbedding.from_embedding(embedding, ids, scale=scale, deterministic=deterministic)
+    new_embedding = ReservedEmbedding.from_embedding(embedding, ids, scale=scale)
     new_head = None
     if isinstance(head, nn.Linear):
         if head.weight is embedding.weight:

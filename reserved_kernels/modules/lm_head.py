@@ -9,81 +9,121 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from reserved_kernels import functional as F
-from reserved_kernels.modules.embedding import ReservedEmbedding
+from reserved_kernels.modules.embedding import ReservedEmbedding, default_reserved_dtype
+
+
+class _ReservedLogits(torch.autograd.Function):
+    """``hidden @ merged_weightᵀ`` from the frozen table and the K rows, with no V×D copy and no write into the table.
+
+    Forward: one GEMM over the table, then the K reserved columns become ``hidden @ rowsᵀ`` — for the
+    rows that differ from the table's own; columns of rows still equal to the table's keep the big GEMM's
+    bits, so an untrained patched head is bit-identical to the original. Backward, the merged table's
+    gradient: ``hidden`` gets ``g @ table + g[..., ids] @ (rows - table[ids])``, the rows get
+    ``g[..., ids]ᵀ @ hidden`` (K×D), the table nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, rows: Tensor, ids: Tensor) -> Tensor:
+        logits = TF.linear(hidden, weight)
+        own = TF.linear(hidden, rows)
+        changed = (rows != weight.index_select(0, ids)).any(dim=1)
+        logits.index_copy_(-1, ids, torch.where(changed, own, logits.index_select(-1, ids)))
+        ctx.save_for_backward(hidden, weight, rows, ids)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hidden, weight, rows, ids = ctx.saved_tensors
+        grad_res = grad.index_select(-1, ids)
+        grad_hidden = grad_rows = None
+        if ctx.needs_input_grad[0]:
+            delta = (rows - weight.index_select(0, ids)).to(grad.dtype)
+            grad_hidden = (grad @ weight.to(grad.dtype) + grad_res @ delta).to(hidden.dtype)
+        if ctx.needs_input_grad[2]:
+            flat = grad_res.reshape(-1, grad_res.shape[-1])
+            grad_rows = (flat.t() @ hidden.reshape(-1, hidden.shape[-1]).to(grad.dtype)).to(rows.dtype)
+        return grad_hidden, None, grad_rows, None
 
 
 class ReservedLMHead(nn.Linear):
     """Drop-in for a bias-free ``nn.Linear(D, V)`` output head (``lm_head``), tied or untied.
 
-    ``logits = hidden @ merged_weightᵀ`` without a merged V×D copy: before each forward the K
-    reserved rows of ``weight`` are set to ``reserved_weight`` (they are the rows being trained,
-    and the embedding never reads them: its slot map sends reserved ids to ``reserved_weight``),
-    so one GEMM over ``weight`` gives every logit — bit-identical to the unpatched head while the
-    rows are untrained. Backward gives ``hidden`` its exact gradient and the reserved rows only
-    ``grad_logits[..., reserved]ᵀ @ hidden`` (K×D); ``weight`` gets nothing unless a user sets
-    ``requires_grad`` on it, and no row outside ``reserved_ids`` is ever written. Tied to a
-    :class:`ReservedEmbedding` (:meth:`tied_to`), it shares that module's ``weight`` and
-    ``reserved_weight`` Parameters, so the input and output sides train one set of rows.
+    The logits are those of the merged table (``weight`` with rows ``reserved_ids`` replaced by the
+    trained rows), computed without a V×D copy and without writing into ``weight``; while the rows are
+    untrained they are bit-identical to the unpatched head's. Backward gives ``hidden`` its exact
+    gradient and the reserved rows only ``grad_logits[..., reserved]ᵀ @ hidden`` (K×D); the frozen
+    ``weight`` gets nothing.
+
+    Tied (:meth:`tied_to`, Gemma's layout) it shares the embedding's ``weight`` Parameter and reads the
+    embedding's ``reserved_weight`` and ``reserved_ids`` at each call without registering them again,
+    so state dicts (and ``save_pretrained``) hold each tensor once. Untied (:meth:`from_linear`) it has
+    its own ``reserved_weight`` (float32 master rows for a 16-bit head) and ``reserved_ids``.
 
     ``final_logit_softcapping`` applies Gemma 2's ``cap * tanh(logits / cap)``; leave it ``None``
     when the model applies it itself (Hugging Face's Gemma2/3 ``ForCausalLM`` do).
     """
 
-    reserved_ids: Tensor
-
     def __init__(self, in_features: int, out_features: int, *, reserved_ids: Tensor | Sequence[int],
-                 weight: nn.Parameter | None = None, reserved_weight: nn.Parameter | None = None,
-                 final_logit_softcapping: float | None = None, device=None, dtype=None) -> None:
+                 weight: nn.Parameter | None = None, final_logit_softcapping: float | None = None,
+                 reserved_dtype: torch.dtype | None = None, device=None, dtype=None) -> None:
         # nn.Linear would allocate a V x D weight: build it on "meta" and put the real one in place.
         super().__init__(in_features, out_features, bias=False, device="meta", dtype=dtype)
         ids = F.check_reserved_ids(reserved_ids, out_features)
         if weight is None:
             weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
             nn.init.kaiming_uniform_(weight, a=5 ** 0.5)
-            weight.requires_grad_(False)
         if weight.shape != (out_features, in_features):
             raise ValueError(f"weight must be ({out_features}, {in_features}), got {tuple(weight.shape)}")
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.weight = weight.requires_grad_(False)
         self.register_buffer("reserved_ids", ids.to(self.weight.device))
-        if reserved_weight is None:
-            reserved_weight = nn.Parameter(self.weight.detach().index_select(0, self.reserved_ids).clone())
-        if reserved_weight.shape != (ids.numel(), in_features):
-            raise ValueError(f"reserved_weight must be ({ids.numel()}, {in_features}), got {tuple(reserved_weight.shape)}")
-        self.reserved_weight = reserved_weight
+        reserved_dtype = default_reserved_dtype(self.weight.dtype) if reserved_dtype is None else reserved_dtype
+        self.reserved_weight = nn.Parameter(
+            self.weight.detach().index_select(0, self.reserved_ids).to(reserved_dtype, copy=True))
         self.final_logit_softcapping = final_logit_softcapping
 
     @classmethod
     def tied_to(cls, embedding: ReservedEmbedding, *, final_logit_softcapping: float | None = None) -> ReservedLMHead:
         """An output head sharing ``embedding``'s frozen table and trainable rows (Gemma ties them)."""
         if embedding.weight_scaler is not None:
-            raise NotImplementedError("a tied head over an int8 table would dequantise all V rows; use merged_weight()")
-        return cls(embedding.embedding_dim, embedding.num_embeddings, reserved_ids=embedding.reserved_ids,
-                   weight=embedding.weight, reserved_weight=embedding.reserved_weight,
-                   final_logit_softcapping=final_logit_softcapping)
+            raise NotImplementedError("a tied head over an int8 table would dequantise all V rows per call; "
+                                      "gemma_pytorch-style models go through reserved_kernels.gemma.causal_lm_loss")
+        head = cls.__new__(cls)
+        nn.Module.__init__(head)
+        head.in_features, head.out_features = embedding.embedding_dim, embedding.num_embeddings
+        head.weight = embedding.weight
+        head.register_parameter("bias", None)
+        head.final_logit_softcapping = final_logit_softcapping
+        head.__dict__["_tied"] = embedding  # not a submodule: its tensors belong to the embedding
+        return head
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, reserved_ids: Tensor | Sequence[int], *,
-                    final_logit_softcapping: float | None = None) -> ReservedLMHead:
-        """Wrap an untied ``nn.Linear`` head, sharing its weight storage (no V×D copy)."""
+                    final_logit_softcapping: float | None = None,
+                    reserved_dtype: torch.dtype | None = None) -> ReservedLMHead:
+        """Wrap an untied ``nn.Linear`` head, adopting its weight Parameter (no V×D copy; set frozen)."""
         if linear.bias is not None:
             raise NotImplementedError("ReservedLMHead supports bias-free heads only (as Gemma's)")
-        weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
-        return cls(linear.in_features, linear.out_features, reserved_ids=reserved_ids, weight=weight,
-                   final_logit_softcapping=final_logit_softcapping)
+        return cls(linear.in_features, linear.out_features, reserved_ids=reserved_ids, weight=linear.weight,
+                   final_logit_softcapping=final_logit_softcapping, reserved_dtype=reserved_dtype)
+
+    @property
+    def tied(self) -> ReservedEmbedding | None:
+        """The embedding this head is tied to, or None."""
+        return self.__dict__.get("_tied")
+
+    def __getattr__(self, name: str):
+        tied = self.__dict__.get("_tied")
+        if tied is not None and name in ("reserved_weight", "reserved_ids"):
+            return getattr(tied, name)
+        return super().__getattr__(name)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        has_reserved = self.reserved_ids.numel() > 0
-        if has_reserved:
-            # Through .data: the K rows only change after an optimizer step, so a logits tensor
-            # saved for an earlier backward (gradient accumulation) still sees the same values.
-            self.weight.data.index_copy_(0, self.reserved_ids, self.reserved_weight.detach().to(self.weight.dtype))
-        logits = TF.linear(hidden, self.weight)
-        if has_reserved and self.reserved_weight.requires_grad and torch.is_grad_enabled():
-            # r - r.detach() is exactly zero, so the logits keep their bits; its backward carries
-            # grad_logits[..., reserved]ᵀ @ hidden to the K rows, and only to them (hidden is detached
-            # here: its gradient already comes whole from the GEMM above).
-            r = TF.linear(hidden.detach(), self.reserved_weight)
-            logits = logits.index_add_(-1, self.reserved_ids, r - r.detach())
+        rows, ids = self.reserved_weight, self.reserved_ids
+        if ids.numel():
+            logits = _ReservedLogits.apply(hidden, self.weight, rows.to(self.weight.dtype), ids)
+        else:
+            logits = TF.linear(hidden, self.weight)
         if self.final_logit_softcapping is not None:
             cap = self.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
@@ -97,9 +137,44 @@ class ReservedLMHead(nn.Linear):
     @torch.no_grad()
     def merge_(self) -> ReservedLMHead:
         """Write the reserved rows into ``weight`` in place (for export); the forward pass is unchanged."""
-        self.weight.index_copy_(0, self.reserved_ids, self.reserved_weight.to(self.weight.dtype))
+        if self.tied is not None:
+            self.tied.merge_()
+        else:
+            self.weight.index_copy_(0, self.reserved_ids, self.reserved_weight.to(self.weight.dtype))
         return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if keep_vars or type(self.weight) not in (Tensor, nn.Parameter):
+            return  # live variables asked for, or a sharded (DTensor) table: keep the table as it is
+        if self.tied is not None:
+            destination[prefix + "weight"] = self.tied._merged_for_state_dict()[0]  # the embedding's tensor
+        else:
+            destination[prefix + "weight"] = self.merged_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if self.tied is not None:
+            # The tied table loads through the embedding; a merged copy here must not overwrite its rows.
+            local = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k != prefix + "weight"}
+            super()._load_from_state_dict(local, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            if prefix + "weight" in missing_keys:
+                missing_keys.remove(prefix + "weight")
+            return
+        rows_key = prefix + "reserved_weight"
+        local = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if rows_key not in local and prefix + "weight" in local:
+            local[rows_key] = local[prefix + "weight"].index_select(
+                0, self.reserved_ids.to(local[prefix + "weight"].device)).to(self.reserved_weight.dtype)
+            local[prefix + "reserved_ids"] = self.reserved_ids
+        keep = self.weight.detach().index_select(0, self.reserved_ids).clone()
+        super()._load_from_state_dict(local, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        with torch.no_grad():
+            self.weight.index_copy_(0, self.reserved_ids, keep)
 
     def extra_repr(self) -> str:
         cap = f", softcap={self.final_logit_softcapping}" if self.final_logit_softcapping is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, reserved={self.reserved_ids.numel()}{cap}"
+        tied = ", tied" if self.tied is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"reserved={self.reserved_ids.numel()}{tied}{cap}")

@@ -1,19 +1,31 @@
-"""The three ``torch.library`` custom ops: schema, argument checks, backend dispatch, fake and autograd.
+"""The three public ops, defined once: schema, fake implementation, and the kernel behind each dispatch key.
 
-* ``reserved_kernels::gather`` — ``out[n] = cast(scale * row(ids[n]))`` (differentiable in
-  ``reserved_weight`` and, for a floating table, ``weight``).
-* ``reserved_kernels::scatter_grad`` — ``grad_reserved[k] = scale * Σ grad_out[n]`` over tokens
-  whose id has slot ``k``; fp32 (K, D).
-* ``reserved_kernels::segment_mean`` — ``out[k] = mean(row(src_ids[offsets[k]:offsets[k+1]]))``; fp32 (K, D).
+* ``reserved_kernels::gather(ids, weight, reserved_weight, slot_map, weight_scaler, scale)`` —
+  ``out[n] = cast(scale * row(ids[n]))`` in the table dtype; differentiable in ``reserved_weight``.
+* ``reserved_kernels::scatter_grad(grad_out, ids, slot_map, num_slots, scale, out_dtype)`` —
+  ``grad[k] = scale * Σ grad_out[n]`` over the tokens whose id has slot ``k``; a (K, D) tensor of
+  ``out_dtype``, bitwise repeatable run to run whatever the id distribution.
+* ``reserved_kernels::segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)`` —
+  ``out[k] = mean(row(src_ids[offsets[k]:offsets[k+1]]))``, (K, D) in float32 (float64 for a float64 table).
 
-``row(i)`` is ``reserved_weight[slot_map[i]]`` when ``slot_map[i] >= 0``, else ``weight[i]``
-(times ``weight_scaler[i]`` for an int8 table). Arguments are checked here, once, for every backend.
+``row(i)`` is ``reserved_weight[slot_map[i]]`` rounded to the table dtype when ``slot_map[i] >= 0``,
+else ``weight[i]`` (times ``weight_scaler[i]`` for an int8 table, gemma_pytorch's layout). The table
+dtype is ``weight``'s, or ``weight_scaler``'s for an int8 table; ``reserved_weight`` has the table dtype
+or float32 (fp32 master rows of a 16-bit table).
+
+Who serves each dispatch key is decided here, once, at import: the compiled extension registers CPU,
+CUDA and Autograd kernels in C++ (``csrc/``) where it is built; every key it leaves open gets a Python
+implementation below (the reference on CPU, Triton — else the reference — on CUDA, the autograd
+formula). Ids are validated without a host-device synchronisation: on CPU an out-of-range id raises
+IndexError naming the value and the range; on CUDA a device-side assertion fires. The backward never
+re-validates. ``set_strict_id_checks(True)`` (or ``RESERVED_KERNELS_STRICT_IDS=1``) adds a synchronous
+check that raises IndexError on CUDA too, for debugging.
 """
 
 from __future__ import annotations
 
 import os
-from types import ModuleType
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -21,78 +33,82 @@ from torch import Tensor
 from reserved_kernels import _backend
 from reserved_kernels import reference as _reference
 
-CHECK_ENV_VAR = "RESERVED_KERNELS_CHECK_IDS"
+NAMESPACE = "reserved_kernels"
+SCHEMAS = {
+    "gather": "(Tensor ids, Tensor weight, Tensor reserved_weight, Tensor slot_map, Tensor? weight_scaler, "
+              "float scale) -> Tensor",
+    "scatter_grad": "(Tensor grad_out, Tensor ids, Tensor slot_map, int num_slots, float scale, "
+                    "ScalarType out_dtype) -> Tensor",
+    "segment_mean": "(Tensor weight, Tensor reserved_weight, Tensor slot_map, Tensor? weight_scaler, "
+                    "Tensor offsets, Tensor src_ids) -> Tensor",
+}
+DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+STRICT_ENV_VAR = "RESERVED_KERNELS_STRICT_IDS"
+FROZEN_TABLE_MESSAGE = (
+    "the frozen table (weight) requires grad, but only the K reserved rows of a ReservedEmbedding train: set "
+    "weight.requires_grad_(False). (PEFT's modules_to_save=['embed_tokens'] makes a V x D trainable copy of the "
+    "table: leave the embedding out of modules_to_save.)")
+
 _INDEX_DTYPES = (torch.int32, torch.int64)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+_DEF = torch.library.Library(NAMESPACE, "DEF")
+for _name, _schema in SCHEMAS.items():
+    _DEF.define(_name + _schema)
+
+gather = torch.ops.reserved_kernels.gather.default
+scatter_grad = torch.ops.reserved_kernels.scatter_grad.default
+segment_mean = torch.ops.reserved_kernels.segment_mean.default
 
 
-def _implementation(op: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
-    backend = _backend.select(op, device, dtype)
-    if backend == "triton":
-        from reserved_kernels import triton as triton_backend
+# ------------------------------------------------------------------------------------------------ checks
+# The same checks, with the same messages, as csrc/common.h: shapes and dtypes only, never device memory.
 
-        return triton_backend
-    if backend == "cuda":
-        from reserved_kernels.ops import _cuda
-
-        return _cuda
-    return _reference
+def table_dtype(weight: Tensor, weight_scaler: Tensor | None) -> torch.dtype:
+    """The dtype of the rows the forward pass produces: the table's, or the per-row scales' for an int8 table."""
+    return weight_scaler.dtype if weight_scaler is not None else weight.dtype
 
 
-def _check_values_now(t: Tensor) -> bool:
-    """Value checks (id ranges) read device memory, which synchronises a CUDA stream.
-
-    They are skipped while a CUDA graph is being captured (a sync is illegal there) and when
-    ``RESERVED_KERNELS_CHECK_IDS=0``. The kernels never read out of bounds either way: an id
-    outside [0, V) yields a zero row and no gradient.
-    """
-    if os.environ.get(CHECK_ENV_VAR, "1") == "0":
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+def sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of sums over rows of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_index_dtype(ids: Tensor, name: str = "ids") -> None:
+def _check_same_device(**tensors: Tensor | None) -> None:
+    present = {k: t for k, t in tensors.items() if t is not None}
+    if len({t.device for t in present.values()}) > 1:
+        listing = ", ".join(f"{k} on {t.device}" for k, t in present.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def _check_index_dtype(ids: Tensor, name: str) -> None:
     if not isinstance(ids, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in _INDEX_DTYPES:
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {ids.dtype}")
 
 
-def check_ids(ids: Tensor, num_embeddings: int, name: str = "ids") -> None:
-    """Raise a clear error unless ``ids`` is an int32/int64 tensor with values in [0, num_embeddings)."""
-    _check_index_dtype(ids, name)
-    if ids.numel() and _check_values_now(ids):
-        lo, hi = (int(v) for v in torch.aminmax(ids))
-        if lo < 0 or hi >= num_embeddings:
-            raise IndexError(f"{name} must lie in [0, {num_embeddings}), got values from {lo} to {hi}")
-
-
-def _check_same_device(**tensors: Tensor | None) -> None:
-    present = {k: t for k, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{k} on {t.device}" for k, t in present.items())
-        raise ValueError(f"all tensors must be on one device, got {listing}")
-
-
-def _check_table(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, weight_scaler: Tensor | None) -> None:
+def check_table(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, weight_scaler: Tensor | None) -> None:
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (V, D), got shape {tuple(weight.shape)}")
     if reserved_weight.dim() != 2 or reserved_weight.shape[1] != weight.shape[1]:
         raise ValueError(f"reserved_weight must be (K, {weight.shape[1]}), got shape {tuple(reserved_weight.shape)}")
     if reserved_weight.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"reserved_weight must be floating point, got {reserved_weight.dtype}")
-    if weight_scaler is None:
-        if weight.dtype != reserved_weight.dtype:
-            raise TypeError(f"weight ({weight.dtype}) and reserved_weight ({reserved_weight.dtype}) must share a dtype")
-    else:
+    if weight_scaler is not None:
         if weight.dtype != torch.int8:
             raise TypeError(f"weight_scaler is for an int8 table, but weight is {weight.dtype}")
         if weight_scaler.shape != (weight.shape[0],) or weight_scaler.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"weight_scaler must be a floating ({weight.shape[0]},) vector, "
                              f"got {weight_scaler.dtype} {tuple(weight_scaler.shape)}")
+    elif weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"an integer table ({weight.dtype}) needs weight_scaler (per-row scales)")
+    dtype = table_dtype(weight, weight_scaler)
+    if reserved_weight.dtype not in (dtype, torch.float32):
+        raise TypeError(f"reserved_weight must have the table's dtype ({dtype}) or float32, got {reserved_weight.dtype}")
     if slot_map.dtype != torch.int32 or slot_map.shape != (weight.shape[0],):
-        raise ValueError(f"slot_map must be an int32 ({weight.shape[0]},) vector, got {slot_map.dtype} {tuple(slot_map.shape)}")
+        raise ValueError(f"slot_map must be an int32 ({weight.shape[0]},) vector, got {slot_map.dtype} "
+                         f"{tuple(slot_map.shape)}")
     for name, t in (("weight", weight), ("reserved_weight", reserved_weight), ("slot_map", slot_map),
                     ("weight_scaler", weight_scaler)):
         if t is not None and not t.is_contiguous():
@@ -100,137 +116,227 @@ def _check_table(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, weig
     _check_same_device(weight=weight, reserved_weight=reserved_weight, slot_map=slot_map, weight_scaler=weight_scaler)
 
 
-# --------------------------------------------------------------------------------------------- gather
-
-@torch.library.custom_op("reserved_kernels::gather", mutates_args=())
-def gather(ids: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, weight_scaler: Tensor | None,
-           scale: float, padding_idx: int, deterministic: bool) -> Tensor:
-    """Fused embedding lookup over a frozen table and K trainable rows.
-
-    ``padding_idx`` (-1 for none) and ``deterministic`` only shape the backward pass.
-    """
-    _check_gather_meta(ids, weight, reserved_weight, slot_map, weight_scaler)
-    check_ids(ids, weight.shape[0])
-    impl = _implementation("gather", ids.device, reserved_weight.dtype)
-    return impl.gather(ids.contiguous(), weight, reserved_weight, slot_map, weight_scaler, scale)
-
-
-def _check_gather_meta(ids, weight, reserved_weight, slot_map, weight_scaler) -> None:
-    _check_table(weight, reserved_weight, slot_map, weight_scaler)
+def check_gather(ids, weight, reserved_weight, slot_map, weight_scaler, scale=1.0) -> None:
+    _check_index_dtype(ids, "ids")
+    check_table(weight, reserved_weight, slot_map, weight_scaler)
     _check_same_device(ids=ids, weight=weight)
-    _check_index_dtype(ids)
 
 
-@gather.register_fake
-def _gather_fake(ids, weight, reserved_weight, slot_map, weight_scaler, scale, padding_idx, deterministic):
-    _check_gather_meta(ids, weight, reserved_weight, slot_map, weight_scaler)
-    return ids.new_empty((*ids.shape, weight.shape[1]), dtype=reserved_weight.dtype)
-
-
-def _gather_setup_context(ctx, inputs, output):
-    ids, weight, reserved_weight, slot_map, weight_scaler, scale, padding_idx, deterministic = inputs
-    ctx.save_for_backward(ids, slot_map)
-    ctx.num_embeddings = weight.shape[0]
-    ctx.num_slots = reserved_weight.shape[0]
-    ctx.dtype = reserved_weight.dtype
-    ctx.scale = scale
-    ctx.padding_idx = padding_idx
-    ctx.deterministic = deterministic
-
-
-def _gather_backward(ctx, grad):
-    ids, slot_map = ctx.saved_tensors
-    grad = grad.contiguous()
-    scale = _reference.rounded_scale(ctx.scale, ctx.dtype)
-    grad_weight = grad_reserved = None
-    if ctx.needs_input_grad[2]:
-        grad_reserved = scatter_grad(grad, ids, slot_map, ctx.num_slots, scale, ctx.deterministic).to(ctx.dtype)
-    if ctx.needs_input_grad[1]:
-        # Only when a user unfroze ``weight``: nn.Embedding's dense gradient, minus the reserved rows.
-        scaled = grad if ctx.scale == 1.0 else grad * torch.tensor(ctx.scale, dtype=grad.dtype, device=grad.device)
-        grad_weight = torch.ops.aten.embedding_dense_backward(scaled, ids, ctx.num_embeddings, ctx.padding_idx, False)
-        grad_weight = grad_weight.masked_fill((slot_map >= 0).unsqueeze(-1), 0)
-    return None, grad_weight, grad_reserved, None, None, None, None, None
-
-
-gather.register_autograd(_gather_backward, setup_context=_gather_setup_context)
-
-
-# --------------------------------------------------------------------------------------- scatter_grad
-
-@torch.library.custom_op("reserved_kernels::scatter_grad", mutates_args=())
-def scatter_grad(grad_out: Tensor, ids: Tensor, slot_map: Tensor, num_slots: int, scale: float,
-                 deterministic: bool) -> Tensor:
-    """Row-masked gradient scatter into a compact fp32 (num_slots, D) tensor; never a V×D one.
-
-    ``scale`` multiplies the fp32 sums as given (the gather's backward passes the rounded scale).
-    ``deterministic=True`` is bitwise repeatable run to run.
-    """
-    _check_scatter_meta(grad_out, ids, slot_map, num_slots)
-    check_ids(ids, slot_map.shape[0])
-    impl = _implementation("scatter_grad", grad_out.device, grad_out.dtype)
-    return impl.scatter_grad(grad_out.contiguous(), ids.contiguous(), slot_map, num_slots, scale, deterministic)
-
-
-def _check_scatter_meta(grad_out, ids, slot_map, num_slots) -> None:
-    if grad_out.shape[:-1] != ids.shape:
+def check_scatter(grad_out, ids, slot_map, num_slots, scale, out_dtype) -> None:
+    _check_index_dtype(ids, "ids")
+    if grad_out.shape[:-1] != ids.shape or grad_out.dim() != ids.dim() + 1:
         raise ValueError(f"grad_out must have shape ids.shape + (D,) = {tuple(ids.shape)} + (D,), "
                          f"got {tuple(grad_out.shape)}")
     if grad_out.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"grad_out must be floating point, got {grad_out.dtype}")
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be floating point, got {out_dtype}")
     if slot_map.dtype != torch.int32 or slot_map.dim() != 1:
         raise ValueError(f"slot_map must be an int32 vector, got {slot_map.dtype} of shape {tuple(slot_map.shape)}")
     if num_slots < 0:
         raise ValueError(f"num_slots must be >= 0, got {num_slots}")
+    if ids.numel() >= 2**31:
+        raise ValueError(f"scatter_grad supports fewer than 2**31 tokens, got {ids.numel()}")
     _check_same_device(grad_out=grad_out, ids=ids, slot_map=slot_map)
 
 
-@scatter_grad.register_fake
-def _scatter_grad_fake(grad_out, ids, slot_map, num_slots, scale, deterministic):
-    _check_scatter_meta(grad_out, ids, slot_map, num_slots)
-    return grad_out.new_empty((num_slots, grad_out.shape[-1]), dtype=torch.float32)
-
-
-# --------------------------------------------------------------------------------------- segment_mean
-
-def check_offsets(offsets: Tensor, num_ids: int) -> None:
-    """CSR offset values: starting at 0, ending at ``num_ids``, every segment non-empty."""
-    if not _check_values_now(offsets):
-        return
-    values = offsets.tolist()
-    if values[0] != 0 or values[-1] != num_ids:
-        raise ValueError(f"offsets must start at 0 and end at len(src_ids)={num_ids}, got {values[0]} … {values[-1]}")
-    empty = [k for k in range(len(values) - 1) if values[k + 1] <= values[k]]
-    if empty:
-        raise ValueError(f"every destination needs at least one source id; destinations {empty[:10]} have none")
-
-
-@torch.library.custom_op("reserved_kernels::segment_mean", mutates_args=())
-def segment_mean(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, weight_scaler: Tensor | None,
-                 offsets: Tensor, src_ids: Tensor) -> Tensor:
-    """Batched mean of table rows over CSR segments, accumulated in fp32; returns fp32 (K, D).
-
-    All rows are read from the inputs as they are; nothing is written to them, so the caller
-    can write the means back in any order (a destination that is also a source sees the old row).
-    """
-    _check_mean_meta(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)
-    check_ids(src_ids, weight.shape[0], name="src_ids")
-    check_offsets(offsets, src_ids.shape[0])
-    impl = _implementation("segment_mean", weight.device, reserved_weight.dtype)
-    return impl.segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)
-
-
-def _check_mean_meta(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids) -> None:
-    _check_table(weight, reserved_weight, slot_map, weight_scaler)
-    _check_same_device(weight=weight, offsets=offsets, src_ids=src_ids)
+def check_segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids) -> None:
+    check_table(weight, reserved_weight, slot_map, weight_scaler)
     _check_index_dtype(src_ids, "src_ids")
     if src_ids.dim() != 1:
         raise ValueError(f"src_ids must be 1-D, got shape {tuple(src_ids.shape)}")
     if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.shape[0] < 1:
         raise ValueError(f"offsets must be a non-empty int64 vector, got {offsets.dtype} of shape {tuple(offsets.shape)}")
+    _check_same_device(weight=weight, offsets=offsets, src_ids=src_ids)
 
 
-@segment_mean.register_fake
+# -------------------------------------------------------------------------------------------------- fake
+
+@torch.library.register_fake("reserved_kernels::gather", lib=_DEF)
+def _gather_fake(ids, weight, reserved_weight, slot_map, weight_scaler, scale):
+    check_gather(ids, weight, reserved_weight, slot_map, weight_scaler)
+    return weight.new_empty((*ids.shape, weight.shape[1]), dtype=table_dtype(weight, weight_scaler))
+
+
+@torch.library.register_fake("reserved_kernels::scatter_grad", lib=_DEF)
+def _scatter_grad_fake(grad_out, ids, slot_map, num_slots, scale, out_dtype):
+    check_scatter(grad_out, ids, slot_map, num_slots, scale, out_dtype)
+    return grad_out.new_empty((num_slots, grad_out.shape[-1]), dtype=out_dtype)
+
+
+@torch.library.register_fake("reserved_kernels::segment_mean", lib=_DEF)
 def _segment_mean_fake(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids):
-    _check_mean_meta(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)
-    return weight.new_empty((offsets.shape[0] - 1, weight.shape[1]), dtype=torch.float32)
+    check_segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)
+    dtype = sum_dtype(table_dtype(weight, weight_scaler))
+    return weight.new_empty((offsets.shape[0] - 1, weight.shape[1]), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------- Python implementations
+
+_CHECKS = {"gather": check_gather, "scatter_grad": check_scatter, "segment_mean": check_segment_mean}
+
+
+def _checked(name: str, fn: Callable) -> Callable:
+    """``fn`` (a backend's implementation of op ``name``) after the op's argument checks."""
+    check = _CHECKS[name]
+
+    def impl(*args):
+        check(*args)
+        return fn(*args)
+
+    return impl
+
+
+def _triton(name: str) -> Callable:
+    """Triton's launcher for ``name``, imported on first call (importing Triton costs about a second)."""
+    loaded: list[Callable] = []
+
+    def call(*args):
+        if not loaded:
+            from reserved_kernels.triton import launchers
+
+            loaded.append(getattr(launchers, name))
+        return loaded[0](*args)
+
+    return call
+
+
+def _unavailable(backend: str, name: str, device_type: str, why: str) -> Callable:
+    def raise_(*args):
+        raise _backend.BackendUnavailableError(
+            f"{_backend.ENV_VAR}={backend} is forced but cannot run {name} on {device_type} tensors: {why}")
+
+    return raise_
+
+
+def _python_impl(backend: str, name: str, device_type: str) -> Callable:
+    """``backend``'s implementation of op ``name`` for ``device_type`` tensors, checks included."""
+    ok, why = _backend.availability(backend, device_type)
+    if not ok:
+        return _unavailable(backend, name, device_type, why)
+    if backend == "triton":
+        return _checked(name, _triton(name))
+    return _checked(name, getattr(_reference, name))
+
+
+# ----------------------------------------------------------------------------------------------- autograd
+
+def _gather_setup_context(ctx, inputs, output):
+    ids, weight, reserved_weight, slot_map, weight_scaler, scale = inputs
+    if weight.requires_grad:  # only called with gradients enabled and some input requiring grad
+        raise RuntimeError(FROZEN_TABLE_MESSAGE)
+    ctx.save_for_backward(ids, slot_map)
+    ctx.num_slots = reserved_weight.shape[0]
+    # d out / d row is the scale rounded to the output dtype, the factor the forward multiplied by.
+    ctx.scale = _reference.rounded_scale(scale, table_dtype(weight, weight_scaler))
+    ctx.dtype = reserved_weight.dtype
+
+
+def _gather_backward(ctx, grad):
+    ids, slot_map = ctx.saved_tensors
+    grad_reserved = None
+    if ctx.needs_input_grad[2]:
+        grad_reserved = scatter_grad(grad, ids, slot_map, ctx.num_slots, ctx.scale, ctx.dtype)
+    return None, None, grad_reserved, None, None, None
+
+
+# ------------------------------------------------------------------------------------------- registration
+
+_EXTENSION_LOADED = _backend.cuda_extension_status()[0]
+# Keys the compiled extension serves, read before any Python kernel is registered next to them.
+_EXTENSION_KEYS = {(name, key) for name in SCHEMAS for key in (*DEVICE_KEYS.values(), "Autograd")
+                   if _EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key)}
+
+
+def extension_serves(device_type: str) -> bool:
+    """Whether the compiled extension registered kernels for every op on ``device_type`` tensors."""
+    return all((name, DEVICE_KEYS[device_type]) in _EXTENSION_KEYS for name in SCHEMAS)
+
+
+def default_backend(device_type: str) -> str:
+    """The backend chosen at import for ``device_type`` tensors."""
+    if extension_serves(device_type):
+        return "compiled"
+    if device_type == "cuda" and _backend.triton_status()[0]:
+        return "triton"
+    return "torch"
+
+
+_FALLBACK = torch.library.Library(NAMESPACE, "IMPL")
+for _device_type, _key in DEVICE_KEYS.items():
+    _default = default_backend(_device_type)
+    for _name in SCHEMAS:
+        if (_name, _key) not in _EXTENSION_KEYS:
+            _FALLBACK.impl(_name, _python_impl(_default, _name, _device_type), _key)
+if ("gather", "Autograd") not in _EXTENSION_KEYS:
+    torch.library.register_autograd("reserved_kernels::gather", _gather_backward,
+                                    setup_context=_gather_setup_context, lib=_FALLBACK)
+
+_forced: dict = {"backend": None, "lib": None}
+
+
+def forced_backend() -> str | None:
+    """The backend forced now, or None."""
+    return _forced["backend"]
+
+
+def force_backend(backend: str | None) -> None:
+    """Register ``backend``'s kernels over the defaults on the CPU and CUDA keys (None: remove them)."""
+    if _forced["lib"] is not None:
+        _forced["lib"]._destroy()
+    _forced.update(backend=None, lib=None)
+    if backend is None:
+        return
+    lib = torch.library.Library(NAMESPACE, "IMPL")
+    for device_type, key in DEVICE_KEYS.items():
+        for name in SCHEMAS:
+            if backend == "compiled" and (name, key) in _EXTENSION_KEYS:
+                continue  # the extension's own kernel is already there
+            lib.impl(name, _python_impl(backend, name, device_type), key)
+    _forced.update(backend=backend, lib=lib)
+
+
+def _force_from_environment() -> None:
+    value = os.environ.get(_backend.ENV_VAR, "").strip().lower()
+    if not value:
+        return
+    if value in _backend.BACKENDS:
+        force_backend(value)
+        return
+    # An unknown name fails every call, with the reason, rather than the import.
+    lib = torch.library.Library(NAMESPACE, "IMPL")
+    for device_type, key in DEVICE_KEYS.items():
+        for name in SCHEMAS:
+            lib.impl(name, _unavailable(value, name, device_type,
+                                        f"not a backend; expected one of {_backend.BACKENDS}"), key)
+    _forced.update(backend=value, lib=lib)
+
+
+_force_from_environment()
+
+# --------------------------------------------------------------------------------------- strict id checks
+
+_strict = {"on": os.environ.get(STRICT_ENV_VAR, "0") == "1"}
+
+
+def set_strict_id_checks(enabled: bool) -> None:
+    """Opt-in debug switch: check ids synchronously (IndexError on CUDA too) before every forward."""
+    _strict["on"] = bool(enabled)
+
+
+def strict_id_checks() -> bool:
+    return _strict["on"]
+
+
+def check_ids_now(ids: Tensor, num_embeddings: int, name: str = "ids") -> None:
+    """Raise IndexError unless every value of ``ids`` lies in [0, num_embeddings). Synchronises a CUDA stream.
+
+    Skipped while a CUDA graph is being captured (a synchronisation is illegal there).
+    """
+    _check_index_dtype(ids, name)
+    if ids.numel() == 0 or (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    if lo < 0 or hi >= num_embeddings:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"{name} must lie in [0, {num_embeddings}), got {bad}")

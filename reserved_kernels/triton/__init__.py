@@ -1,5 +1,1 @@
-"""Triton backend: one fused kernel per op, plus their host launchers (same signatures as ``reference``)."""
-
-from reserved_kernels.triton.launchers import gather, scatter_grad, segment_mean
-
-__all__ = ["gather", "scatter_grad", "segment_mean"]
+"""Triton backend: the kernels (``kernels.py``) and their host launchers (``launchers.py``, the ops' signatures)."""

@@ -1,8 +1,14 @@
 """The @triton.jit kernels, nothing else. Offsets are int64 (``N * D`` may exceed 2**31).
 
-``row(i)`` below is ``reserved[slot_map[i]]`` when ``slot_map[i] >= 0``, else ``weight[i]``
-(times ``scaler[i]`` rounded to the output dtype, for an int8 table). Ids outside [0, V) read
-nothing and yield zero rows, so no id can cause an out-of-bounds access.
+``row(i)`` below is ``reserved[slot_map[i]]`` rounded to the table dtype ``T`` when ``slot_map[i] >= 0``,
+else ``weight[i]`` (times ``scaler[i]`` rounded to ``T``, for an int8 table). The kernels that take ids
+from users (gather, segment_mean) assert on the device that they lie in [0, V) (compiled with
+``debug=True`` for that); the backward never re-validates and treats any other id as no hit. No id can
+cause an out-of-bounds access either way.
+
+The deterministic backward is three kernels, the same algorithm as ``csrc/cuda.cu`` (see its header):
+``_count_kernel`` (per-tile slot counts), ``_place_kernel`` (each hit's position in (slot, token) order)
+and ``_sum_kernel`` (fixed chunks of that order; runs that cross chunks combine in chunk order).
 """
 
 import triton
@@ -10,110 +16,200 @@ import triton.language as tl
 
 
 @triton.jit
-def _table_rows(ids, valid, cols, col_mask, weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, D,
-                HAS_SCALER: tl.constexpr):
+def _table_rows(ids, valid, cols, col_mask, weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, K, D,
+                T: tl.constexpr, HAS_SCALER: tl.constexpr):
     """fp32 tile of ``row(ids)`` ([BLOCK_N, BLOCK_D]); each row is read from exactly one table."""
     slot = tl.load(slot_ptr + ids, mask=valid, other=-1).to(tl.int64)
-    is_res = valid & (slot >= 0)
+    tl.device_assert(~valid | (slot < K), "slot_map entries must be -1 or a row of reserved_weight")
+    is_res = valid & (slot >= 0) & (slot < K)
     is_base = valid & (slot < 0)
     base = tl.load(weight_ptr + ids[:, None] * D + cols[None, :], mask=is_base[:, None] & col_mask[None, :],
                    other=0).to(tl.float32)
     if HAS_SCALER:
         # gemma_pytorch rounds the dequantised row to the float dtype before anything else.
         s = tl.load(scaler_ptr + ids, mask=is_base, other=0).to(tl.float32)
-        base = (base * s[:, None]).to(reserved_ptr.dtype.element_ty).to(tl.float32)
+        base = (base * s[:, None]).to(T).to(tl.float32)
     res = tl.load(reserved_ptr + slot[:, None] * D + cols[None, :], mask=is_res[:, None] & col_mask[None, :],
-                  other=0).to(tl.float32)
+                  other=0).to(T).to(tl.float32)  # fp32 master rows are rounded to the table dtype
     return tl.where(is_res[:, None], res, base)
 
 
-@triton.jit
-def _token_tile(ids_ptr, N, V, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's BLOCK_N tokens x BLOCK_D columns: offsets, masks, the ids and which ids are in range."""
+@triton.jit(debug=True)
+def _gather_kernel(ids_ptr, weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, out_ptr, N, V, K, D, scale,
+                   T: tl.constexpr, HAS_SCALER: tl.constexpr, APPLY_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """out[n, :] = cast(scale * row(ids[n]))  — one read of each needed row, one write of each output row.
+
+    ``scale`` arrives already rounded to ``T``; the product of two values of a 16-bit (or fp32) type
+    is exact in fp32 before the one rounding, so this matches PyTorch bit for bit.
+    """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_mask = rows < N
     col_mask = cols < D
     ids = tl.load(ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     valid = row_mask & (ids >= 0) & (ids < V)
-    return rows, cols, row_mask, col_mask, ids, valid
-
-
-@triton.jit
-def _gather_kernel(ids_ptr, weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, out_ptr, N, V, D, scale,
-                   HAS_SCALER: tl.constexpr, APPLY_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    """out[n, :] = cast(scale * row(ids[n]))  — one read of each needed row, one write of each output row.
-
-    ``scale`` arrives already rounded to the output dtype; the product of two values of a 16-bit
-    (or fp32) type is exact in fp32 before the one rounding, so this matches PyTorch bit for bit.
-    """
-    rows, cols, row_mask, col_mask, ids, valid = _token_tile(ids_ptr, N, V, D, BLOCK_N, BLOCK_D)
-    val = _table_rows(ids, valid, cols, col_mask, weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, D, HAS_SCALER)
+    tl.device_assert(~row_mask | valid, "ids must lie in [0, num_embeddings)")
+    val = _table_rows(ids, valid, cols, col_mask, weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, K, D, T, HAS_SCALER)
     if APPLY_SCALE:
         val = val * scale
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], val.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], val.to(T), mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
-def _scatter_atomic_kernel(grad_ptr, ids_ptr, slot_ptr, out_ptr, N, V, D, scale, BLOCK_N: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
-    """out[slot(ids[n]), :] += scale * grad[n, :] for reserved ids, with fp32 atomics (fast, not repeatable).
-
-    Rows of non-reserved tokens are masked off, so their gradient is never read.
-    """
-    rows, cols, row_mask, col_mask, ids, valid = _token_tile(ids_ptr, N, V, D, BLOCK_N, BLOCK_D)
-    slot = tl.load(slot_ptr + ids, mask=valid, other=-1).to(tl.int64)
-    mask = (valid & (slot >= 0))[:, None] & col_mask[None, :]
-    g = tl.load(grad_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0).to(tl.float32)
-    tl.atomic_add(out_ptr + slot[:, None] * D + cols[None, :], g * scale, mask=mask, sem="relaxed")
+def _hit_slots(ids_ptr, slot_ptr, pos, end, V, K):
+    """The slot each position's token hits, or -1 (past the tile, an id outside [0, V), not reserved)."""
+    in_tile = pos < end
+    ids = tl.load(ids_ptr + pos, mask=in_tile, other=-1).to(tl.int64)
+    valid = in_tile & (ids >= 0) & (ids < V)
+    slot = tl.load(slot_ptr + ids, mask=valid, other=-1)
+    return tl.where(valid & (slot >= 0) & (slot < K), slot, -1)
 
 
 @triton.jit
-def _piece_sum_kernel(src_ptr, index_ptr, bounds_ptr, partial_ptr, reserved_ptr, slot_ptr, scaler_ptr, V, D,
-                      FROM_TABLE: tl.constexpr, HAS_SCALER: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
-    """partial[p, :] = Σ_{j in [bounds[p], bounds[p+1])} src_row(index[j])  (fp32, fixed order).
+def _count_kernel(ids_ptr, slot_ptr, counts_ptr, N, V, K, TILE_TOKENS, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """counts[tile, s] = number of this tile's tokens that hit slot s (integer atomics: order-independent)."""
+    tile = tl.program_id(0).to(tl.int64)
+    row = counts_ptr + tile * K
+    for s0 in range(0, K, BLOCK_K):
+        s = s0 + tl.arange(0, BLOCK_K)
+        tl.store(row + s, tl.zeros((BLOCK_K,), dtype=tl.int32), mask=s < K)
+    tl.debug_barrier()
+    start = tile * TILE_TOKENS
+    end = tl.minimum(start + TILE_TOKENS, N)
+    for r in range(start, end, BLOCK):
+        slot = _hit_slots(ids_ptr, slot_ptr, r + tl.arange(0, BLOCK), end, V, K)
+        tl.atomic_add(row + slot, tl.full((BLOCK,), 1, tl.int32), mask=slot >= 0, sem="relaxed")
 
-    ``src_row`` is ``row(i)`` of the table when FROM_TABLE, else ``src[i]`` (gradient rows).
+
+@triton.jit
+def _place_kernel(ids_ptr, slot_ptr, counts_ptr, bases_ptr, offsets_ptr, arrivals_ptr, NUM_ARRIVALS,
+                  sorted_token_ptr, sorted_slot_ptr, N, V, K, TILE_TOKENS, NUM_TILES, BLOCK_K: tl.constexpr,
+                  ROUND: tl.constexpr):
+    """Each hit's (token, slot) at its position in (slot, token) order; offsets[s] = first position of slot s.
+
+    Also zeroes the sum kernel's arrival counters (a stripe per tile).
     """
-    p = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tile = tl.program_id(0).to(tl.int64)
+    base_row = bases_ptr + tile * K
+    # Where this tile's hits of slot s begin: all hits of lower slots plus slot s's hits in earlier tiles.
+    carry = 0
+    for s0 in range(0, K, BLOCK_K):
+        s = s0 + tl.arange(0, BLOCK_K)
+        in_k = s < K
+        total = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        before = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        for t in range(0, NUM_TILES):
+            c = tl.load(counts_ptr + t * K + s, mask=in_k, other=0)
+            total += c
+            before += tl.where(t < tile, c, 0)
+        lower = tl.cumsum(total, 0) - total
+        tl.store(base_row + s, carry + lower + before, mask=in_k)
+        if tile == 0:
+            tl.store(offsets_ptr + s, carry + lower, mask=in_k)
+        carry += tl.sum(total, 0)
+    if tile == 0:
+        tl.store(offsets_ptr + K, carry)
+    for j0 in range(tile * BLOCK_K, NUM_ARRIVALS, NUM_TILES * BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K)
+        tl.store(arrivals_ptr + j, tl.zeros((BLOCK_K,), dtype=tl.int32), mask=j < NUM_ARRIVALS)
+    tl.debug_barrier()
+    # Round by round in token order: a hit's rank is the number of earlier hits of its slot in the round.
+    start = tile * TILE_TOKENS
+    end = tl.minimum(start + TILE_TOKENS, N)
+    lane = tl.arange(0, ROUND)
+    for r in range(start, end, ROUND):
+        pos = r + lane
+        slot = _hit_slots(ids_ptr, slot_ptr, pos, end, V, K)
+        if tl.max(slot, 0) >= 0:  # most rounds hit nothing
+            hit = slot >= 0
+            same = (slot[:, None] == slot[None, :]) & hit[:, None]
+            rank = tl.sum((same & (lane[None, :] < lane[:, None])).to(tl.int32), 1)
+            count = tl.sum(same.to(tl.int32), 1)
+            first = tl.load(base_row + slot, mask=hit, other=0)
+            where = first + rank
+            tl.store(sorted_token_ptr + where, pos.to(tl.int32), mask=hit)
+            tl.store(sorted_slot_ptr + where, slot, mask=hit)
+            tl.debug_barrier()  # every lane has read base[slot] before the round's last hit moves it on
+            tl.store(base_row + slot, first + count, mask=hit & (rank == count - 1))
+            tl.debug_barrier()
+
+
+@triton.jit
+def _sum_kernel(grad_ptr, sorted_token_ptr, sorted_slot_ptr, offsets_ptr, arrivals_ptr, pieces_ptr, out_ptr, K, D,
+                CHUNK, NUM_CHUNKS, scale, ZERO_SLOTS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[s, cols] = cast(scale * Σ grad[token, cols]) over slot s's hits, in (slot, token) order.
+
+    A run of one slot inside this chunk is summed and written straight to the output dtype; a run that
+    crosses chunks leaves an fp32 partial, and the chunk that arrives last adds them in chunk order.
+    Programs past the chunks write the zero rows of slots no token hit.
+    """
+    c = tl.program_id(0).to(tl.int64)
+    col_block = tl.program_id(1).to(tl.int64)
+    cols = col_block * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
-    start = tl.load(bounds_ptr + p)
-    end = tl.load(bounds_ptr + p + 1)
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for j in range(start, end, BLOCK_N):
-        pos = j + tl.arange(0, BLOCK_N)
-        pos_mask = pos < end
-        idx = tl.load(index_ptr + pos, mask=pos_mask, other=0).to(tl.int64)
-        if FROM_TABLE:
-            valid = pos_mask & (idx >= 0) & (idx < V)
-            tile = _table_rows(idx, valid, cols, col_mask, src_ptr, reserved_ptr, slot_ptr, scaler_ptr, D,
-                               HAS_SCALER)
-        else:
-            tile = tl.load(src_ptr + idx[:, None] * D + cols[None, :], mask=pos_mask[:, None] & col_mask[None, :],
-                           other=0).to(tl.float32)
-        acc += tl.sum(tile, axis=0)
-    tl.store(partial_ptr + p * D + cols, acc, mask=col_mask)
+    if c >= NUM_CHUNKS:
+        zs = (c - NUM_CHUNKS) * ZERO_SLOTS + tl.arange(0, ZERO_SLOTS)
+        in_k = zs < K
+        empty = in_k & (tl.load(offsets_ptr + zs, mask=in_k, other=0) == tl.load(offsets_ptr + zs + 1, mask=in_k, other=0))
+        tl.store(out_ptr + zs[:, None] * D + cols[None, :], tl.zeros((ZERO_SLOTS, BLOCK_D), dtype=tl.float32).to(
+            out_ptr.dtype.element_ty), mask=empty[:, None] & col_mask[None, :])
+    else:
+        hits = tl.load(offsets_ptr + K).to(tl.int64)
+        lo = c * CHUNK
+        hi = tl.minimum(lo + CHUNK, hits)
+        p = lo
+        while p < hi:
+            s = tl.load(sorted_slot_ptr + p).to(tl.int64)
+            run_lo = tl.load(offsets_ptr + s).to(tl.int64)
+            run_hi = tl.load(offsets_ptr + s + 1).to(tl.int64)
+            e = tl.minimum(run_hi, hi)
+            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for q in range(p, e, BLOCK_Q):
+                qs = q + tl.arange(0, BLOCK_Q)
+                in_run = qs < e
+                tokens = tl.load(sorted_token_ptr + qs, mask=in_run, other=0).to(tl.int64)
+                g = tl.load(grad_ptr + tokens[:, None] * D + cols[None, :], mask=in_run[:, None] & col_mask[None, :],
+                            other=0)
+                acc += tl.sum(g.to(tl.float32), 0)
+            if (run_lo >= lo) & (run_hi <= hi):
+                tl.store(out_ptr + s * D + cols, (acc * scale).to(out_ptr.dtype.element_ty), mask=col_mask)
+            else:
+                # In this chunk the run is the first (it began earlier: piece 0) or the last (it goes on: 1).
+                which = tl.where(run_lo < lo, 0, 1)
+                tl.store(pieces_ptr + (c * 2 + which) * D + cols, acc, mask=col_mask)
+                tl.debug_barrier()
+                c0 = run_lo // CHUNK
+                c1 = (run_hi - 1) // CHUNK
+                arrived = tl.atomic_add(arrivals_ptr + s * tl.num_programs(1) + col_block, 1, sem="acq_rel",
+                                        scope="gpu")
+                if arrived == c1 - c0:  # the last piece: add all of them in chunk order
+                    total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+                    for cc in range(c0, c1 + 1):
+                        piece = pieces_ptr + (cc * 2 + tl.where(cc == c0, 1, 0)) * D + cols
+                        total += tl.load(piece, mask=col_mask, other=0, cache_modifier=".cg")
+                    tl.store(out_ptr + s * D + cols, (total * scale).to(out_ptr.dtype.element_ty), mask=col_mask)
+            p = e
 
 
-@triton.jit
-def _segment_reduce_kernel(partial_ptr, piece_offsets_ptr, offsets_ptr, out_ptr, D, scale, MEAN: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
-    """out[k, :] = Σ partial[piece_offsets[k]:piece_offsets[k+1]] in piece order, then ``/ count`` (MEAN) or ``* scale``."""
+@triton.jit(debug=True)
+def _segment_mean_kernel(weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, offsets_ptr, src_ptr, out_ptr, NUM_IDS, V, K,
+                         D, T: tl.constexpr, HAS_SCALER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[k, :] = mean of row(src[j]) for j in [offsets[k], offsets[k+1]), summed in fp32 in a fixed order."""
     k = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < D
-    first = tl.load(piece_offsets_ptr + k)
-    last = tl.load(piece_offsets_ptr + k + 1)
+    lo = tl.load(offsets_ptr + k)
+    hi = tl.load(offsets_ptr + k + 1)
+    tl.device_assert((lo >= 0) & (lo < hi) & (hi <= NUM_IDS), "every destination needs at least one source id")
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for p in range(first, last):
-        acc += tl.load(partial_ptr + p * D + cols, mask=col_mask, other=0)
-    if MEAN:
-        count = (tl.load(offsets_ptr + k + 1) - tl.load(offsets_ptr + k)).to(tl.float32)
-        acc = acc / count
-    else:
-        acc = acc * scale
-    tl.store(out_ptr + k * D + cols, acc, mask=col_mask)
+    for j in range(lo, hi, BLOCK_N):
+        pos = j + tl.arange(0, BLOCK_N)
+        in_segment = pos < hi
+        idx = tl.load(src_ptr + pos, mask=in_segment, other=0).to(tl.int64)
+        valid = in_segment & (idx >= 0) & (idx < V)
+        tl.device_assert(~in_segment | valid, "src_ids must lie in [0, num_embeddings)")
+        tile = _table_rows(idx, valid, cols, col_mask, weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, K, D, T,
+                           HAS_SCALER)
+        acc += tl.sum(tile, 0)
+    tl.store(out_ptr + k * D + cols, acc / (hi - lo).to(tl.float32), mask=col_mask)

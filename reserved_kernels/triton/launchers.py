@@ -1,4 +1,8 @@
-"""Host launchers for the Triton kernels; same signatures and results as ``reserved_kernels.reference``."""
+"""Host launchers of the Triton kernels: the ops' signatures, grids sized from shapes alone (no host sync).
+
+float64 tables go to the reference (the kernels accumulate in fp32). Arguments arrive checked
+(``reserved_kernels.ops``); these functions only allocate outputs and launch.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,24 @@ import contextlib
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
-from reserved_kernels._segments import SegmentedBackend
+from reserved_kernels import reference
 from reserved_kernels.triton.kernels import (
+    _count_kernel,
     _gather_kernel,
-    _piece_sum_kernel,
-    _scatter_atomic_kernel,
-    _segment_reduce_kernel,
+    _place_kernel,
+    _segment_mean_kernel,
+    _sum_kernel,
 )
 
-_PIECE_BLOCK_N = 16
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# The backward's grids, as in csrc/cuda.cu: tiles of whole rounds for the plan, chunks of the sorted order.
+_MAX_TILES, _MIN_TILE_TOKENS, _ROUND = 32, 2048, 64
+_MIN_CHUNK, _MAX_CHUNKS, _ZERO_SLOTS = 128, 1024, 8
+_PLAN_BLOCK = 256
+_DEBUG_OFF = dict(sanitize_overflow=False)  # device asserts only, no integer-overflow instrumentation
 
 
 def _config(dim: int) -> tuple[int, int, int]:
@@ -32,61 +43,83 @@ def _device_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _nonempty(reserved_weight: Tensor) -> Tensor:
-    """Kernels index ``reserved_weight`` only under a mask, but still need a real pointer of its dtype."""
-    return reserved_weight if reserved_weight.shape[0] else reserved_weight.new_zeros(1, reserved_weight.shape[1])
+def _table_type(weight: Tensor, weight_scaler: Tensor | None) -> torch.dtype:
+    return weight_scaler.dtype if weight_scaler is not None else weight.dtype
 
 
-class TritonBackend(SegmentedBackend):
-    def gather(self, ids, weight, reserved_weight, slot_map, weight_scaler, scale):
-        num_tokens, (vocab, dim) = ids.numel(), weight.shape
-        out = torch.empty((num_tokens, dim), dtype=reserved_weight.dtype, device=weight.device)
-        if num_tokens and dim:
-            block_n, block_d, num_warps = _config(dim)
-            grid = (triton.cdiv(num_tokens, block_n), triton.cdiv(dim, block_d))
-            scale = float(torch.tensor(scale, dtype=reserved_weight.dtype))
-            with _device_guard(weight):
-                _gather_kernel[grid](ids, weight, _nonempty(reserved_weight), slot_map,
-                                     weight_scaler if weight_scaler is not None else slot_map, out,
-                                     num_tokens, vocab, dim, scale, HAS_SCALER=weight_scaler is not None,
-                                     APPLY_SCALE=scale != 1.0, BLOCK_N=block_n, BLOCK_D=block_d,
-                                     num_warps=num_warps)
-        return out.view(*ids.shape, dim)
-
-    def scatter_atomic(self, grad, ids, slot_map, num_slots, scale):
-        (num_tokens, dim) = grad.shape
-        out = torch.zeros((num_slots, dim), dtype=torch.float32, device=grad.device)
+def gather(ids, weight, reserved_weight, slot_map, weight_scaler, scale):
+    dtype = _table_type(weight, weight_scaler)
+    if dtype not in _TRITON_DTYPES:
+        return reference.gather(ids, weight, reserved_weight, slot_map, weight_scaler, scale)
+    ids = ids.contiguous()
+    num_tokens, (vocab, dim) = ids.numel(), weight.shape
+    out = torch.empty((num_tokens, dim), dtype=dtype, device=weight.device)
+    if num_tokens and dim:
         block_n, block_d, num_warps = _config(dim)
         grid = (triton.cdiv(num_tokens, block_n), triton.cdiv(dim, block_d))
-        with _device_guard(grad):
-            _scatter_atomic_kernel[grid](grad, ids, slot_map, out, num_tokens, slot_map.shape[0], dim, scale,
-                                         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+        scale = reference.rounded_scale(scale, dtype)
+        reserved = reserved_weight if reserved_weight.shape[0] else slot_map  # never read when K = 0
+        with _device_guard(weight):
+            _gather_kernel[grid](ids, weight, reserved, slot_map,
+                                 weight_scaler if weight_scaler is not None else slot_map, out, num_tokens, vocab,
+                                 reserved_weight.shape[0], dim, scale, T=_TRITON_DTYPES[dtype],
+                                 HAS_SCALER=weight_scaler is not None, APPLY_SCALE=scale != 1.0, BLOCK_N=block_n,
+                                 BLOCK_D=block_d, num_warps=num_warps, **_DEBUG_OFF)
+    return out.view(*ids.shape, dim)
+
+
+def scatter_grad(grad_out, ids, slot_map, num_slots, scale, out_dtype):
+    if grad_out.dtype not in _TRITON_DTYPES or out_dtype not in _TRITON_DTYPES:
+        return reference.scatter_grad(grad_out, ids, slot_map, num_slots, scale, out_dtype)
+    dim, num_tokens = grad_out.shape[-1], ids.numel()
+    out = torch.empty((num_slots, dim), dtype=out_dtype, device=grad_out.device)
+    if num_slots == 0 or dim == 0:
         return out
+    if num_tokens == 0:
+        return out.zero_()
+    grad = grad_out.contiguous().view(num_tokens, dim)
+    ids = ids.contiguous().view(-1)
+    num_tiles = min(_MAX_TILES, triton.cdiv(num_tokens, _MIN_TILE_TOKENS))
+    tile_tokens = triton.cdiv(triton.cdiv(num_tokens, num_tiles), _ROUND) * _ROUND
+    num_tiles = triton.cdiv(num_tokens, tile_tokens)
+    chunk = max(_MIN_CHUNK, triton.cdiv(num_tokens, _MAX_CHUNKS))
+    num_chunks = triton.cdiv(num_tokens, chunk)
+    _, block_d, num_warps = _config(dim)
+    col_blocks = triton.cdiv(dim, block_d)
+    num_arrivals = num_slots * col_blocks
+    # One int32 workspace: counts and bases (tiles x K), offsets (K + 1), arrival counters, the sorted order.
+    work = torch.empty(2 * num_tiles * num_slots + num_slots + 1 + num_arrivals + 2 * num_tokens, dtype=torch.int32,
+                       device=grad.device)
+    counts, bases, offsets, arrivals, sorted_token, sorted_slot = work.split(
+        [num_tiles * num_slots, num_tiles * num_slots, num_slots + 1, num_arrivals, num_tokens, num_tokens])
+    pieces = torch.empty((num_chunks * 2, dim), dtype=torch.float32, device=grad.device)
+    vocab = slot_map.shape[0]
+    with _device_guard(grad):
+        _count_kernel[(num_tiles,)](ids, slot_map, counts, num_tokens, vocab, num_slots, tile_tokens,
+                                    BLOCK=_PLAN_BLOCK, BLOCK_K=_PLAN_BLOCK)
+        _place_kernel[(num_tiles,)](ids, slot_map, counts, bases, offsets, arrivals, num_arrivals, sorted_token,
+                                    sorted_slot, num_tokens, vocab, num_slots, tile_tokens, num_tiles,
+                                    BLOCK_K=_PLAN_BLOCK, ROUND=_ROUND)
+        grid = (num_chunks + triton.cdiv(num_slots, _ZERO_SLOTS), col_blocks)
+        _sum_kernel[grid](grad, sorted_token, sorted_slot, offsets, arrivals, pieces, out, num_slots, dim, chunk,
+                          num_chunks, scale, ZERO_SLOTS=_ZERO_SLOTS, BLOCK_Q=16, BLOCK_D=block_d, num_warps=num_warps)
+    return out
 
-    def piece_sum(self, src, index, bounds, table):
-        num_pieces, dim = bounds.shape[0] - 1, src.shape[1]
-        partial = torch.empty((num_pieces, dim), dtype=torch.float32, device=src.device)
-        _, block_d, num_warps = _config(dim)
-        reserved_weight, slot_map, weight_scaler = table if table is not None else (None, None, None)
-        with _device_guard(src):
-            _piece_sum_kernel[(num_pieces, triton.cdiv(dim, block_d))](
-                src, index, bounds, partial, _nonempty(reserved_weight) if table is not None else src,
-                slot_map if table is not None else index, weight_scaler if weight_scaler is not None else index,
-                src.shape[0], dim, FROM_TABLE=table is not None, HAS_SCALER=weight_scaler is not None,
-                BLOCK_N=_PIECE_BLOCK_N, BLOCK_D=block_d, num_warps=num_warps)
-        return partial
 
-    def segment_reduce(self, partial, piece_offsets, offsets, scale, mean):
-        num_segments, dim = offsets.shape[0] - 1, partial.shape[1]
-        out = torch.empty((num_segments, dim), dtype=torch.float32, device=partial.device)
-        _, block_d, num_warps = _config(dim)
-        with _device_guard(partial):
-            _segment_reduce_kernel[(num_segments, triton.cdiv(dim, block_d))](
-                partial, piece_offsets, offsets, out, dim, scale, MEAN=mean, BLOCK_D=block_d, num_warps=num_warps)
+def segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids):
+    dtype = _table_type(weight, weight_scaler)
+    if dtype not in _TRITON_DTYPES:
+        return reference.segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)
+    num_segments, dim = offsets.shape[0] - 1, weight.shape[1]
+    out = torch.empty((num_segments, dim), dtype=torch.float32, device=weight.device)
+    if num_segments == 0 or dim == 0:
         return out
-
-
-_backend = TritonBackend()
-gather = _backend.gather
-scatter_grad = _backend.scatter_grad
-segment_mean = _backend.segment_mean
+    _, block_d, num_warps = _config(dim)
+    reserved = reserved_weight if reserved_weight.shape[0] else slot_map
+    with _device_guard(weight):
+        _segment_mean_kernel[(num_segments, triton.cdiv(dim, block_d))](
+            weight, reserved, slot_map, weight_scaler if weight_scaler is not None else slot_map, offsets,
+            src_ids.contiguous(), out, src_ids.shape[0], weight.shape[0], reserved_weight.shape[0], dim,
+            T=_TRITON_DTYPES[dtype], HAS_SCALER=weight_scaler is not None, BLOCK_N=16, BLOCK_D=block_d,
+            num_warps=num_warps, **_DEBUG_OFF)
+    return out

@@ -1,0 +1,177 @@
+"""The hot path's budgets, proven on a CPU-only machine: which ops a call runs, and that nothing synchronises.
+
+* Op budget (``torch.profiler``): a forward runs one op, a backward at most three, none of them an
+  N-sized sort, searchsorted, cat or nonzero.
+* No host-device synchronisation on the CUDA code path: fake tensors stand for CUDA tensors (Triton's
+  launches are stubbed out and recorded), and any ``.item()``, ``int()``, ``.tolist()``, ``nonzero`` or
+  host-to-device copy fails the test. The compiled CUDA host code is checked from its source in
+  ``test_cuda_extension.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import reserved_kernels as rk
+from reserved_kernels import _backend
+
+aten = torch.ops.aten
+FORBIDDEN = {"sort", "searchsorted", "cat", "nonzero", "argsort", "unique", "_unique2", "masked_select"}
+
+
+def _top_level_ops(fn) -> list[str]:
+    """Names of the ops ``fn`` calls directly (not those inside another op), from the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def is_op(name: str) -> bool:
+        return name.startswith(("aten::", "reserved_kernels::"))
+
+    def nested(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if is_op(parent.name):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    return [e.name for e in prof.events() if is_op(e.name) and not nested(e)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_forward_is_one_op_and_a_backward_at_most_three(dtype):
+    emb = rk.ReservedEmbedding(1000, 64, reserved_ids=list(range(7, 106)), scale=8.0, dtype=dtype)
+    ids = torch.randint(0, 1000, (4, 512))
+    ids[:, 0] = 7
+    forward_ops = _top_level_ops(lambda: emb(ids))
+    assert forward_ops == ["reserved_kernels::gather"], forward_ops
+    out = emb(ids)
+    grad = torch.randn_like(out)
+    backward_ops = _top_level_ops(lambda: out.backward(grad))
+    kernel_ops = [op for op in backward_ops if op not in ("aten::empty", "aten::empty_strided", "aten::detach")]
+    assert "reserved_kernels::scatter_grad" in kernel_ops and len(kernel_ops) <= 3, backward_ops
+    assert not {op.split("::")[1] for op in backward_ops} & FORBIDDEN
+
+
+class _SyncDetector(TorchDispatchMode):
+    """Records every op that would make the host wait for a CUDA stream, or copy host data to the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.name()
+        if func in (aten._local_scalar_dense.default, aten.item.default) or "nonzero" in name:
+            self.syncs.append(name)
+        elif func in (aten._to_copy.default, aten.copy_.default, aten.lift_fresh.default, aten.lift_fresh_copy.default):
+            src = args[1] if func is aten.copy_.default else args[0]
+            target = args[0].device if func is aten.copy_.default else kwargs.get("device", getattr(src, "device", None))
+            if func in (aten.lift_fresh.default, aten.lift_fresh_copy.default) or (
+                    isinstance(src, torch.Tensor) and src.device.type == "cpu" and target is not None
+                    and torch.device(target).type == "cuda"):
+                self.syncs.append(name)
+        return func(*args, **kwargs)
+
+
+class _Launches:
+    """Stands for a Triton kernel: ``kernel[grid](...)`` records the launch instead of running it."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.name, grid))
+
+
+def _stub_triton(monkeypatch) -> list:
+    from reserved_kernels.triton import launchers
+
+    log: list = []
+    for name in ("_gather_kernel", "_count_kernel", "_place_kernel", "_sum_kernel", "_segment_mean_kernel"):
+        monkeypatch.setattr(launchers, name, _Launches(name, log))
+    monkeypatch.setattr(launchers, "_device_guard", lambda t: contextlib.nullcontext())
+    return log
+
+
+@contextlib.contextmanager
+def _fake_cuda():
+    """FakeTensorMode in which real CPU tensors may be moved to a (fake) CUDA device."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode
+
+
+def _cpu_module(dtype):
+    """Built for real on the CPU (building checks its arguments on the host); moved to fake CUDA later."""
+    emb = rk.ReservedEmbedding(5000, 256, reserved_ids=list(range(7, 106)), scale=16.0, dtype=dtype)
+    ids = torch.randint(0, 5000, (8, 512))
+    ids[:, 0] = 7
+    return emb, ids
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_module_and_autograd_on_cuda_tensors_never_synchronise(dtype):
+    """Module, functional and autograd layers (C++, or Python without the extension) on fake CUDA tensors."""
+    emb, ids = _cpu_module(dtype)
+    with _fake_cuda():
+        emb, ids = emb.to("cuda"), ids.to("cuda")
+        detector = _SyncDetector()
+        with detector:
+            out = emb(ids)
+            # The backward node itself (the engine would start CUDA device threads, which need a real GPU).
+            node = out.grad_fn
+            grads = node(torch.ones_like(out)) if callable(node) else node.apply(torch.ones_like(out))
+        grad = [g for g in grads if g is not None]
+        assert len(grad) == 1 and grad[0].shape == (99, 256) and grad[0].is_cuda
+        assert grad[0].dtype == emb.reserved_weight.dtype
+    assert not detector.syncs, detector.syncs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cuda_kernels_host_code_never_synchronises(backend, dtype, monkeypatch):
+    """Triton's launchers (kernels stubbed, launches counted) and the reference, called on fake CUDA tensors."""
+    if backend == "triton" and not _backend.triton_status()[0]:
+        pytest.skip(_backend.triton_status()[1])
+    from reserved_kernels import reference
+
+    impl = reference
+    if backend == "triton":
+        from reserved_kernels.triton import launchers as impl
+    launches = _stub_triton(monkeypatch) if backend == "triton" else []
+    emb, ids = _cpu_module(dtype)
+    with _fake_cuda():
+        emb, ids = emb.to("cuda"), ids.to("cuda")
+        offsets, src = torch.tensor([0, 3, 5]).to("cuda"), torch.tensor([200, 300, 400, 7, 9]).to("cuda")
+        detector = _SyncDetector()
+        with detector:
+            out = impl.gather(ids, emb.weight, emb.reserved_weight, emb._slot_map, None, 16.0)
+            forward_launches = len(launches)
+            grad = impl.scatter_grad(torch.ones_like(out), ids, emb._slot_map, 99, 16.0, emb.reserved_weight.dtype)
+            impl.segment_mean(emb.weight, emb.reserved_weight, emb._slot_map, None, offsets, src)
+        assert out.shape == (8, 512, 256) and grad.shape == (99, 256)
+    assert not detector.syncs, detector.syncs
+    if backend == "triton":
+        kernels = [name for name, _ in launches]
+        assert forward_launches == 1 and kernels[1:4] == ["_count_kernel", "_place_kernel", "_sum_kernel"], kernels
+        assert kernels[4:] == ["_segment_mean_kernel"], kernels
+
+
+def test_the_python_autograd_path_never_synchronises_either():
+    """Without the compiled extension, the Python autograd formula passes the same no-sync check."""
+    env = dict(os.environ, **{_backend.EXTENSION_ENV_VAR: "0"})
+    env.pop(_backend.ENV_VAR, None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                           "module_and_autograd"],
+                          env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 passed" in proc.stdout
