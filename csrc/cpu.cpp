@@ -15,6 +15,10 @@
 namespace reserved_kernels {
 namespace {
 
+// Above this many output elements a float table's frozen rows go through ATen's vectorised copy; below it one
+// fused pass costs less than the two extra dispatches (host time at small N is what a training step sees).
+constexpr int64_t kBulkElements = 1 << 16;
+
 template <typename T, typename W, typename R>
 struct Rows {
   const W* weight;
@@ -92,10 +96,20 @@ at::Tensor gather_cpu(const at::Tensor& ids_in, const at::Tensor& weight, const 
       using acc_t = at::opmath_type<T>;
       const acc_t s = static_cast<acc_t>(rounded_scale<T>(scale));
       T* o = out.data_ptr<T>();
+      const bool float_table = !scaler.has_value();
+      if (float_table && n * dim >= kBulkElements) {
+        // Frozen rows in bulk: ATen's vectorised, parallel copy and multiply (what F.embedding * scale runs);
+        // the product of two values of T rounds once either way, so the bits are the same.
+        at::Tensor flat = out.view({n, dim});
+        at::index_select_out(flat, weight, 0, ids.view(-1));
+        if (s != acc_t(1)) flat.mul_(static_cast<double>(s));
+      }
       with_rows<T>(weight, reserved, slot_map, scaler, [&](auto rows) {
+        const bool bulk_done = float_table && n * dim >= kBulkElements;
         const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(dim, 1));
         at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
           for (int64_t i = begin; i < end; ++i) {
+            if (bulk_done && slots[i] < 0) continue;
             const int64_t id = static_cast<int64_t>(id_ptr[i]);
             for (int64_t c = 0; c < dim; ++c) {
               // The product of two values of T is exact in acc_t: one rounding, as `embedding * tensor(scale)`.

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+DEBUG_ENV_VAR = "RESERVED_KERNELS_DEBUG"
 
 
 def info() -> str:
@@ -95,15 +98,22 @@ def main(argv: list[str] | None = None) -> None:
     p_bench.add_argument("--readme", metavar="README", nargs="?", const="README.md",
                          help="only regenerate README's Results section from the files in --out")
     args = parser.parse_args(argv)
+    try:
+        _run(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # one line, no traceback: a user's error is not a crash (DEBUG_ENV_VAR=1 shows it)
+        if os.environ.get(DEBUG_ENV_VAR) == "1":
+            raise
+        message = " ".join(str(exc).split())
+        sys.exit(f"reserved-kernels {args.command}: error: {type(exc).__name__}: {message}")
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "info":
         print(info())
     elif args.command == "plan":
-        from reserved_kernels.vocab import PlanError
-
-        try:
-            print(plan(args))
-        except (PlanError, OSError) as exc:
-            sys.exit(f"reserved-kernels plan: {exc}")
+        print(plan(args))
     elif args.command == "bench":
         if args.readme:
             from reserved_kernels.benchmarks.report import update_readme
@@ -122,7 +132,6 @@ def main(argv: list[str] | None = None) -> None:
         from reserved_kernels.gemma.demo import run
 
         run(args)
-
 
 if __name__ == "__main__":
     main()

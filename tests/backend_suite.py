@@ -37,6 +37,13 @@ def make_suite(backend: str, device: str, *, skip_reason: str | None = None):
     def test_gather(dtype, dim, num_reserved, shape):
         kc.check_gather(dev, dtype, dim, num_reserved, shape, seed=dim * 7 + num_reserved)
 
+    @pytest.mark.parametrize("dtype", kc.DTYPES, ids=str)
+    @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
+    @forced
+    def test_gather_large(dtype, id_dtype):
+        """Enough elements that the compiled CPU kernel copies frozen rows in bulk (2-D ids, repeated reserved ids)."""
+        kc.check_gather(dev, dtype, 37, 5, (40, 70), master=True, id_dtype=id_dtype, seed=3)
+
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
     @pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
     @forced
@@ -78,7 +85,8 @@ def make_suite(backend: str, device: str, *, skip_reason: str | None = None):
     def test_agrees_with_reference(dtype):
         kc.reference_agrees(dev, dtype)
 
-    return dict(test_gather=test_gather, test_gather_fp32_master_rows=test_gather_fp32_master_rows,
+    return dict(test_gather=test_gather, test_gather_large=test_gather_large,
+                test_gather_fp32_master_rows=test_gather_fp32_master_rows,
                 test_gather_int8_table=test_gather_int8_table, test_scatter=test_scatter,
                 test_scatter_skewed=test_scatter_skewed, test_segment_mean=test_segment_mean, test_empty=test_empty,
                 test_agrees_with_reference=test_agrees_with_reference)

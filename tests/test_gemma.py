@@ -123,10 +123,13 @@ def test_merge_round_trip_into_vanilla_transformers(variant):
     merge(model)
     assert type(model.get_input_embeddings()) is not rk.ReservedEmbedding
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    assert torch.equal(model(ids).logits, trained)
+    # The merged table's logits: the trained rows' columns come from the big GEMM now, not a K-column one,
+    # so they agree up to that GEMM's rounding (a sum of D = 64 products).
+    bound = 2 * 64 * torch.finfo(torch.float32).eps * trained.abs().max().item()
+    torch.testing.assert_close(model(ids).logits, trained, rtol=0, atol=bound)
     fresh = tiny_gemma(variant, seed=123)
     fresh.load_state_dict(model.state_dict())
-    assert torch.equal(fresh(ids).logits, trained)
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
     assert all(p.requires_grad for p in model.parameters())  # restored to the pre-patch flags
 
 

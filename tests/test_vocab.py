@@ -197,3 +197,66 @@ def test_shipped_tokenizer_is_what_the_training_script_makes(tmp_path):
     out = tmp_path / "tokenizer.model"
     subprocess.run([sys.executable, script, "--out", str(out)], check=True, capture_output=True)
     assert out.read_bytes() == open(default_tokenizer_path(), "rb").read()
+
+
+def test_a_script_the_tokenizer_never_saw_plans_from_its_byte_pieces(vocab):
+    """The multilingual case: a term that is only byte-fallback pieces starts from those bytes' rows, with a warning."""
+    with pytest.warns(UserWarning, match=r"'ሰላም'.*byte-fallback pieces only.*<0xE1>"):
+        plan = vocab.assign(["ሰላም"])
+    entry = plan["ሰላም"]
+    byte_ids = [i for i in vocab.encode("ሰላም") if vocab.piece(i).startswith("<0x")]
+    assert entry.source_ids == tuple(byte_ids) and byte_ids
+    assert vocab.renamed_encoder()("ሰላም") == [entry.id]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda e: e.update(id=500), r"plan entry 0 \('\[summary\]'\): field 'id' = 500 is not a reserved slot"),
+    (lambda e: e.update(piece="<unused9>"), r"plan entry 0 .*field 'piece' = '<unused9>', but id 7 is '<unused0>'"),
+    (lambda e: e.update(source_ids=[5, 99999]), r"plan entry 0 .*field 'source_ids' has ids outside \[0, 1024\)"),
+    (lambda e: e.update(source_ids="abc"), r"plan entry 0 .*field 'source_ids' has the wrong type"),
+    (lambda e: e.pop("term"), r"plan entry 0 .*field 'term' is missing"),
+    (lambda e: e.update(id="7"), r"plan entry 0 .*field 'id' has the wrong type"),
+])
+def test_a_tampered_plan_names_the_entry_and_field(vocab, tmp_path, edit, match):
+    vocab.assign({"[summary]": "a short summary", "[qa]": "question and answer"})
+    _, plan_path = vocab.save(tmp_path)
+    raw = json.loads(open(plan_path, encoding="utf-8").read())
+    edit(raw["entries"][0])
+    with open(plan_path, "w", encoding="utf-8") as f:
+        json.dump(raw, f)
+    with pytest.raises(PlanError, match=match):
+        ReservedVocab.from_file(default_tokenizer_path(), plan=plan_path)
+
+
+def test_a_plan_repeating_an_id_is_refused(vocab, tmp_path):
+    vocab.assign({"[summary]": "a short summary", "[qa]": "question and answer"})
+    _, plan_path = vocab.save(tmp_path)
+    raw = json.loads(open(plan_path, encoding="utf-8").read())
+    raw["entries"][1].update(id=7, piece="<unused0>")
+    with open(plan_path, "w", encoding="utf-8") as f:
+        json.dump(raw, f)
+    with pytest.raises(PlanError, match=r"plan entry 1 \('\[qa\]'\): field 'id' repeats entry 0"):
+        ReservedVocab.from_file(default_tokenizer_path(), plan=plan_path)
+
+
+@pytest.mark.parametrize("make_args", [
+    lambda d: ["plan", "--tokenizer", str(d / "not-a-tokenizer.model"), "--terms", str(d / "terms.txt"), "--out", str(d / "o")],
+    lambda d: ["plan", "--tokenizer", str(d / "missing.model"), "--terms", str(d / "terms.txt"), "--out", str(d / "o")],
+    lambda d: ["plan", "--plan", str(d / "bad_plan.json"), "--terms", str(d / "terms.txt"), "--out", str(d / "o")],
+    lambda d: ["demo", "--model", str(d / "no-such-model"), "--steps", "1"],
+], ids=["bad-tokenizer", "missing-tokenizer", "bad-plan", "bad-model"])
+def test_cli_errors_are_one_line_without_a_traceback(tmp_path, make_args):
+    import subprocess
+    import sys
+
+    (tmp_path / "not-a-tokenizer.model").write_bytes(b"\x00\x01 certainly not protobuf")
+    (tmp_path / "terms.txt").write_text("[summary]\ta short summary\n", encoding="utf-8")
+    (tmp_path / "bad_plan.json").write_text('{"format_version": 1, "tokenizer_sha256": "x", "entries": [{"id": 7}]}')
+    env = {k: v for k, v in os.environ.items() if k != "RESERVED_KERNELS_DEBUG"}
+    proc = subprocess.run([sys.executable, "-m", "reserved_kernels", *make_args(tmp_path)], capture_output=True,
+                          text=True, env=env)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reserved-kernels ") and ": error: " in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()  # nothing half-written

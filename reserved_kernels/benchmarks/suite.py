@@ -91,7 +91,7 @@ def lookup_workloads(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slot
             run.record("forward+backward", backend, case, run.time(fwd_bwd))
     run.record("forward", "F.embedding*scale", case, run.time(lambda: F.embedding(ids, weight) * scale_t), fwd_bytes)
     if compiled_reference is not None:
-        args = (ids, weight, emb.reserved_weight.detach(), emb._slot_map, None, scale)
+        args = (ids, weight, emb.reserved_weight.detach(), emb._slot_map, None, reference.rounded_scale(scale, dtype))
         run.record("forward", "torch.compile(reference)", case, run.time(lambda: compiled_reference(*args)), fwd_bytes)
 
     hook_emb = nn.Embedding.from_pretrained(weight, freeze=False)  # a new Parameter over the same storage
@@ -200,7 +200,7 @@ def run_matrix(device: str = "cpu", quick: bool = False, smoke: bool = False, ou
     copy_gbs = copy_bandwidth_gbs(device=dev)
     run = Runner(dev, copy_gbs, log)
     log(f"{device}: copy bandwidth {copy_gbs:.0f} GB/s; backends {_ours(dev)}")
-    compiled = torch.compile(reference.gather, dynamic=True) if not smoke else None
+    compiled = torch.compile(reference.scaled_rows, dynamic=True) if not smoke else None
     cases = list(itertools.product(m["dims"], m["dtypes"], m["slots"]))
     for i, (dim, dtype, slots) in enumerate(cases):
         log(f"[{i + 1}/{len(cases)}] lookups: D={dim} {dtype} K={slots} N={m['tokens']}")

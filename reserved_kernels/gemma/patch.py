@@ -1,41 +1,71 @@
-"""Swap a Gemma model's embedding and tied head for the reserved-row modules, and back."""
+"""Swap a Gemma model's embedding and tied head for the reserved-row modules, and back.
+
+Hugging Face ``Gemma/Gemma2/Gemma3ForCausalLM`` (and a PEFT model around one) and gemma_pytorch-layout
+models (``embedder``, or ``text_token_embedder`` in Gemma 3's multimodal model; float or int8).
+"""
 
 from __future__ import annotations
 
 import io
 import os
+import sys
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from reserved_kernels._io import atomic_write_many
+from reserved_kernels.gemma.gemma_pytorch import embedder_name
 from reserved_kernels.modules.embedding import ReservedEmbedding
 from reserved_kernels.modules.lm_head import ReservedLMHead
 from reserved_kernels.vocab.planning import ReservedPlan, ReservedVocab
 
 ARTIFACT_FORMAT_VERSION = 1
 INIT_CHOICES = (None, "description", "mean", "copy")
+PEFT_ORDER_MESSAGE = (
+    "the reserved rows of this patched model were frozen, and the model has PEFT adapter layers: "
+    "get_peft_model() freezes every parameter that is not the adapter's. Apply LoRA first, then patch: "
+    "peft_model = get_peft_model(model, config); patch_model(peft_model, plan). To train only the adapter "
+    "and keep the rows as they are, call reserved_kernels.gemma.freeze_rows(model).")
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The model a PEFT wrapper holds (PeftModel -> LoraModel -> the transformers model), else ``model``."""
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        return model.get_base_model()
+    return model
 
 
 def _input_embedding(model: nn.Module) -> nn.Module:
-    if hasattr(model, "get_input_embeddings"):  # Hugging Face
-        return model.get_input_embeddings()
-    if isinstance(getattr(getattr(model, "embedder", None), "weight", None), Tensor):  # gemma_pytorch
-        return model.embedder
+    base = _base_model(model)
+    if hasattr(base, "get_input_embeddings"):  # Hugging Face
+        return base.get_input_embeddings()
+    name = embedder_name(base)
+    if name is not None:  # gemma_pytorch: `embedder`, or `text_token_embedder` (Gemma 3 multimodal)
+        return getattr(base, name)
     raise TypeError(f"{type(model).__name__} has neither get_input_embeddings() (Hugging Face) nor an "
-                    "`embedder` with a weight (gemma_pytorch)")
+                    "`embedder` / `text_token_embedder` with a weight (gemma_pytorch)")
 
 
 def _set_input_embedding(model: nn.Module, module: nn.Module) -> None:
-    if hasattr(model, "set_input_embeddings"):
-        model.set_input_embeddings(module)
+    base = _base_model(model)
+    if hasattr(base, "set_input_embeddings"):
+        base.set_input_embeddings(module)
     else:
-        model.embedder = module
+        setattr(base, embedder_name(base), module)
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
-    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = _base_model(model)
+    return base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+
+
+def _has_peft_layers(model: nn.Module) -> bool:
+    if "peft" not in sys.modules:
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
 def _reserved_ids(reserved) -> tuple[list[int], ReservedPlan | None]:
@@ -51,14 +81,14 @@ def _reserved_ids(reserved) -> tuple[list[int], ReservedPlan | None]:
 def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPlan | ReservedVocab, *,
                 init: str | None = None, noise_std: float = 0.0, generator: torch.Generator | None = None,
                 copy_from: int | None = None, exclude: Sequence[int] | None = None, train_others: bool = False,
-                ) -> nn.Module:
+                reserved_dtype: torch.dtype | None = None) -> nn.Module:
     """Make only the rows ``reserved`` of ``model``'s embedding (and tied output head) trainable.
 
-    Works on Hugging Face ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM``
-    (a scaled-embedding module in newer releases, the √D scale in the model's forward in older
-    ones: both are kept exactly) and on gemma_pytorch-style models with an ``embedder`` (int8 with
-    ``weight_scaler`` too; the fused gather dequantises only the rows it reads). Untrained, the
-    patched model's logits are bit-identical to the original's. No V×D copy is made.
+    Works on Hugging Face ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` (a
+    scaled-embedding module in newer releases, the √D scale in the model's forward in older ones: both
+    are kept exactly), on a PEFT model wrapping one, and on gemma_pytorch-layout models (int8 with
+    ``weight_scaler`` too; train those with :func:`~reserved_kernels.gemma.causal_lm_loss`). Untrained,
+    the patched model's logits are bit-identical to the original's. No V×D copy is made.
 
     Args:
         reserved: reserved ids, or a plan (``ReservedPlan`` / ``ReservedVocab``) whose ids are used.
@@ -66,11 +96,13 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             ``None`` (keep them), ``"description"`` (mean of each term's description sub-tokens; needs
             a plan), ``"mean"`` (mean of all rows except ``exclude`` and the reserved ids), ``"copy"``
             (row ``copy_from``). ``noise_std`` / ``generator`` add Gaussian noise.
-        train_others: keep other parameters' ``requires_grad`` (e.g. to combine with LoRA); by
-            default every other parameter is frozen.
+        train_others: keep other parameters' ``requires_grad``; by default every other parameter is
+            frozen. A PEFT model always keeps its adapter trainable.
+        reserved_dtype: dtype of the trainable rows (default float32 for a 16-bit table).
 
-    gemma_pytorch's sampler reads ``embedder.weight`` directly, so there only the input side is
-    patched: its output logits use the frozen rows until :func:`merge`.
+    With PEFT, apply the adapter first (``get_peft_model``), then patch the PEFT model: the adapter and
+    the rows train together. Patching first and then calling ``get_peft_model`` freezes the rows (PEFT
+    freezes every non-adapter parameter); the next training forward raises an error saying so.
     """
     if init not in INIT_CHOICES:
         raise ValueError(f"init must be one of {INIT_CHOICES}, got {init!r}")
@@ -78,31 +110,60 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
     embedding = _input_embedding(model)
     if isinstance(embedding, ReservedEmbedding):
         raise ValueError("the model is already patched; merge() it first")
-    # Newer transformers keep the √D scale in the module (an fp32 buffer rounded to the table
-    # dtype in forward); older ones and gemma_pytorch apply it in the model's forward.
+    if hasattr(embedding, "original_module"):
+        raise ValueError(f"the embedding is wrapped by PEFT's {type(embedding).__name__} (modules_to_save or "
+                         "trainable tokens), a trainable V x D copy of the table: leave the embedding out of "
+                         "modules_to_save / trainable_token_indices; patch_model trains and saves the rows itself")
+    base = _base_model(model)
+    peft = base is not model
+    # Newer transformers keep the √D scale in the module (an fp32 buffer rounded to the table dtype in
+    # forward); older ones and gemma_pytorch apply it in the model's forward.
     scale = float(embedding.embed_scale) if isinstance(getattr(embedding, "embed_scale", None), Tensor) else None
     head = _output_head(model)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    new_embedding = ReservedEmbedding.from_embedding(embedding, ids, scale=scale)
+    new_embedding = ReservedEmbedding.from_embedding(embedding, ids, scale=scale, reserved_dtype=reserved_dtype)
     new_head = None
     if isinstance(head, nn.Linear):
-        if head.weight is embedding.weight:
+        if head.weight is new_embedding.weight:
             new_head = ReservedLMHead.tied_to(new_embedding)
         else:
-            new_head = ReservedLMHead.from_linear(head, ids)
+            new_head = ReservedLMHead.from_linear(head, ids, reserved_dtype=reserved_dtype)
     _initialise(new_embedding, new_head, init, plan, noise_std, generator, copy_from, exclude)
-    # Kept outside the module tree (a plain dict), so state_dict and .parameters() do not see them.
-    new_embedding._patch_record = dict(embedding=embedding, head=head, requires_grad=requires_grad)
     _set_input_embedding(model, new_embedding)
     if new_head is not None:
-        model.set_output_embeddings(new_head)
-    if not train_others:
+        base.set_output_embeddings(new_head)
+    if not (train_others or peft):
         for p in model.parameters():
             p.requires_grad_(False)
     for module in (new_embedding, new_head):
         if module is not None:
             module.weight.requires_grad_(False)
             module.reserved_weight.requires_grad_(True)
+    guard = base.register_forward_pre_hook(_rows_frozen_by_peft_guard)
+    # Kept outside the module tree (a plain dict), so state_dict and .parameters() do not see them.
+    new_embedding.__dict__["_patch_record"] = dict(embedding=embedding, head=head, requires_grad=requires_grad,
+                                                   guard=guard, rows_frozen_on_purpose=False)
+    return model
+
+
+def _rows_frozen_by_peft_guard(module: nn.Module, args) -> None:
+    """A forward pre-hook: training with the rows frozen and PEFT layers present means get_peft_model ran last."""
+    if not (module.training and torch.is_grad_enabled()):
+        return
+    embedding = _input_embedding(module)
+    if (isinstance(embedding, ReservedEmbedding) and not embedding.reserved_weight.requires_grad
+            and not embedding.__dict__["_patch_record"]["rows_frozen_on_purpose"] and _has_peft_layers(module)):
+        raise RuntimeError(PEFT_ORDER_MESSAGE)
+
+
+def freeze_rows(model: nn.Module) -> nn.Module:
+    """Freeze a patched model's reserved rows on purpose (e.g. to train only a PEFT adapter next)."""
+    embedding = _patched_embedding(model)
+    embedding.__dict__["_patch_record"]["rows_frozen_on_purpose"] = True
+    embedding.reserved_weight.requires_grad_(False)
+    head = _output_head(model)
+    if isinstance(head, ReservedLMHead):
+        head.reserved_weight.requires_grad_(False)
     return model
 
 
@@ -122,7 +183,7 @@ def _initialise(embedding: ReservedEmbedding, head: ReservedLMHead | None, init,
             raise ValueError('init="copy" needs copy_from=<row id>')
         sources, targets = [[int(copy_from)]], None
     embedding.init_reserved_(sources, targets=targets, noise_std=noise_std, generator=generator)
-    if head is not None and head.reserved_weight is not embedding.reserved_weight:
+    if head is not None and head.tied is None:
         # An untied head starts its reserved rows from the same means (drawn without extra noise).
         with torch.no_grad():
             head.reserved_weight.copy_(embedding.reserved_weight.to(head.reserved_weight.dtype))
@@ -139,36 +200,36 @@ def _patched_embedding(model: nn.Module) -> ReservedEmbedding:
 def merge(model: nn.Module) -> nn.Module:
     """Write the trained rows into the tables and put the original (vanilla) modules back.
 
-    The result's state dict loads into an unpatched model and gives identical logits. Each
-    parameter's ``requires_grad`` is restored to what it was before :func:`patch_model`.
+    Rows are rounded to the table dtype; an int8 gemma_pytorch table re-quantises each trained row with
+    its own new scale (within half a quantisation step, see ``ReservedEmbedding.merged_table``). The
+    result's state dict loads into an unpatched model and gives the same logits. Each parameter's
+    ``requires_grad`` is restored to what it was before :func:`patch_model`.
     """
     embedding = _patched_embedding(model)
-    record = embedding._patch_record
+    record = embedding.__dict__["_patch_record"]
     head = _output_head(model)
-    embedding.merge_()  # in place, into the storage the original module shares
+    embedding.merge_()  # in place, into the Parameter the original module still holds
     original = record["embedding"]
-    original.weight = nn.Parameter(embedding.weight.detach(), requires_grad=False)
-    original.to(embedding.weight.device)
     _set_input_embedding(model, original)
     if isinstance(head, ReservedLMHead):
-        original_head = record["head"]
-        if head.weight is embedding.weight:
-            original_head.weight = original.weight  # tied again
-        else:
+        if head.tied is None:
             head.merge_()
-            original_head.weight = nn.Parameter(head.weight.detach(), requires_grad=False)
-        original_head.to(embedding.weight.device)
-        model.set_output_embeddings(original_head)
+        _base_model(model).set_output_embeddings(record["head"])
+    record["guard"].remove()
     for name, p in model.named_parameters():
         p.requires_grad_(record["requires_grad"].get(name, p.requires_grad))
     return model
 
 
 def save_reserved(model: nn.Module, path: str | os.PathLike, plan: ReservedPlan | ReservedVocab | None = None) -> None:
-    """Store only the K×D trained rows (and the plan): a file of kilobytes, like an adapter. Written atomically."""
+    """Store only the K×D trained rows (and the plan): a small file, like an adapter. Written atomically.
+
+    The rows are stored as trained (float32 master rows for a 16-bit table), so training can go on
+    from the file exactly; the logits after :func:`load_reserved` are those of the saved model.
+    """
     embedding = _patched_embedding(model)
     head = _output_head(model)
-    untied = isinstance(head, ReservedLMHead) and head.reserved_weight is not embedding.reserved_weight
+    untied = isinstance(head, ReservedLMHead) and head.tied is None
     if isinstance(plan, ReservedVocab):
         plan = plan.plan
     state = dict(format_version=ARTIFACT_FORMAT_VERSION, num_embeddings=embedding.num_embeddings,
@@ -181,30 +242,64 @@ def save_reserved(model: nn.Module, path: str | os.PathLike, plan: ReservedPlan 
     atomic_write_many({os.fspath(path): buffer.getvalue()})
 
 
-@torch.no_grad()
-def load_reserved(model: nn.Module, path: str | os.PathLike, **patch_kwargs) -> ReservedPlan | None:
-    """Re-apply rows stored by :func:`save_reserved`, patching ``model`` first if needed; returns the plan.
+def _rows_from_checkpoint(folder: str, embedding_name: str, head_name: str | None) -> dict:
+    """The rows a patched model's ``save_pretrained`` (or a Trainer checkpoint) wrote, read alone, exactly."""
+    from safetensors import safe_open
 
-    The stored vocabulary size and width must match the model's; a patched model must have the
-    same reserved ids. Nothing is changed when a check fails.
-    """
-    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    wanted = {f"{embedding_name}.reserved_ids": "reserved_ids", f"{embedding_name}.reserved_weight": "reserved_weight",
+              f"{head_name}.reserved_weight": "head_reserved_weight"}
+    state: dict = dict(head_reserved_weight=None, plan=None)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    for name in files:
+        with safe_open(os.path.join(folder, name), framework="pt") as f:
+            for key in set(f.keys()) & set(wanted):
+                state[wanted[key]] = f.get_tensor(key)
+    if "reserved_ids" not in state or "reserved_weight" not in state:
+        raise ValueError(f"{folder} holds no reserved rows under {embedding_name!r} (safetensors files: {files})")
+    return state
+
+
+def _read_rows(path: str, model: nn.Module) -> dict:
+    if os.path.isdir(path):
+        base = _base_model(model)
+        names = {id(m): n for n, m in base.named_modules()}
+        head = _output_head(model)
+        return _rows_from_checkpoint(path, names[id(_input_embedding(model))],
+                                     names.get(id(head)) if head is not None else None)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format_version") != ARTIFACT_FORMAT_VERSION:
         raise ValueError(f"{path} is not a reserved-rows file of format {ARTIFACT_FORMAT_VERSION}")
+    return state
+
+
+@torch.no_grad()
+def load_reserved(model: nn.Module, path: str | os.PathLike, **patch_kwargs) -> ReservedPlan | None:
+    """Re-apply trained rows, patching ``model`` first if needed; returns the plan (if the file has one).
+
+    ``path`` is a file written by :func:`save_reserved`, or a folder written by a patched model's
+    ``save_pretrained`` (or a ``Trainer`` checkpoint), whose rows are read exactly as trained. The
+    table width must match; a patched model must have the same reserved ids. Nothing is changed when
+    a check fails.
+    """
+    path = os.fspath(path)
+    state = _read_rows(path, model)
     embedding = _input_embedding(model)
-    shape = (embedding.weight.shape[0], embedding.weight.shape[1])
-    if (state["num_embeddings"], state["embedding_dim"]) != shape:
-        raise ValueError(f"{path} holds rows for a {state['num_embeddings']}x{state['embedding_dim']} table; "
-                         f"this model's is {shape[0]}x{shape[1]}")
-    ids = state["reserved_ids"].tolist()
+    ids, rows = state["reserved_ids"], state["reserved_weight"]
+    if "num_embeddings" in state:
+        shape = (embedding.weight.shape[0], embedding.weight.shape[1])
+        if (state["num_embeddings"], state["embedding_dim"]) != shape:
+            raise ValueError(f"{path} holds rows for a {state['num_embeddings']}x{state['embedding_dim']} table; "
+                             f"this model's is {shape[0]}x{shape[1]}")
+    elif rows.shape[1] != embedding.weight.shape[1]:
+        raise ValueError(f"{path} holds rows of width {rows.shape[1]}; this model's table has {embedding.weight.shape[1]}")
     if isinstance(embedding, ReservedEmbedding):
-        if embedding.reserved_ids.tolist() != ids:
+        if embedding.reserved_ids.tolist() != ids.tolist():
             raise ValueError(f"the model is patched for other reserved ids than {path}'s")
     else:
-        patch_model(model, ids, **patch_kwargs)
+        patch_model(model, ids.tolist(), reserved_dtype=rows.dtype, **patch_kwargs)
         embedding = _patched_embedding(model)
-    embedding.reserved_weight.copy_(state["reserved_weight"])
+    embedding.reserved_weight.copy_(rows)
     head = _output_head(model)
-    if state["head_reserved_weight"] is not None and isinstance(head, ReservedLMHead):
+    if state["head_reserved_weight"] is not None and isinstance(head, ReservedLMHead) and head.tied is None:
         head.reserved_weight.copy_(state["head_reserved_weight"])
     return ReservedPlan.from_json(state["plan"])[0] if state["plan"] is not None else None

@@ -11,6 +11,10 @@ from torch import Tensor, nn
 
 
 def _logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    from reserved_kernels.gemma.gemma_pytorch import causal_lm_logits, is_gemma_pytorch
+
+    if is_gemma_pytorch(model):  # its own forward samples one token; score every position instead
+        return causal_lm_logits(model, input_ids)
     out = model(input_ids=input_ids, attention_mask=attention_mask)
     return out.logits if hasattr(out, "logits") else out
 
@@ -20,7 +24,9 @@ def perplexity(model: nn.Module, batches: Iterable[Tensor | Mapping[str, Tensor]
     """exp(mean next-token negative log-likelihood) over every predicted, unmasked token.
 
     ``batches`` yields (B, T) ``input_ids`` tensors or dicts with ``input_ids`` and optionally
-    ``attention_mask``. The model is put in eval mode for the call and restored afterwards.
+    ``attention_mask``. Works for Hugging Face causal LMs (and PEFT models around them) and for
+    gemma_pytorch-layout models (through :func:`~reserved_kernels.gemma.causal_lm_logits`). The model is
+    put in eval mode for the call and restored afterwards.
     """
     was_training = model.training
     model.eval()

@@ -78,11 +78,18 @@ def gather(ids: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tenso
            weight_scaler: Tensor | None, scale: float) -> Tensor:
     """``out[n] = cast(scale * row(ids[n]))``, bit-identical to ``F.embedding(ids, merged) * tensor(scale, dtype)``."""
     check_id_values(ids, slot_map, reserved_weight.shape[0])
+    return scaled_rows(ids, weight, reserved_weight, slot_map, weight_scaler,
+                       rounded_scale(scale, _output_dtype(weight, weight_scaler)))
+
+
+def scaled_rows(ids: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor,
+                weight_scaler: Tensor | None, scale: float) -> Tensor:
+    """:func:`gather`'s arithmetic for a ``scale`` already rounded to the table dtype, without the id checks."""
     out = gather_rows(ids.reshape(-1), weight, reserved_weight, slot_map, weight_scaler)
     if scale != 1.0:  # multiplying by 1.0 is exact, so skipping it changes no bit
         # A Python scalar is multiplied in the op's compute type: the rounded value gives the same bits as
         # ``* torch.tensor(scale, dtype)``, without a host-to-device copy.
-        out = out * rounded_scale(scale, out.dtype)
+        out = out * scale
     return out.reshape(*ids.shape, weight.shape[1])
 
 

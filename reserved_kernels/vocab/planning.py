@@ -6,12 +6,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 from reserved_kernels._io import atomic_write_many
-from reserved_kernels.vocab.backends import RESERVED_PIECE, open_backend
+from reserved_kernels.vocab.backends import BYTE_PIECE, RESERVED_PIECE, open_backend
+from reserved_kernels.vocab.hf_files import renamed_config, transformers_files
 
 PLAN_FILENAME = "reserved_plan.json"
 PLAN_FORMAT_VERSION = 1
@@ -78,20 +80,47 @@ class ReservedPlan:
 
     @classmethod
     def from_json(cls, text: str) -> tuple[ReservedPlan, str | None]:
-        """The plan and the hash of the tokenizer it wrote; raises :class:`PlanError` on a corrupt file."""
+        """The plan and the hash of the tokenizer it wrote; :class:`PlanError` names what is wrong in a bad file."""
         try:
             raw = json.loads(text)
-            if raw.get("format_version") != PLAN_FORMAT_VERSION:
-                raise PlanError(f"unsupported plan format_version {raw.get('format_version')!r}; "
-                                f"expected {PLAN_FORMAT_VERSION}")
-            entries = tuple(PlanEntry(term=str(e["term"]), id=int(e["id"]), piece=str(e["piece"]),
-                                      description=e["description"], source_ids=tuple(int(i) for i in e["source_ids"]))
-                            for e in raw["entries"])
-            return cls(str(raw["tokenizer_sha256"]), entries), raw.get("output_sha256")
-        except PlanError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise PlanError(f"corrupt plan file: {exc!r}") from exc
+        except ValueError as exc:
+            raise PlanError(f"corrupt plan file: not JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise PlanError("corrupt plan file: the top level must be a JSON object")
+        if raw.get("format_version") != PLAN_FORMAT_VERSION:
+            raise PlanError(f"unsupported plan format_version {raw.get('format_version')!r}; "
+                            f"expected {PLAN_FORMAT_VERSION}")
+        for field in ("tokenizer_sha256", "entries"):
+            if field not in raw:
+                raise PlanError(f"corrupt plan file: field {field!r} is missing")
+        if not isinstance(raw["entries"], list):
+            raise PlanError("corrupt plan file: field 'entries' must be a list")
+        return cls(str(raw["tokenizer_sha256"]), tuple(_entry(k, e) for k, e in enumerate(raw["entries"]))), \
+            raw.get("output_sha256")
+
+
+def _entry(index: int, raw) -> PlanEntry:
+    """One plan entry read from JSON, each field's type checked; errors name the entry and the field."""
+    if not isinstance(raw, dict):
+        raise PlanError(f"plan entry {index}: must be a JSON object, got {type(raw).__name__}")
+    where = f"plan entry {index} ({raw.get('term')!r})"
+
+    def field(name, kinds, allow_none=False):
+        if name not in raw:
+            raise PlanError(f"{where}: field {name!r} is missing")
+        value = raw[name]
+        if (value is None and allow_none) or (isinstance(value, kinds) and not isinstance(value, bool)):
+            return value
+        raise PlanError(f"{where}: field {name!r} has the wrong type ({type(value).__name__})")
+
+    term, token_id, piece = field("term", str), field("id", int), field("piece", str)
+    description = field("description", str, allow_none=True)
+    sources = field("source_ids", list)
+    if not term.strip():
+        raise PlanError(f"{where}: field 'term' is empty")
+    if not sources or not all(isinstance(i, int) and not isinstance(i, bool) for i in sources):
+        raise PlanError(f"{where}: field 'source_ids' must be a non-empty list of integer ids")
+    return PlanEntry(term=term, id=token_id, piece=piece, description=description, source_ids=tuple(sources))
 
 
 class ReservedVocab:
@@ -116,6 +145,25 @@ class ReservedVocab:
         if self.plan.tokenizer_sha256 != self.sha256:
             raise PlanError("the plan was made for another tokenizer "
                             f"(sha256 {self.plan.tokenizer_sha256[:12]}…, this one {self.sha256[:12]}…)")
+        self._check_plan(self.plan)
+
+    def _check_plan(self, plan: ReservedPlan) -> None:
+        """Every entry consistent with this tokenizer (an edited plan file is caught here, by entry and field)."""
+        reserved, seen_terms, seen_ids = set(self.reserved_ids), {}, {}
+        for k, e in enumerate(plan.entries):
+            where = f"plan entry {k} ({e.term!r})"
+            if e.id not in reserved:
+                raise PlanError(f"{where}: field 'id' = {e.id} is not a reserved slot of {self.path}")
+            if e.piece != self._pieces[e.id]:
+                raise PlanError(f"{where}: field 'piece' = {e.piece!r}, but id {e.id} is {self._pieces[e.id]!r} "
+                                "in this tokenizer")
+            bad = [i for i in e.source_ids if not 0 <= i < len(self._pieces)]
+            if bad:
+                raise PlanError(f"{where}: field 'source_ids' has ids outside [0, {len(self._pieces)}): {bad[:10]}")
+            for field, key, seen in (("term", e.term, seen_terms), ("id", e.id, seen_ids)):
+                if key in seen:
+                    raise PlanError(f"{where}: field {field!r} repeats entry {seen[key]}")
+                seen[key] = k
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, plan: str | os.PathLike | ReservedPlan | None = None) -> ReservedVocab:
@@ -160,13 +208,33 @@ class ReservedVocab:
         """Initialisation sources: the original ids of ``text``, minus reserved, control, byte and unknown ids."""
         return tuple(i for i in self.encode(text) if i not in self._excluded)
 
+    def _sources(self, term: str, description: str | None) -> tuple[int, ...]:
+        """A term's initialisation sources; text the tokenizer only knows as bytes falls back to its byte pieces.
+
+        That is the multilingual case (a script the tokenizer never saw): the byte pieces' rows are the
+        only related rows there are, and a warning says so.
+        """
+        text = description if description is not None else term
+        sources = self.source_ids(text)
+        if sources:
+            return sources
+        byte_ids = tuple(i for i in self.encode(text) if BYTE_PIECE.match(self._pieces[i]))
+        if byte_ids:
+            pieces = " ".join(dict.fromkeys(self._pieces[i] for i in byte_ids))
+            what = "its description" if description is not None else "its text"
+            warnings.warn(f"{term!r}: {what} {text!r} encodes to byte-fallback pieces only; its row starts as the "
+                          f"mean of those byte pieces' rows ({pieces})", UserWarning, stacklevel=3)
+        return byte_ids
+
     def assign(self, terms: Mapping[str, str | None] | Iterable[str]) -> ReservedPlan:
         """Give each new term the next free slot; returns the updated plan (and keeps it).
 
         ``terms`` maps each term to an optional description (its initialisation text), or is a
-        list of terms. A term already planned keeps its id. All-or-nothing: on any error (too
-        few free slots, an empty term, a term the tokenizer cannot make a single token of, a term
-        with no initialisation sources) a :class:`PlanError` says why and the plan is unchanged.
+        list of terms. A term already planned keeps its id. A term whose text is byte-fallback
+        pieces only (a script the tokenizer never saw) is initialised from those byte pieces, with a
+        warning. All-or-nothing: on any error (too few free slots, an empty term, a term the tokenizer
+        cannot make a single token of, a term with no initialisation sources) a :class:`PlanError`
+        says why and the plan is unchanged.
         """
         items = list(terms.items()) if isinstance(terms, Mapping) else [(t, None) for t in terms]
         new: dict[str, str | None] = {}
@@ -193,11 +261,11 @@ class ReservedVocab:
         if problems:
             raise PlanError(f"the tokenizer cannot make these terms single tokens: {problems}")
         entries = [PlanEntry(term=t, id=slots[t], piece=self._pieces[slots[t]], description=d,
-                             source_ids=self.source_ids(d if d is not None else t)) for t, d in new.items()]
+                             source_ids=self._sources(t, d)) for t, d in new.items()]
         empty = [e.term for e in entries if not e.source_ids]
         if empty:
-            raise PlanError(f"no initialisation sources for {empty}: every id of their text is reserved, control "
-                            "or byte-fallback; give each a description")
+            raise PlanError(f"no initialisation sources for {empty}: every id of their text is reserved or "
+                            "control; give each a description")
         self.plan = dataclasses.replace(self.plan, entries=self.plan.entries + tuple(entries))
         return self.plan
 
@@ -210,15 +278,33 @@ class ReservedVocab:
         return self.backend.encoder(self.renamed_tokenizer())
 
     def save(self, out_dir: str | os.PathLike) -> tuple[str, str]:
-        """Write ``out_dir/tokenizer.model`` (or ``tokenizer.json``) and ``out_dir/reserved_plan.json`` atomically.
+        """Write the renamed tokenizer and ``out_dir/reserved_plan.json``, all files atomically; returns those two paths.
 
-        Both files are written to temporary names first and renamed only when both are complete,
-        so an interrupted save leaves any earlier files intact. Returns the two paths.
+        The renamed tokenizer is ``tokenizer.model`` (or ``tokenizer.json``, as read). For a SentencePiece
+        model, ``tokenizer.json`` and ``tokenizer_config.json`` are written too (when transformers is
+        installed), so ``AutoTokenizer.from_pretrained(out_dir)`` behaves like Gemma's tokenizer: BOS
+        added, each term one ordinary (not special) token. A ``tokenizer.json`` read from a folder with a
+        ``tokenizer_config.json`` gets that config renamed beside it. Every file is written to a
+        temporary name first and renamed only when all are complete, so an interrupted save leaves any
+        earlier files intact.
         """
         out_dir = os.fspath(out_dir)
+        renames = {e.id: e.term for e in self.plan.entries}
         data = self.renamed_tokenizer()
         tok_path = os.path.join(out_dir, self.backend.filename)
         plan_path = os.path.join(out_dir, PLAN_FILENAME)
         plan_text = self.plan.to_json(output_sha256=hashlib.sha256(data).hexdigest())
-        atomic_write_many({tok_path: data, plan_path: plan_text.encode("utf-8")})
+        files = {tok_path: data, plan_path: plan_text.encode("utf-8")}
+        old_pieces = {i: self._pieces[i] for i in renames}
+        if self.backend.kind == "sentencepiece":
+            extra = transformers_files(self._data, renames, old_pieces)
+        else:
+            config_path = os.path.join(os.path.dirname(os.path.abspath(self.path)), "tokenizer_config.json")
+            extra = {}
+            if os.path.exists(config_path):
+                with open(config_path, encoding="utf-8") as f:
+                    config = renamed_config(json.load(f), renames, old_pieces)
+                extra["tokenizer_config.json"] = json.dumps(config, ensure_ascii=False, indent=2).encode("utf-8")
+        files.update({os.path.join(out_dir, name): content for name, content in extra.items()})
+        atomic_write_many(files)
         return tok_path, plan_path

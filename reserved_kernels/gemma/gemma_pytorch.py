@@ -1,0 +1,117 @@
+"""Training and scoring gemma_pytorch-layout models (``GemmaForCausalLM`` with an ``embedder``).
+
+gemma_pytorch's own ``forward`` is inference only: it runs under ``torch.no_grad``, needs kv caches and
+masks, and its sampler multiplies by ``embedder.weight`` (dequantised whole for int8), so a patched
+model's output head would never see the trained rows. :func:`causal_lm_logits` runs the same modules —
+the embedder, the √D normaliser, ``model.model`` (decoder layers and final norm) with fresh kv caches,
+the causal and sliding-window masks its ``generate`` builds, the tied head and Gemma 2's logit
+soft-capping — differentiably, over every position, with the tied head reading the trained rows.
+
+The layout, read from the model itself: ``embedder`` (``text_token_embedder`` in Gemma 3's multimodal
+model) with ``weight`` (and ``weight_scaler`` when ``config.quant``); ``model.layers`` whose items have
+an ``attn_type`` (an enum with ``GLOBAL`` / ``LOCAL_SLIDING`` members) and ``model.norm``; rotary tables
+``freqs_cis`` (Gemma 1/2) or ``local_freqs_cis`` / ``global_freqs_cis`` (Gemma 3); ``config`` with
+``hidden_size``, ``num_key_value_heads``, ``head_dim``, ``sliding_window_size`` and
+``final_logit_softcapping``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EMBEDDER_NAMES = ("embedder", "text_token_embedder")
+# gemma_pytorch's additive mask value (its generate() fills masked positions with this).
+MASKED = -2.3819763e38
+
+
+def embedder_name(model: nn.Module) -> str | None:
+    """The attribute holding a gemma_pytorch-layout model's token table, or None for another layout."""
+    for name in EMBEDDER_NAMES:
+        if isinstance(getattr(getattr(model, name, None), "weight", None), Tensor):
+            return name
+    return None
+
+
+def is_gemma_pytorch(model: nn.Module) -> bool:
+    """A gemma_pytorch-layout causal LM: a token embedder, ``model.layers`` and a ``config``."""
+    return (embedder_name(model) is not None and hasattr(getattr(model, "model", None), "layers")
+            and hasattr(model, "config"))
+
+
+def _rotary_tables(model: nn.Module, positions: Tensor) -> dict:
+    """The ``freqs_cis`` mapping gemma_pytorch's decoder expects: attention type -> rotary rows for ``positions``."""
+    tables = {}
+    for layer in model.model.layers:
+        kind = layer.attn_type
+        if kind in tables:
+            continue
+        if hasattr(model, "local_freqs_cis"):  # Gemma 3: one table per attention type
+            source = model.local_freqs_cis if getattr(kind, "name", "") == "LOCAL_SLIDING" else model.global_freqs_cis
+        else:
+            source = model.freqs_cis
+        tables[kind] = source.index_select(0, positions)
+    return tables
+
+
+def _masks(config, length: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The causal mask and the sliding-window one, additive float32, as gemma_pytorch's ``generate`` builds them."""
+    mask = torch.triu(torch.full((1, 1, length, length), MASKED, device=device), diagonal=1)
+    window = getattr(config, "sliding_window_size", None)
+    local = None
+    if window:
+        local = mask + torch.tril(torch.full((1, 1, length, length), MASKED, device=device), diagonal=-window)
+    return mask, local
+
+
+def causal_lm_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """(B, T, V) logits of a gemma_pytorch-layout model at every position, differentiable.
+
+    A patched model (:func:`reserved_kernels.gemma.patch_model`) trains only its reserved rows here:
+    the input side through the fused gather, the tied output head through the merged-table logits
+    (dequantising an int8 table, as gemma_pytorch's sampler does, but never writing it).
+    """
+    from reserved_kernels.modules.embedding import ReservedEmbedding
+    from reserved_kernels.modules.lm_head import _ReservedLogits
+
+    if not is_gemma_pytorch(model):
+        raise TypeError(f"{type(model).__name__} is not a gemma_pytorch-layout model (an `embedder` or "
+                        "`text_token_embedder`, `model.layers` and a `config`)")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    config = model.config
+    embedder = getattr(model, embedder_name(model))
+    batch, length = input_ids.shape
+    device = input_ids.device
+    positions = torch.arange(length, device=device)
+    hidden = embedder(input_ids)
+    hidden = hidden * torch.tensor(config.hidden_size ** 0.5, dtype=hidden.dtype, device=device)
+    caches = [(hidden.new_zeros(batch, length, config.num_key_value_heads, config.head_dim),
+               hidden.new_zeros(batch, length, config.num_key_value_heads, config.head_dim))
+              for _ in model.model.layers]
+    mask, local_mask = _masks(config, length, device)
+    hidden = model.model(hidden_states=hidden, freqs_cis=_rotary_tables(model, positions),
+                         kv_write_indices=positions, kv_caches=caches, mask=mask, local_mask=local_mask)
+    table = embedder.weight
+    scaler = getattr(embedder, "weight_scaler", None)
+    if scaler is not None and not table.is_floating_point():
+        table = table.to(scaler.dtype) * scaler.detach().unsqueeze(-1)
+    if isinstance(embedder, ReservedEmbedding) and embedder.num_reserved:
+        rows = embedder.reserved_weight.to(table.dtype)
+        logits = _ReservedLogits.apply(hidden, table.detach(), rows, embedder.reserved_ids)
+    else:
+        logits = F.linear(hidden, table.detach())
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Mean next-token cross-entropy of a gemma_pytorch-layout model over ``input_ids`` (masked positions skipped)."""
+    logits = causal_lm_logits(model, input_ids)[:, :-1].float()
+    targets = input_ids[:, 1:]
+    if attention_mask is not None:
+        targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)

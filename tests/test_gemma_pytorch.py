@@ -1,0 +1,132 @@
+"""gemma_pytorch-layout models, float and int8: train, merge (re-quantising), export, perplexity, Gemma 3's names."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import reserved_kernels as rk
+from reserved_kernels.gemma import causal_lm_logits, causal_lm_loss, merge, patch_model, perplexity
+from tests.gemma_pytorch_layout import CausalLM, Config, Embedding, prefill_logits
+
+RESERVED = [7, 8, 9]
+LAYOUTS = [("gemma1", False), ("gemma2", False), ("gemma2", True), ("gemma3", False), ("gemma3", True)]
+
+
+def _model(architecture="gemma2", quant=False, multimodal=False, seed=0):
+    config = Config(architecture=architecture, quant=quant,
+                    final_logit_softcapping=30.0 if architecture == "gemma2" else None)
+    return CausalLM(config, multimodal=multimodal, seed=seed)
+
+
+def _batch(seed=0, batch=2, length=20):
+    ids = torch.randint(108, 1024, (batch, length), generator=torch.Generator().manual_seed(seed))
+    ids[:, 4] = 7
+    ids[:, 11] = 8  # reserved ids as inputs, and as targets of the tokens before them
+    return ids
+
+
+@pytest.mark.parametrize("architecture, quant", LAYOUTS)
+def test_differentiable_logits_agree_with_the_models_own_forward(architecture, quant):
+    """causal_lm_logits runs the model's real modules: at the last position it is the no-grad forward's logits."""
+    model = _model(architecture, quant)
+    ids = _batch()
+    own = prefill_logits(model, ids)
+    ours = causal_lm_logits(model, ids)[:, -1]
+    torch.testing.assert_close(ours, own, rtol=1e-5, atol=1e-5)
+    patch_model(model, RESERVED)
+    assert torch.equal(causal_lm_logits(model, ids)[:, -1], ours)  # untrained: bit-identical
+    assert torch.equal(prefill_logits(model, ids), own)  # its own forward and sampler still work
+
+
+@pytest.mark.parametrize("architecture, quant", LAYOUTS)
+def test_training_moves_only_the_reserved_rows_and_the_tied_head_uses_them(architecture, quant):
+    model = _model(architecture, quant)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    patch_model(model, RESERVED)
+    embedder = model.embedder
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["embedder.reserved_weight"]
+    opt = torch.optim.AdamW([embedder.reserved_weight], lr=0.05, weight_decay=0.1)
+    losses = []
+    for step in range(8):
+        loss = causal_lm_loss(model, _batch(seed=step % 2))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for name, p in model.named_parameters():
+        if name != "embedder.reserved_weight":
+            assert torch.equal(p, frozen[name]), name
+    assert torch.equal(embedder.weight, frozen["embedder.weight"])  # the table itself is never written
+    if quant:
+        assert torch.equal(embedder.weight_scaler, frozen["embedder.weight_scaler"])
+    # The head reads the trained rows: its reserved columns moved, the others did not.
+    ids = _batch(seed=9)
+    with torch.no_grad():
+        hidden_logits = causal_lm_logits(model, ids)
+        embedder.reset_reserved_()
+        untrained = causal_lm_logits(model, ids)
+    assert not torch.equal(hidden_logits[..., RESERVED], untrained[..., RESERVED])
+
+
+def test_int8_merge_requantises_each_row_within_half_a_step_and_restores_the_module():
+    model = _model("gemma2", quant=True)
+    original = model.embedder
+    patch_model(model, RESERVED)
+    with torch.no_grad():
+        model.embedder.reserved_weight.add_(torch.randn(3, 32) * 0.2)
+    trained = model.embedder.reserved_weight.detach().clone()
+    ids = _batch(seed=3)
+    merge(model)
+    assert model.embedder is original and type(original) is Embedding  # gemma_pytorch's own module again
+    step = original.weight_scaler.detach()[RESERVED].float().unsqueeze(-1)
+    dequantised = original.weight[RESERVED].float() * step
+    assert ((dequantised - trained).abs() <= step / 2).all()
+    # The merged model's own forward now uses the re-quantised rows, which moved by at most half a step.
+    torch.testing.assert_close(prefill_logits(model, ids), causal_lm_logits(model, ids)[:, -1], rtol=1e-5, atol=1e-5)
+    fresh = _model("gemma2", quant=True, seed=5)
+    fresh.load_state_dict(model.state_dict())  # the export loads into a vanilla model
+    assert torch.equal(fresh.embedder.weight, original.weight)
+
+
+def test_float_merge_round_trip_is_exact():
+    model = _model("gemma1")
+    patch_model(model, RESERVED)
+    with torch.no_grad():
+        model.embedder.reserved_weight.add_(torch.randn(3, 32))
+    ids = _batch(seed=4)
+    trained = causal_lm_logits(model, ids)
+    merge(model)
+    assert torch.equal(causal_lm_logits(model, ids), trained)
+    assert torch.equal(prefill_logits(model, ids), trained[:, -1])
+
+
+def test_gemma3_multimodal_text_token_embedder_is_recognised():
+    model = _model("gemma3", multimodal=True)
+    ids = _batch()
+    before = prefill_logits(model, ids)
+    patch_model(model, RESERVED)
+    assert isinstance(model.text_token_embedder, rk.ReservedEmbedding)
+    assert torch.equal(prefill_logits(model, ids), before)
+    causal_lm_loss(model, ids).backward()
+    assert model.text_token_embedder.reserved_weight.grad.shape == (3, 32)
+    merge(model)
+    assert type(model.text_token_embedder) is Embedding
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_perplexity_works_for_gemma_pytorch_models(quant):
+    model = _model("gemma2", quant)
+    ids = _batch()
+    expected = math.exp(causal_lm_loss(model, ids).item())
+    assert math.isclose(perplexity(model, [ids]), expected, rel_tol=1e-5)
+    patch_model(model, RESERVED)
+    assert math.isclose(perplexity(model, [ids]), expected, rel_tol=1e-5)
+
+
+def test_not_a_gemma_pytorch_model_is_a_clear_error():
+    with pytest.raises(TypeError, match="not a gemma_pytorch-layout model"):
+        causal_lm_logits(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long))
