@@ -1,19 +1,94 @@
-"""The end-to-end demo: plan three terms, initialise their rows, train only them, check nothing else moved."""
+"""The main job: give two control tokens a meaning in a small pretrained Gemma, and show each step measured.
+
+The shipped model (``reserved_kernels/data/demo_gemma``, built by ``scripts/train_demo_model.py``) was
+pretrained on three registers of generated text: plain sentences, and two registers announced by a
+marker phrase — ``in summary:`` (subject and verb only) and ``in translation:`` (foreign words). The
+demo maps two control tokens, ``[summary]`` and ``[translate]``, onto reserved ``<unusedN>`` slots, and
+teaches the model to read each as its register's marker:
+
+1. plan: the tokenizer's reserved slots get the terms (a renamed tokenizer, the plan);
+2. initialise each new row four ways — the mean of its description's sub-token rows (ours), the mean
+   of all rows (transformers' ``mean_resizing``), a random normal row, and the untouched ``<unusedN>``
+   row — and measure the held-out loss on text that uses the terms;
+3. train only the new rows (AdamW, small learning rate, a few hundred steps) for each initialisation;
+   the control-token position itself is never a target, so the tied head is never pushed to predict
+   a control token in ordinary text;
+4. check that held-out perplexity on ordinary text did not move (±1%), that every frozen parameter is
+   bit-identical, and what the gradients and optimizer state cost against the dense recipe.
+"""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
+import os
+import random
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
-DEFAULT_TERMS = {
-    "[summary]": "a short summary of the text",
-    "[translate]": "translate the text into another language",
-    "reserved-row": "a row of the embedding table that was never trained",
-}
+TERMS = {"[summary]": "in summary", "[translate]": "in translation"}
+REGISTER = {"[summary]": "summary", "[translate]": "translate"}
+INITS = ("description", "mean", "random", "untouched")
+INIT_LABELS = {"description": "description mean (ours)", "mean": "mean of all rows", "random": "random normal row",
+               "untouched": "untouched <unusedN> row"}
+LENGTH = 32
+BASE_TOLERANCE = 0.01
+
+
+def default_model_path() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "demo_gemma")
+
+
+def encode_lines(lines: list[str], encode, length: int = LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, labels): <bos> line <eos>, right-padded with <pad> (0), which is never a target."""
+    ids = torch.zeros(len(lines), length, dtype=torch.long)
+    labels = torch.full((len(lines), length), -100, dtype=torch.long)
+    for row, line in enumerate(lines):
+        tokens = ([2] + encode(line) + [1])[:length]
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        labels[row, :len(tokens)] = torch.tensor(tokens)
+    return ids, labels
+
+
+def term_data(encode, count: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lines that start with a control token, then text of its register; the control token is not a target."""
+    from reserved_kernels.vocab.corpus import mode_line
+
+    terms = list(TERMS)
+    lines = [f"{terms[i % len(terms)]} {mode_line(rng, REGISTER[terms[i % len(terms)]], marked=False)}"
+             for i in range(count)]
+    ids, labels = encode_lines(lines, encode)
+    labels[:, 1] = -100
+    return ids, labels
+
+
+def ordinary_data(encode, count: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain sentences: text without any new term."""
+    from reserved_kernels.vocab.corpus import mode_line
+
+    return encode_lines([mode_line(rng, "plain") for _ in range(count)], encode)
+
+
+@torch.no_grad()
+def mean_loss(model, ids: torch.Tensor, labels: torch.Tensor, batch: int = 100) -> float:
+    """Mean next-token negative log-likelihood over every target of (ids, labels)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, ids.shape[0], batch):
+        x, y = ids[start:start + batch], labels[start:start + batch]
+        logits = model(input_ids=x, attention_mask=(x != 0).long()).logits[:, :-1].float()
+        targets = y[:, 1:]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                                 reduction="sum").item()
+        count += int((targets != -100).sum())
+    model.train(was_training)
+    return total / count
 
 
 def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -23,134 +98,203 @@ def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> in
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _dense_recipe_state_bytes(model: torch.nn.Module, reserved_ids: list[int], rows: torch.Tensor) -> int:
-    """One step of the usual recipe: the whole table trainable, a hook zeroing other rows' gradient, AdamW."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+def _dense_recipe_state_bytes(model: torch.nn.Module, reserved_ids: list[int], ids, labels) -> int:
+    """One step of the usual recipe on ``model``: the whole table trainable, a hook zeroing other rows, AdamW."""
     from reserved_kernels.benchmarks.train_step import keep_gradient_rows
 
+    for p in model.parameters():
+        p.requires_grad_(False)
     weight = model.get_input_embeddings().weight
     keep_gradient_rows(weight, reserved_ids)
     optimizer = torch.optim.AdamW([weight], lr=1e-3, weight_decay=0.01)
     model.train()
-    model(input_ids=rows, labels=rows).loss.backward()
+    model(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).loss.backward()
     optimizer.step()
     return _state_bytes(model, optimizer)
 
 
-def _progress(step: int, total: int, loss: float, width: int = 30) -> None:
-    """A bar redrawn in place on a terminal; about ten plain lines when the output is a file or pipe."""
-    done = int(width * (step + 1) / total)
-    line = f"  [{'#' * done}{'.' * (width - done)}] step {step + 1:4d}/{total}  loss {loss:8.4f}"
-    if sys.stdout.isatty():
-        print("\r" + line, end="\n" if step + 1 == total else "", flush=True)
-    elif (step + 1) % max(1, total // 10) == 0 or step + 1 == total:
-        print(line, flush=True)
+def _initialise(model, vocab, init: str, seed: int) -> None:
+    from reserved_kernels.gemma import patch_model
+
+    if init in ("description", "mean"):
+        patch_model(model, vocab, init=init)
+        return
+    patch_model(model, vocab)  # untouched: the <unusedN> rows as the checkpoint has them
+    if init == "random":
+        embedding = model.get_input_embeddings()
+        std = embedding.weight.float().std().item()  # a normal row at the table's own scale
+        noise = torch.randn(embedding.reserved_weight.shape, generator=torch.Generator().manual_seed(seed)) * std
+        with torch.no_grad():
+            embedding.reserved_weight.copy_(noise.to(embedding.reserved_weight))
 
 
-def _batches(encode, texts, length, device):
-    """Fixed-length rows of token ids (each text encoded, concatenated, cut into rows)."""
-    flat = [i for text in texts for i in encode(text + "\n")]
-    rows = len(flat) // length
-    return torch.tensor(flat[: rows * length], device=device).view(rows, length)
-
-
-def run(args: argparse.Namespace) -> dict:
-    from reserved_kernels import _backend
-    from reserved_kernels.gemma import merge, patch_model, perplexity, tiny_gemma
-    from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path
-    from reserved_kernels.vocab.corpus import corpus
-
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    vocab = ReservedVocab.from_file(args.tokenizer or default_tokenizer_path())
-    plan = vocab.assign(DEFAULT_TERMS)
-    print(f"tokenizer: {vocab.path} ({vocab.vocab_size} ids, {len(vocab.reserved_ids)} reserved slots)")
-    for e in plan.entries:
-        print(f"  {e.term!r:16} -> id {e.id:3d} (was {e.piece}), initialised from "
-              f"{len(e.source_ids)} description tokens")
-
-    if args.model:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
-    else:
-        model = tiny_gemma("gemma", seed=args.seed).to(device)
-    encode = vocab.renamed_encoder()
-    terms = list(DEFAULT_TERMS)
-    texts = corpus(600, seed=args.seed + 1)
-    train = _batches(encode, [f"{terms[i % 3]} {t}" for i, t in enumerate(texts)], 32, device)
-    heldout = _batches(encode, corpus(200, seed=args.seed + 2), 32, device)
-
-    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
-    # The dense-gradient recipe, measured on a copy (only for the small default model: a real
-    # checkpoint would double its memory, so there the baseline is computed instead).
-    dense_bytes = None if args.model else _dense_recipe_state_bytes(copy.deepcopy(model), plan.ids, train[:8])
-    patch_model(model, vocab, init="description")
-    embedding = model.get_input_embeddings()
-    backend = _backend.active(device.type)
-    print(f"model: {type(model).__name__}, vocabulary {embedding.num_embeddings} x {embedding.embedding_dim}; "
-          f"training {embedding.num_reserved} rows; backend {backend} on {device}")
-
-    before = perplexity(model, heldout.split(16))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+def train_init(base_model, vocab, init: str, data: dict, *, steps: int, lr: float, seed: int, batch: int = 16,
+               evals: int = 10, log=print) -> dict:
+    """Patch a copy of ``base_model`` with one initialisation, train only its new rows; the held-out curve."""
+    model = copy.deepcopy(base_model)
+    _initialise(model, vocab, init, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    train_ids, train_labels = data["train"]
+    generator = torch.Generator().manual_seed(seed)
+    curve = [(0, mean_loss(model, *data["heldout"]))]
+    every = max(1, steps // evals)
     start = time.perf_counter()
     model.train()
-    for step in range(args.steps):
-        rows = train[torch.randint(0, train.shape[0], (8,), device=device)]
-        loss = model(input_ids=rows, labels=rows).loss
+    for step in range(1, steps + 1):
+        rows = torch.randint(0, train_ids.shape[0], (batch,), generator=generator).to(train_ids.device)
+        x = train_ids[rows]
+        loss = model(input_ids=x, attention_mask=(x != 0).long(), labels=train_labels[rows]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        _progress(step, args.steps, loss.item())
-    print(f"  {args.steps} steps in {time.perf_counter() - start:.1f} s")
-    after = perplexity(model, heldout.split(16))
-    print(f"held-out perplexity: before {before:.3f}, after {after:.3f} ({100 * (after / before - 1):+.2f}%)")
+        if step % every == 0 or step == steps:
+            curve.append((step, mean_loss(model, *data["heldout"])))
+    if steps:
+        log(f"  {INIT_LABELS[init]:26s} held-out term loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f}   "
+            f"({steps} steps, {time.perf_counter() - start:.1f} s)")
+    return dict(model=model, optimizer=optimizer, curve=curve)
 
-    moved = []
-    for name, p in model.named_parameters():
-        if name == "model.embed_tokens.weight":
-            keep = torch.ones(p.shape[0], dtype=torch.bool, device=p.device)
-            keep[embedding.reserved_ids] = False
-            same = torch.equal(p[keep], snapshot[name][keep])
-        elif name.endswith("reserved_weight"):
-            continue
-        else:
-            same = torch.equal(p, snapshot[name])
-        if not same:
-            moved.append(name)
-    print(f"frozen rows and parameters bit-identical: {not moved}" + (f" (moved: {moved})" if moved else ""))
 
-    ours = _state_bytes(model, optimizer)
-    if dense_bytes is None:
-        rows_total, dim = embedding.weight.shape
-        dense_bytes, how = rows_total * dim * embedding.weight.element_size() * 3, "computed: V×D gradient + 2 moments"
+def _plot(curves: dict, path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for init, curve in curves.items():
+        steps, losses = zip(*curve)
+        ax.plot(steps, losses, marker="o", markersize=3, label=INIT_LABELS[init])
+    ax.set_xlabel("training step (only the 2 new rows train)")
+    ax.set_ylabel("held-out loss on text with the new tokens")
+    ax.set_title("Teaching [summary] and [translate] to a pretrained Gemma", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _load(args, device):
+    """(model, vocab): the shipped demo model and tokenizer, or a Hugging Face checkpoint folder and its tokenizer."""
+    import transformers
+
+    from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path
+
+    transformers.logging.set_verbosity_error()
+    tokenizer = args.tokenizer
+    if args.model and tokenizer is None:
+        found = [os.path.join(args.model, n) for n in ("tokenizer.model", "tokenizer.json")
+                 if os.path.exists(os.path.join(args.model, n))]
+        if not found:
+            raise FileNotFoundError(f"{args.model} has no tokenizer.model or tokenizer.json; pass --tokenizer")
+        tokenizer = found[0]
+    vocab = ReservedVocab.from_file(tokenizer or default_tokenizer_path())
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model or default_model_path())
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, vocab
+
+
+def prepare(args: argparse.Namespace) -> tuple:
+    """(model, vocab, plan, data, ordinary): the frozen model, the plan of the two terms, the term text
+    (``data["train"]``, ``data["heldout"]``) and held-out ordinary text, on ``args.device``."""
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model, vocab = _load(args, device)
+    plan = vocab.assign(TERMS)
+    encode = vocab.renamed_encoder()
+    rng = random.Random(args.seed)
+    data = {"train": term_data(encode, 2000, rng), "heldout": term_data(encode, 200, rng)}
+    ordinary = ordinary_data(vocab.encode, 300, rng)
+    data = {k: tuple(t.to(device) for t in v) for k, v in data.items()}
+    return model, vocab, plan, data, tuple(t.to(device) for t in ordinary)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The main job; returns the summary (the ``--json`` object)."""
+    device = torch.device(args.device)
+    model, vocab, plan, data, ordinary = prepare(args)
+    print(f"tokenizer: {vocab.path} ({vocab.vocab_size} ids, {len(vocab.reserved_ids)} reserved slots)")
+    for e in plan.entries:
+        pieces = " ".join(vocab.piece(i) for i in e.source_ids)
+        print(f"  {e.term:12s} -> id {e.id} (was {e.piece}); description {e.description!r} = {pieces}")
+    embedding = model.get_input_embeddings()
+    print(f"model: {args.model or 'the shipped demo Gemma'} ({type(model).__name__}, vocabulary "
+          f"{embedding.num_embeddings} x {embedding.embedding_dim}); training {len(plan)} rows on {device}")
+
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base_before = math.exp(mean_loss(model, *ordinary))
+
+    inits = ["description"] + [i for i in (args.inits or INITS) if i != "description"]  # ours is always measured
+    print(f"held-out loss on text with the new terms, per initialisation "
+          f"(AdamW lr={args.lr:g}, {args.steps} steps, batch 16):")
+    results = {init: train_init(model, vocab, init, data, steps=args.steps, lr=args.lr, seed=args.seed)
+               for init in inits}
+    ours = results["description"]
+    trained = ours["model"]
+    base_after = math.exp(mean_loss(trained, *ordinary))
+    moved = [name for name, p in trained.named_parameters()
+             if not name.endswith("reserved_weight") and not torch.equal(p, snapshot[name])]
+    state = _state_bytes(trained, ours["optimizer"])
+    rows_total, dim = embedding.weight.shape
+    if args.model:  # a real checkpoint: computed, not measured on a second copy of it
+        dense = rows_total * dim * 4 * 3
+        dense_how = "computed: V x D fp32 gradient + 2 AdamW moments"
     else:
-        how = "measured after one step"
-    print(f"gradient + optimizer state: {ours / 1024:.1f} KiB (measured), dense-gradient recipe "
-          f"{dense_bytes / 2**20:.2f} MiB ({how}): {dense_bytes / ours:.0f}x more")
-    if device.type == "cuda":
-        print(f"peak CUDA memory during training: {torch.cuda.max_memory_allocated() / 2**20:.1f} MiB")
+        dense = _dense_recipe_state_bytes(copy.deepcopy(model), plan.ids, data["train"][0][:16], data["train"][1][:16])
+        dense_how = "measured after one step of the whole table trainable with a gradient hook"
 
+    term_before, term_after = math.exp(ours["curve"][0][1]), math.exp(ours["curve"][-1][1])
+    print()
+    print(f"{'initialisation':28s} {'term loss at step 0':>20s} {'after':>8s}   perplexity")
+    for init, r in results.items():
+        l0, l1 = r["curve"][0][1], r["curve"][-1][1]
+        print(f"{INIT_LABELS[init]:28s} {l0:20.3f} {l1:8.3f}   {math.exp(l0):6.2f} -> {math.exp(l1):5.2f} "
+              f"({100 * (math.exp(l1 - l0) - 1):+.0f}%)")
+    change = base_after / base_before - 1
+    print(f"ordinary-text perplexity (no new terms): {base_before:.4f} before, {base_after:.4f} after "
+          f"({100 * change:+.2f}%; {'within' if abs(change) <= BASE_TOLERANCE else 'OUTSIDE'} ±1%)")
+    print(f"frozen parameters bit-identical: {not moved}" + (f" (moved: {moved})" if moved else ""))
+    print(f"gradients + AdamW state: {state:,} bytes; dense recipe {dense:,} bytes ({dense_how}): "
+          f"{dense / state:,.0f}x more")
+
+    plot = os.path.join(args.out, "loss_curves.png") if args.out else args.plot
+    if plot:
+        print(f"plot: {plot}" if _plot({k: r['curve'] for k, r in results.items()}, plot)
+              else "plot: matplotlib is not installed (pip install matplotlib)")
     if args.out:
         from reserved_kernels.gemma import save_reserved
 
         vocab.save(args.out)
-        save_reserved(model, f"{args.out}/reserved_rows.pt", plan=vocab)
-        print(f"wrote {args.out}/tokenizer.model, reserved_plan.json and reserved_rows.pt")
-    merge(model)
+        save_reserved(trained, os.path.join(args.out, "reserved_rows.pt"), plan=vocab)
+        print(f"wrote {args.out}: the renamed tokenizer, reserved_plan.json and reserved_rows.pt")
+    summary = dict(base_ppl_before=base_before, base_ppl_after=base_after, term_ppl_before=term_before,
+                   term_ppl_after=term_after, init_loss={k: r["curve"][0][1] for k, r in results.items()},
+                   final_loss={k: r["curve"][-1][1] for k, r in results.items()}, frozen_identical=not moved,
+                   state_bytes=state, dense_state_bytes=dense, steps=args.steps, lr=args.lr, seed=args.seed)
+    if args.json:
+        print(json.dumps(summary))
     if moved:
         sys.exit("frozen parameters changed")
-    return dict(before=before, after=after, moved=moved, state_bytes=ours, dense_bytes=dense_bytes)
+    return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", help="a Hugging Face Gemma checkpoint folder (default: a tiny random Gemma)")
-    parser.add_argument("--tokenizer", help="its tokenizer.model or tokenizer.json (default: the embedded one)")
-    parser.add_argument("--out", help="folder to write the renamed tokenizer, plan and trained rows")
+    parser.add_argument("--model", help="a Hugging Face Gemma checkpoint folder (default: the shipped demo model)")
+    parser.add_argument("--tokenizer", help="its tokenizer.model or tokenizer.json (default: the model folder's, "
+                                            "or the embedded one)")
+    parser.add_argument("--inits", nargs="+", choices=INITS, help="initialisations to compare (default: all four)")
+    parser.add_argument("--out", help="folder for the renamed tokenizer, plan, trained rows and loss_curves.png")
+    parser.add_argument("--plot", help="where to write the loss-curve PNG without --out")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the measured results")
