@@ -101,8 +101,41 @@ def latest(results_dir: str, prefix: str) -> str | None:
     return max(files) if files else None
 
 
+GPU_DIRS = ("h200", "h100")  # bench/gpu_check.sh results of the current code, copied in per GPU
+
+
+def _host_lines(path: str, where: str) -> list[str]:
+    from reserved_kernels.benchmarks.host import table
+
+    with open(path) as f:
+        payload = json.load(f)
+    env = payload["environment"]
+    return [f"*host time per call* — {where}, N={payload['tokens']:,} tokens, V={payload['vocab']:,}, "
+            f"D={payload['dim']:,}, {payload.get('dtype', 'float32')}; {env['date']}, commit {env.get('commit')}. "
+            f"Reproduce: `reserved-kernels bench --host`.", "", table(payload)]
+
+
+def _kernel_lines(path: str) -> list[str]:
+    """The GPU kernel matrix at one width and K: every N and id distribution, ours beside the peers."""
+    with open(path) as f:
+        payload = json.load(f)
+    env = payload["environment"]
+    rows = payload["rows"]
+    dim = 3840 if any(r["dim"] == 3840 for r in rows) else rows[0]["dim"]
+    slots = max(r["slots"] for r in rows if r["dim"] == dim)
+    lines = [f"*kernels* — {env.get('gpu')}, torch {env['torch']}, Triton {env['triton']}, {env['date']}, commit "
+             f"{env.get('commit')}; {payload['dtype']}, V={payload['vocab']:,}, D={dim:,}, K={slots:,}; copy bandwidth "
+             f"{payload['copy_gbs']:,.0f} GB/s. Every shape: `kernels_cuda.md` beside the JSON.", "",
+             "| N | ids | implementation | op | median µs (p20–p80) | GB/s (% copy) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["dim"] == dim and r["slots"] == slots:
+            lines.append(f"| {r['tokens']:,} | {r['dist']} | {r['impl']} | {r['op']} | {r['median_ms'] * 1e3:.1f} "
+                         f"({r['p20_ms'] * 1e3:.1f}–{r['p80_ms'] * 1e3:.1f}) | {r['gbs']:.0f} ({r['pct_copy']:.0f}%) |")
+    return lines + [""]
+
+
 def readme_section(results_dir: str) -> str:
-    """The README's Results section, from the committed results files only."""
+    """The README's Results section, from the committed results files of the current code only."""
     lines = [README_START, "", "All figures are medians (p20–p80) measured side by side in one run on one machine.", ""]
     cpu = latest(results_dir, "cpu")
     if cpu:
@@ -113,44 +146,29 @@ def readme_section(results_dir: str) -> str:
                   f"`bench/results/{name.removesuffix('.json')}.md`. Reproduce: `reserved-kernels bench --device cpu`.", ""]
         for workload, cases in _grouped(payload["rows"]).items():
             lines += [f"*{workload}*", ""] + workload_table(cases, only_first=True) + [""]
-    gpu_dir = os.path.join(results_dir, "h200")
-    # kernels_gpu.json: the file name of the first GPU run (bench/kernels_gpu.py); kernels_cuda.json since.
-    kernels = next((p for p in (os.path.join(gpu_dir, n) for n in ("kernels_cuda.json", "kernels_gpu.json"))
-                    if os.path.exists(p)), "")
-    steps = os.path.join(gpu_dir, "train_step_gpu.json")
-    gpu_suite = latest(gpu_dir, "cuda")
-    if gpu_suite:
-        with open(gpu_suite) as f:
-            payload = json.load(f)
-        lines += [f"**GPU suite** — {_header(payload)}. Every case: `bench/results/h200/"
-                  f"{os.path.basename(gpu_suite).removesuffix('.json')}.md`.", ""]
-        for workload, cases in _grouped(payload["rows"]).items():
-            lines += [f"*{workload}*", ""] + workload_table(cases, only_first=True) + [""]
-    if kernels:
-        with open(kernels) as f:
-            payload = json.load(f)
-        env = payload["environment"]
-        lines += [f"**GPU** — {env.get('gpu')} (driver {env.get('driver')}), torch {env['torch']}, Triton "
-                  f"{env['triton']}, {env['date']}; bf16, V={payload['vocab']:,}; copy bandwidth "
-                  f"{payload['copy_gbs']:,.0f} GB/s. Kernel matrix (`bash bench/gpu_check.sh DIR`): D=3,840, K=1,024, "
-                  "uniform ids; every shape is in `bench/results/h200/kernels_gpu.md`.", "",
-                  "| N | implementation | op | median µs (p20–p80) | GB/s (% copy) |", "|---|---|---|---|---|"]
-        for r in payload["rows"]:
-            if r["dim"] == 3840 and r["slots"] == 1024 and r["dist"] == "uniform":
-                lines.append(f"| {r['tokens']:,} | {r['impl']} | {r['op']} | {r['median_ms'] * 1e3:.1f} "
-                             f"({r['p20_ms'] * 1e3:.1f}–{r['p80_ms'] * 1e3:.1f}) | {r['gbs']:.0f} ({r['pct_copy']:.0f}%) |")
-        lines.append("")
-    if os.path.exists(steps) and not gpu_suite:
-        with open(steps) as f:
-            payload = json.load(f)
-        c = payload["config"]
-        lines += [f"GPU training step (embedding only), V={c['vocab']:,}, D={c['dim']:,}, K={c['slots']:,}, "
-                  f"N={c['tokens']:,}, {c['dtype']}; peak memory in this file was measured with the timer's 256 MB "
-                  "L2-flush buffer inside every recipe's peak (fixed since; not yet re-run on a GPU):", "",
-                  "| recipe | median ms (p20–p80) | memory beyond table |", "|---|---|---|"]
-        for recipe, r in payload["results"].items():
-            lines.append(f"| {recipe} | {_ms(r)} | {r['extra_bytes'] / 2**20:,.0f} MiB |")
-        lines.append("")
+    host = latest(results_dir, "host-cpu")
+    if host:
+        lines += _host_lines(host, "CPU, compiled extension")
+    gpu_dirs = [d for d in (os.path.join(results_dir, g) for g in GPU_DIRS) if os.path.isdir(d)]
+    if not gpu_dirs:
+        lines += ["**GPU** — the current kernels have not run on a GPU yet: no GPU figure is quoted here. "
+                  "`bash bench/gpu_check.sh DIR` makes the run (tests, compute-sanitizer, kernel matrix, host "
+                  "time, training steps); `bench/results/h200-before-rebuild/` keeps the last run, of the "
+                  "implementation before the hot-path rebuild.", ""]
+    for gpu_dir in gpu_dirs:
+        kernels = os.path.join(gpu_dir, "kernels_cuda.json")
+        if os.path.exists(kernels):
+            lines += [f"**GPU** — `{os.path.relpath(gpu_dir, os.path.dirname(results_dir))}/`", ""] + _kernel_lines(kernels)
+        host = latest(gpu_dir, "host-cuda")
+        if host:
+            lines += _host_lines(host, "GPU")
+        suite = latest(gpu_dir, "cuda")
+        if suite:
+            with open(suite) as f:
+                payload = json.load(f)
+            lines += [f"*suite* — {_header(payload)}.", ""]
+            for workload, cases in _grouped(payload["rows"]).items():
+                lines += [f"*{workload}*", ""] + workload_table(cases, only_first=True) + [""]
     lines.append(README_END)
     return "\n".join(lines)
 

@@ -187,6 +187,7 @@ def _load(args, device):
     from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     tokenizer = args.tokenizer
     if args.model and tokenizer is None:
         found = [os.path.join(args.model, n) for n in ("tokenizer.model", "tokenizer.json")
