@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     p_bench.add_argument("--quick", action="store_true", help="one shape per workload")
     p_bench.add_argument("--smoke", action="store_true", help="tiny shapes: checks that everything runs")
     p_bench.add_argument("--host", action="store_true", help="only the host time per call (N=16, V=1,000, D=64)")
+    p_bench.add_argument("--model", help="only the training step of a Hugging Face checkpoint folder (any family), "
+                                         "each recipe in a fresh process")
     p_bench.add_argument("--out", default="bench/results", help="folder for <device>-<date>.json/.md/.png")
     p_bench.add_argument("--readme", metavar="README", nargs="?", const="README.md",
                          help="only regenerate README's Results section from the files in --out")
@@ -124,6 +126,10 @@ def _run(args: argparse.Namespace) -> None:
             from reserved_kernels.benchmarks.host import main as host_main
 
             host_main(["--device", args.device, "--out", args.out])
+        elif args.model:
+            from reserved_kernels.benchmarks.train_step import main as step_main
+
+            step_main(["--device", args.device, "--model", args.model, "--head", "--slots", "8", "--tokens", "1024"])
         else:
             from reserved_kernels.benchmarks.suite import main as bench_main
 

@@ -130,6 +130,28 @@ def means_for_targets(means: Tensor, num_targets: int, noise_std: float = 0.0,
 
 
 @torch.no_grad()
+def init_reserved_rows_(rows: Tensor, weight: Tensor, slot_map: Tensor, reserved_ids: Tensor, sources, *,
+                        targets: Tensor | Sequence[int] | None = None, weight_scaler: Tensor | None = None,
+                        exclude=None, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
+    """Set ``rows[k]`` (the trainable rows of ``reserved_ids``) to the mean of target k's source rows, batched.
+
+    ``sources`` as for :func:`to_csr` (one list per target, or one list shared by all); rows are read as the
+    forward pass sees them (``slot_map`` sends reserved ids to ``rows``), all before any write. ``targets``
+    are reserved ids (default: all, in order). Shared by the embedding and an untied output head.
+    """
+    if targets is None:
+        slots = torch.arange(reserved_ids.numel(), device=weight.device)
+    else:
+        targets = check_reserved_ids(targets, weight.shape[0]).to(weight.device)
+        slots = slot_map.index_select(0, targets).long()
+        if bool((slots < 0).any()):
+            raise ValueError(f"targets must be reserved ids; not reserved: {targets[slots < 0][:10].tolist()}")
+    means = mean_rows(weight, rows, slot_map, sources, weight_scaler=weight_scaler, exclude=exclude)
+    means = means_for_targets(means, slots.numel(), noise_std, generator)
+    rows.index_copy_(0, slots, means.to(rows.dtype))
+
+
+@torch.no_grad()
 def mean_init_(table: Tensor, dst: Tensor | Sequence[int], sources, *, exclude=None, noise_std: float = 0.0,
                generator: torch.Generator | None = None) -> Tensor:
     """``table[dst[k]] = mean(table[sources[k]])`` for all k in one batched op; returns ``table``.

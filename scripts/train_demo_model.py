@@ -23,26 +23,13 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 CONFIG = dict(vocab_size=1024, hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=1, head_dim=24, pad_token_id=0, eos_token_id=1, bos_token_id=2,
               max_position_embeddings=64, tie_word_embeddings=True)
-LENGTH = 32  # tokens per sequence: <bos>, a line, <eos>, padding
-
-
-def encode_lines(lines, encode, length=LENGTH):
-    """(input_ids, labels): <bos> line <eos>, right-padded; padding is not a target."""
-    import torch
-
-    ids = torch.zeros(len(lines), length, dtype=torch.long)
-    labels = torch.full((len(lines), length), -100, dtype=torch.long)
-    for row, line in enumerate(lines):
-        tokens = ([2] + encode(line) + [1])[:length]
-        ids[row, :len(tokens)] = torch.tensor(tokens)
-        labels[row, :len(tokens)] = torch.tensor(tokens)
-    return ids, labels
 
 
 def train(out: str, steps: int = 1500, seed: int = 0) -> str:
     import torch
     import transformers
 
+    from reserved_kernels.gemma.demo import encode_lines
     from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path
     from reserved_kernels.vocab.corpus import mode_corpus
 
@@ -51,7 +38,7 @@ def train(out: str, steps: int = 1500, seed: int = 0) -> str:
     torch.use_deterministic_algorithms(True)
     vocab = ReservedVocab.from_file(default_tokenizer_path())
     lines = [line for _, line in mode_corpus(30_000, seed=seed)]
-    ids, labels = encode_lines(lines, vocab.encode)
+    ids, labels, mask = encode_lines(lines, vocab.encode, bos=2, eos=1, pad=0)  # 32 tokens per line
     config = transformers.GemmaConfig(**CONFIG)
     config._attn_implementation = "eager"
     model = transformers.GemmaForCausalLM(config)
@@ -61,7 +48,7 @@ def train(out: str, steps: int = 1500, seed: int = 0) -> str:
     model.train()
     for step in range(steps):
         batch = torch.randint(0, len(lines), (64,), generator=generator)
-        loss = model(input_ids=ids[batch], attention_mask=(ids[batch] != 0).long(), labels=labels[batch]).loss
+        loss = model(input_ids=ids[batch], attention_mask=mask[batch], labels=labels[batch]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

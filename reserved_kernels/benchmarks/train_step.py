@@ -1,11 +1,13 @@
 """One training step for each recipe, each in a fresh process: peak memory and median time.
 
     python -m reserved_kernels.benchmarks.train_step [--device cpu|cuda] [--vocab 256000] [--dim 2048]
-        [--slots 99] [--tokens 4096] [--dtype float32] [--head]
+        [--slots 99] [--tokens 4096] [--dtype float32] [--head] [--model DIR]
 
 Without ``--head`` the step is embedding forward, backward and AdamW. With ``--head`` it is a
 whole tied embedding + output-head step: a Gemma model with no decoder layers (embedding, final
-norm, tied ``lm_head``), next-token cross-entropy, AdamW.
+norm, tied ``lm_head``), next-token cross-entropy, AdamW. ``--model DIR`` takes a Hugging Face
+checkpoint folder instead (any family the planner knows: its first ``--slots`` reserved slots train),
+its own table and, with ``--head``, the whole model.
 
 Recipes: ``reserved`` (this package), ``hook`` (the table trainable, a gradient hook zeroing the
 other rows, AdamW over the whole table, then restoring the frozen rows that weight decay moved, as
@@ -23,7 +25,7 @@ import subprocess
 import sys
 
 RECIPES = ("reserved", "hook", "peft")
-CONFIG_KEYS = ("device", "vocab", "dim", "slots", "tokens", "dtype", "repeat", "head")
+CONFIG_KEYS = ("device", "vocab", "dim", "slots", "tokens", "dtype", "repeat", "head", "model")
 
 
 def _rss_bytes(field: str) -> int:
@@ -68,19 +70,39 @@ def _hook_recipe(weight, reserved_ids):
     return torch.optim.AdamW([weight], lr=1e-3, weight_decay=0.01), restore
 
 
-def _build(args, weight, reserved_ids):
+def _checkpoint(args):
+    """(model, its table, the first ``args.slots`` reserved slots of its tokenizer) for ``--model``."""
+    import os
+
+    import torch
+    import transformers
+
+    from reserved_kernels.vocab import ReservedVocab
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    model.to(args.device)
+    weight = model.get_input_embeddings().weight
+    tokenizer = next(os.path.join(args.model, n) for n in ("tokenizer.model", "tokenizer.json")
+                     if os.path.exists(os.path.join(args.model, n)))
+    tokens = ReservedVocab.from_file(tokenizer).vocab_size
+    vocab = ReservedVocab.from_file(tokenizer, model_vocab_size=weight.shape[0] if weight.shape[0] > tokens else None)
+    return model, weight.detach(), torch.tensor(vocab.reserved_ids[:args.slots], device=args.device), tokens
+
+
+def _build(args, weight, reserved_ids, model=None):
     """(loss function of ids, optimizer, after-step hook or None) for one recipe."""
     import torch
     from torch import nn
 
-    scale = args.dim ** 0.5
+    scale = weight.shape[1] ** 0.5
     if args.head:
         from reserved_kernels.gemma import patch_model, tiny_gemma
 
-        model = tiny_gemma("gemma", vocab_size=args.vocab, hidden_size=args.dim, num_hidden_layers=0,
-                           head_dim=64, dtype=weight.dtype).to(weight.device)
-        model.get_input_embeddings().weight = nn.Parameter(weight, requires_grad=False)
-        model.tie_weights()
+        if model is None:
+            model = tiny_gemma("gemma", vocab_size=args.vocab, hidden_size=args.dim, num_hidden_layers=0,
+                               head_dim=64, dtype=weight.dtype).to(weight.device)
+            model.get_input_embeddings().weight = nn.Parameter(weight, requires_grad=False)
+            model.tie_weights()
         for p in model.parameters():
             p.requires_grad_(False)
         model.train()
@@ -97,7 +119,9 @@ def _build(args, weight, reserved_ids):
             return loss_of(model), opt, restore
         import peft
 
-        config = peft.TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=reserved_ids.tolist())
+        names = [n for n, m in model.named_modules() if m is model.get_input_embeddings()]
+        config = peft.TrainableTokensConfig(target_modules=[names[0].rsplit(".", 1)[-1]],
+                                            token_indices=reserved_ids.tolist())
         wrapped = peft.get_peft_model(model, config)
         return loss_of(wrapped), torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad],
                                                    lr=1e-3, weight_decay=0.01), None
@@ -132,13 +156,17 @@ def child(args) -> None:
     torch.manual_seed(0)
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    weight = torch.randn(args.vocab, args.dim, device=dev, dtype=dtype)
-    reserved_ids = torch.arange(7, 7 + args.slots, device=dev)
-    ids = torch.randint(0, args.vocab, (args.tokens,), device=dev)
+    model = None
+    if args.model:
+        model, weight, reserved_ids, tokens = _checkpoint(args)
+    else:
+        weight = torch.randn(args.vocab, args.dim, device=dev, dtype=dtype)
+        reserved_ids, tokens = torch.arange(7, 7 + args.slots, device=dev), args.vocab
+    ids = torch.randint(0, tokens, (args.tokens,), device=dev)
     ids[: args.slots] = reserved_ids  # every reserved row gets a gradient
     if args.head:
         ids = ids.view(-1, min(args.tokens, 512))
-    loss_fn, opt, after_step = _build(args, weight, reserved_ids)
+    loss_fn, opt, after_step = _build(args, weight, reserved_ids, model)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -171,9 +199,11 @@ def run_one(recipe: str, **config) -> dict:
     """One recipe in a fresh subprocess (no allocator state or peak carries over)."""
     cmd = [sys.executable, "-m", "reserved_kernels.benchmarks.train_step", "--child", "--recipe", recipe]
     for key in CONFIG_KEYS:
-        value = config[key]
+        value = config.get(key)
         if key == "head":
             cmd += ["--head"] if value else []
+        elif key == "model":
+            cmd += [f"--model={value}"] if value else []
         else:
             cmd.append(f"--{key}={value}")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -209,6 +239,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--head", action="store_true", help="a whole step with the tied output head")
+    parser.add_argument("--model", help="a Hugging Face checkpoint folder (with its tokenizer) instead of a random table")
 
 
 def main(argv=None):

@@ -44,45 +44,48 @@ def default_model_path() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "demo_gemma")
 
 
-def encode_lines(lines: list[str], encode, length: int = LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels): <bos> line <eos>, right-padded with <pad> (0), which is never a target."""
-    ids = torch.zeros(len(lines), length, dtype=torch.long)
+def encode_lines(lines: list[str], encode, *, bos: int, eos: int, pad: int,
+                 length: int = LENGTH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, attention_mask): <bos> line <eos>, right-padded; padding is masked and not a target."""
+    ids = torch.full((len(lines), length), pad, dtype=torch.long)
     labels = torch.full((len(lines), length), -100, dtype=torch.long)
+    mask = torch.zeros(len(lines), length, dtype=torch.long)
     for row, line in enumerate(lines):
-        tokens = ([2] + encode(line) + [1])[:length]
+        tokens = ([bos] + encode(line) + [eos])[:length]
         ids[row, :len(tokens)] = torch.tensor(tokens)
         labels[row, :len(tokens)] = torch.tensor(tokens)
-    return ids, labels
+        mask[row, :len(tokens)] = 1
+    return ids, labels, mask
 
 
-def term_data(encode, count: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+def term_data(encode, count: int, rng: random.Random, **special) -> tuple[torch.Tensor, ...]:
     """Lines that start with a control token, then text of its register; the control token is not a target."""
     from reserved_kernels.vocab.corpus import mode_line
 
     terms = list(TERMS)
     lines = [f"{terms[i % len(terms)]} {mode_line(rng, REGISTER[terms[i % len(terms)]], marked=False)}"
              for i in range(count)]
-    ids, labels = encode_lines(lines, encode)
+    ids, labels, mask = encode_lines(lines, encode, **special)
     labels[:, 1] = -100
-    return ids, labels
+    return ids, labels, mask
 
 
-def ordinary_data(encode, count: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+def ordinary_data(encode, count: int, rng: random.Random, **special) -> tuple[torch.Tensor, ...]:
     """Plain sentences: text without any new term."""
     from reserved_kernels.vocab.corpus import mode_line
 
-    return encode_lines([mode_line(rng, "plain") for _ in range(count)], encode)
+    return encode_lines([mode_line(rng, "plain") for _ in range(count)], encode, **special)
 
 
 @torch.no_grad()
-def mean_loss(model, ids: torch.Tensor, labels: torch.Tensor, batch: int = 100) -> float:
+def mean_loss(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, batch: int = 100) -> float:
     """Mean next-token negative log-likelihood over every target of (ids, labels)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, ids.shape[0], batch):
-        x, y = ids[start:start + batch], labels[start:start + batch]
-        logits = model(input_ids=x, attention_mask=(x != 0).long()).logits[:, :-1].float()
+        x, y, m = ids[start:start + batch], labels[start:start + batch], mask[start:start + batch]
+        logits = model(input_ids=x, attention_mask=m).logits[:, :-1].float()
         targets = y[:, 1:]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                                  reduction="sum").item()
@@ -98,7 +101,7 @@ def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> in
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _dense_recipe_state_bytes(model: torch.nn.Module, reserved_ids: list[int], ids, labels) -> int:
+def _dense_recipe_state_bytes(model: torch.nn.Module, reserved_ids: list[int], ids, labels, mask) -> int:
     """One step of the usual recipe on ``model``: the whole table trainable, a hook zeroing other rows, AdamW."""
     from reserved_kernels.benchmarks.train_step import keep_gradient_rows
 
@@ -108,7 +111,7 @@ def _dense_recipe_state_bytes(model: torch.nn.Module, reserved_ids: list[int], i
     keep_gradient_rows(weight, reserved_ids)
     optimizer = torch.optim.AdamW([weight], lr=1e-3, weight_decay=0.01)
     model.train()
-    model(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).loss.backward()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     optimizer.step()
     return _state_bytes(model, optimizer)
 
@@ -135,7 +138,7 @@ def train_init(base_model, vocab, init: str, data: dict, *, steps: int, lr: floa
     _initialise(model, vocab, init, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    train_ids, train_labels = data["train"]
+    train_ids, train_labels, train_mask = data["train"]
     generator = torch.Generator().manual_seed(seed)
     curve = [(0, mean_loss(model, *data["heldout"]))]
     every = max(1, steps // evals)
@@ -143,8 +146,7 @@ def train_init(base_model, vocab, init: str, data: dict, *, steps: int, lr: floa
     model.train()
     for step in range(1, steps + 1):
         rows = torch.randint(0, train_ids.shape[0], (batch,), generator=generator).to(train_ids.device)
-        x = train_ids[rows]
-        loss = model(input_ids=x, attention_mask=(x != 0).long(), labels=train_labels[rows]).loss
+        loss = model(input_ids=train_ids[rows], attention_mask=train_mask[rows], labels=train_labels[rows]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -181,7 +183,11 @@ def _plot(curves: dict, path: str) -> bool:
 
 
 def _load(args, device):
-    """(model, vocab): the shipped demo model and tokenizer, or a Hugging Face checkpoint folder and its tokenizer."""
+    """(model, vocab): the shipped demo model and tokenizer, or a Hugging Face checkpoint folder and its tokenizer.
+
+    Any family the planner knows: Gemma's ``<unusedN>``, Llama 3's reserved special tokens, or — for a model
+    with more embedding rows than its tokenizer has tokens (Qwen2) — those spare rows.
+    """
     import transformers
 
     from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path
@@ -195,12 +201,24 @@ def _load(args, device):
         if not found:
             raise FileNotFoundError(f"{args.model} has no tokenizer.model or tokenizer.json; pass --tokenizer")
         tokenizer = found[0]
-    vocab = ReservedVocab.from_file(tokenizer or default_tokenizer_path())
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model or default_model_path())
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    rows = model.get_input_embeddings().num_embeddings
+    tokens = ReservedVocab.from_file(tokenizer or default_tokenizer_path()).vocab_size
+    vocab = ReservedVocab.from_file(tokenizer or default_tokenizer_path(),
+                                    model_vocab_size=rows if rows > tokens else None)
     return model, vocab
+
+
+def _special_ids(model) -> dict:
+    """<bos>, <eos> and padding ids from the model's config (padding falls back to <eos>)."""
+    config = model.config
+    bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    return dict(bos=int(bos), eos=int(config.eos_token_id if not isinstance(config.eos_token_id, list)
+                                        else config.eos_token_id[0]), pad=int(pad))
 
 
 def prepare(args: argparse.Namespace) -> tuple:
@@ -212,8 +230,9 @@ def prepare(args: argparse.Namespace) -> tuple:
     plan = vocab.assign(TERMS)
     encode = vocab.renamed_encoder()
     rng = random.Random(args.seed)
-    data = {"train": term_data(encode, 2000, rng), "heldout": term_data(encode, 200, rng)}
-    ordinary = ordinary_data(vocab.encode, 300, rng)
+    special = _special_ids(model)
+    data = {"train": term_data(encode, 2000, rng, **special), "heldout": term_data(encode, 200, rng, **special)}
+    ordinary = ordinary_data(vocab.encode, 300, rng, **special)
     data = {k: tuple(t.to(device) for t in v) for k, v in data.items()}
     return model, vocab, plan, data, tuple(t.to(device) for t in ordinary)
 
@@ -249,7 +268,7 @@ def run(args: argparse.Namespace) -> dict:
         dense = rows_total * dim * 4 * 3
         dense_how = "computed: V x D fp32 gradient + 2 AdamW moments"
     else:
-        dense = _dense_recipe_state_bytes(copy.deepcopy(model), plan.ids, data["train"][0][:16], data["train"][1][:16])
+        dense = _dense_recipe_state_bytes(copy.deepcopy(model), plan.ids, *(t[:16] for t in data["train"]))
         dense_how = "measured after one step of the whole table trainable with a gradient hook"
 
     term_before, term_after = math.exp(ours["curve"][0][1]), math.exp(ours["curve"][-1][1])

@@ -220,17 +220,9 @@ class ReservedEmbedding(nn.Embedding):
             exclude: ids dropped from every source list (e.g. untrained reserved rows).
             noise_std, generator: add ``noise_std * N(0, 1)`` noise drawn from ``generator``.
         """
-        if targets is None:
-            slots = torch.arange(self.num_reserved, device=self.weight.device)
-        else:
-            targets = F.check_reserved_ids(targets, self.num_embeddings).to(self.weight.device)
-            slots = self._slot_map.index_select(0, targets).long()
-            if bool((slots < 0).any()):
-                raise ValueError(f"targets must be reserved ids; not reserved: {targets[slots < 0][:10].tolist()}")
-        means = F.mean_rows(self.weight, self.reserved_weight, self._slot_map, sources,
-                            weight_scaler=self.weight_scaler, exclude=exclude)
-        means = F.means_for_targets(means, slots.numel(), noise_std, generator)
-        self.reserved_weight.index_copy_(0, slots, means.to(self.reserved_weight.dtype))
+        F.init_reserved_rows_(self.reserved_weight, self.weight, self._slot_map, self.reserved_ids, sources,
+                              targets=targets, weight_scaler=self.weight_scaler, exclude=exclude,
+                              noise_std=noise_std, generator=generator)
         return self
 
     # ------------------------------------------------------------------------------------------ state dict

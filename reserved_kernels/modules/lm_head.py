@@ -130,6 +130,18 @@ class ReservedLMHead(nn.Linear):
         return logits
 
     @torch.no_grad()
+    def init_reserved_(self, sources, *, targets: Tensor | Sequence[int] | None = None, exclude=None,
+                       noise_std: float = 0.0, generator: torch.Generator | None = None) -> ReservedLMHead:
+        """An untied head's rows: each the mean of its source rows *of this head's table* (see
+        ``ReservedEmbedding.init_reserved_``); a tied head's rows are its embedding's, initialised there."""
+        if self.tied is not None:
+            raise ValueError("a tied head shares its embedding's rows: initialise them through the embedding")
+        slot_map = F.build_slot_map(self.reserved_ids, self.out_features, self.weight.device)
+        F.init_reserved_rows_(self.reserved_weight, self.weight, slot_map, self.reserved_ids, sources,
+                              targets=targets, exclude=exclude, noise_std=noise_std, generator=generator)
+        return self
+
+    @torch.no_grad()
     def merged_weight(self) -> Tensor:
         """A (V, D) copy of the projection as the forward pass sees it."""
         return self.weight.detach().clone().index_copy_(0, self.reserved_ids, self.reserved_weight.to(self.weight.dtype))

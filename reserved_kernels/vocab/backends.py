@@ -12,7 +12,9 @@ import re
 from collections.abc import Callable
 from typing import Protocol
 
-RESERVED_PIECE = re.compile(r"^<unused(\d+)>$")
+# The never-trained slots each family ships, numbered: Gemma's <unusedN>, Llama 3's reserved special tokens.
+RESERVED_PIECES = {"gemma": re.compile(r"^<unused(\d+)>$"),
+                   "llama3": re.compile(r"^<\|reserved_special_token_(\d+)\|>$")}
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
@@ -123,16 +125,18 @@ class HFTokenizerBackend:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def renamed(self, renames: dict[int, str]) -> bytes:
+        """The file with each ``id -> term`` renamed; ids past the tokenizer (a model's spare rows) become new
+        added tokens, which the tokenizers library numbers in order from the tokenizer's size."""
         spec = json.loads(json.dumps(self.spec))
         added = {t["id"]: t for t in spec.setdefault("added_tokens", [])}
         model = spec.get("model", {})
         vocab = model.get("vocab")
-        for token_id, term in renames.items():
-            old = self._pieces[token_id]
-            if isinstance(vocab, dict):  # BPE / WordPiece: piece -> id
-                vocab.pop(old, None)
+        for token_id, term in sorted(renames.items()):
+            old = self._pieces[token_id] if token_id < len(self._pieces) else None
+            if isinstance(vocab, dict) and old in vocab:  # BPE / WordPiece: piece -> id
+                vocab.pop(old)
                 vocab[term] = token_id
-            elif isinstance(vocab, list):  # Unigram: [piece, score] at position id
+            elif isinstance(vocab, list) and token_id < len(vocab):  # Unigram: [piece, score] at position id
                 vocab[token_id] = [term, 0.0]
             entry = added.get(token_id)
             if entry is None:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from reserved_kernels._io import atomic_write_many
-from reserved_kernels.vocab.backends import BYTE_PIECE, RESERVED_PIECE, open_backend
+from reserved_kernels.vocab.backends import BYTE_PIECE, RESERVED_PIECES, open_backend
 from reserved_kernels.vocab.hf_files import renamed_config, transformers_files
 
 PLAN_FILENAME = "reserved_plan.json"
@@ -45,6 +45,7 @@ class ReservedPlan:
 
     tokenizer_sha256: str
     entries: tuple[PlanEntry, ...] = ()
+    model_vocab_size: int | None = None  # set when the plan uses a model's rows beyond the tokenizer
 
     @property
     def ids(self) -> list[int]:
@@ -75,7 +76,7 @@ class ReservedPlan:
 
     def to_json(self, output_sha256: str | None = None) -> str:
         return json.dumps(dict(format_version=PLAN_FORMAT_VERSION, tokenizer_sha256=self.tokenizer_sha256,
-                               output_sha256=output_sha256,
+                               output_sha256=output_sha256, model_vocab_size=self.model_vocab_size,
                                entries=[dataclasses.asdict(e) for e in self.entries]), ensure_ascii=False, indent=2)
 
     @classmethod
@@ -95,8 +96,11 @@ class ReservedPlan:
                 raise PlanError(f"corrupt plan file: field {field!r} is missing")
         if not isinstance(raw["entries"], list):
             raise PlanError("corrupt plan file: field 'entries' must be a list")
-        return cls(str(raw["tokenizer_sha256"]), tuple(_entry(k, e) for k, e in enumerate(raw["entries"]))), \
-            raw.get("output_sha256")
+        rows = raw.get("model_vocab_size")
+        if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
+            raise PlanError(f"corrupt plan file: field 'model_vocab_size' must be a positive integer, got {rows!r}")
+        return cls(str(raw["tokenizer_sha256"]), tuple(_entry(k, e) for k, e in enumerate(raw["entries"])),
+                   rows), raw.get("output_sha256")
 
 
 def _entry(index: int, raw) -> PlanEntry:
@@ -126,22 +130,50 @@ def _entry(index: int, raw) -> PlanEntry:
 class ReservedVocab:
     """A tokenizer's reserved slots and the plan that gives some of them a new meaning.
 
+    Reserved slots, in this order: Gemma's ``<unusedN>`` pieces and Llama 3's
+    ``<|reserved_special_token_N|>`` tokens, each in N order (never a special token in use), then —
+    given ``model_vocab_size`` larger than the tokenizer (Qwen2's embedding has ~270 more rows than its
+    tokenizer has tokens) — the model's rows beyond the tokenizer, which a plan turns into new tokens at
+    those very ids (``tokenizer.json`` only). ``families`` says which kinds were found.
+
     >>> vocab = ReservedVocab.from_file(default_tokenizer_path())
     >>> plan = vocab.assign({"[summary]": "a short summary of the text"})
-    >>> vocab.save("out")   # out/tokenizer.model (renamed pieces) + out/reserved_plan.json
+    >>> vocab.save("out")   # out/tokenizer.model (renamed pieces) + out/reserved_plan.json (+ AutoTokenizer files)
     """
 
-    def __init__(self, data: bytes, path: str, plan: ReservedPlan | None = None):
+    def __init__(self, data: bytes, path: str, plan: ReservedPlan | None = None, model_vocab_size: int | None = None):
         self._data = data
         self.path = path
         self.backend = open_backend(data, path)
         self.sha256 = hashlib.sha256(data).hexdigest()
         pieces = self.backend.pieces()
+        if plan is not None and plan.model_vocab_size is not None:
+            if model_vocab_size not in (None, plan.model_vocab_size):
+                raise PlanError(f"the plan was made for a model of {plan.model_vocab_size} rows, not {model_vocab_size}")
+            model_vocab_size = plan.model_vocab_size
+        spare = []
+        if model_vocab_size is not None and model_vocab_size != len(pieces):
+            if model_vocab_size < len(pieces):
+                raise PlanError(f"the model has {model_vocab_size} rows but the tokenizer {len(pieces)} tokens")
+            if self.backend.kind != "tokenizer.json":
+                raise PlanError("rows beyond the tokenizer can only get a token in a tokenizer.json; "
+                                f"{path} is a {self.backend.kind} model")
+            spare = list(range(len(pieces), model_vocab_size))
+            pieces = pieces + [f"<spare row {i}>" for i in spare]
         self._pieces = pieces
-        found = [(int(m.group(1)), i) for i, p in enumerate(pieces) if (m := RESERVED_PIECE.match(p))]
-        self.reserved_ids: list[int] = [i for _, i in sorted(found)]
+        self.reserved_ids: list[int] = []
+        self.families: tuple[str, ...] = ()
+        for family, pattern in RESERVED_PIECES.items():
+            found = sorted((int(m.group(1)), i) for i, p in enumerate(pieces) if (m := pattern.match(p)))
+            if found:
+                self.reserved_ids += [i for _, i in found]
+                self.families += (family,)
+        if spare:
+            self.reserved_ids += spare
+            self.families += ("spare rows",)
         self._excluded = self.backend.special_ids() | set(self.reserved_ids)
-        self.plan = plan if plan is not None else ReservedPlan(self.sha256)
+        self.plan = plan if plan is not None else ReservedPlan(self.sha256, model_vocab_size=model_vocab_size if spare
+                                                               else None)
         if self.plan.tokenizer_sha256 != self.sha256:
             raise PlanError("the plan was made for another tokenizer "
                             f"(sha256 {self.plan.tokenizer_sha256[:12]}…, this one {self.sha256[:12]}…)")
@@ -166,11 +198,13 @@ class ReservedVocab:
                 seen[key] = k
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, plan: str | os.PathLike | ReservedPlan | None = None) -> ReservedVocab:
+    def from_file(cls, path: str | os.PathLike, plan: str | os.PathLike | ReservedPlan | None = None, *,
+                  model_vocab_size: int | None = None) -> ReservedVocab:
         """Read a SentencePiece ``.model`` or a ``tokenizer.json``; optionally re-apply a saved plan.
 
         ``plan`` may be a ``reserved_plan.json`` path (or the folder holding it) or a plan object;
         it must have been made for this very tokenizer file (its sha256 is checked).
+        ``model_vocab_size``: the model's embedding rows, when it has more than the tokenizer has tokens.
         """
         path = os.fspath(path)
         with open(path, "rb") as f:
@@ -184,7 +218,7 @@ class ReservedVocab:
             if output_sha is not None and output_sha == hashlib.sha256(data).hexdigest():
                 raise PlanError(f"{path} is the renamed tokenizer this plan wrote; load the plan against the "
                                 "original tokenizer it was made for")
-        return cls(data, path, plan)
+        return cls(data, path, plan, model_vocab_size)
 
     @property
     def vocab_size(self) -> int:

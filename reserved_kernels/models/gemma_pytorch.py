@@ -68,7 +68,7 @@ def _masks(config, length: int, device: torch.device) -> tuple[Tensor, Tensor | 
 def causal_lm_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
     """(B, T, V) logits of a gemma_pytorch-layout model at every position, differentiable.
 
-    A patched model (:func:`reserved_kernels.gemma.patch_model`) trains only its reserved rows here:
+    A patched model (:func:`reserved_kernels.models.patch_model`) trains only its reserved rows here:
     the input side through the fused gather, the tied output head through the merged-table logits
     (dequantising an int8 table, as gemma_pytorch's sampler does, but never writing it).
     """

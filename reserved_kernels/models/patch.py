@@ -1,7 +1,8 @@
-"""Swap a Gemma model's embedding and tied head for the reserved-row modules, and back.
+"""Swap a causal LM's embedding and output head for the reserved-row modules, and back.
 
-Hugging Face ``Gemma/Gemma2/Gemma3ForCausalLM`` (and a PEFT model around one) and gemma_pytorch-layout
-models (``embedder``, or ``text_token_embedder`` in Gemma 3's multimodal model; float or int8).
+Hugging Face causal LMs with ``get_input_embeddings`` — Gemma 1/2/3, Llama 3 and Qwen2, tied or untied
+heads — a PEFT model around one, and gemma_pytorch-layout models (``embedder``, or
+``text_token_embedder`` in Gemma 3's multimodal model; float or int8).
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 import io
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from reserved_kernels._io import atomic_write_many
-from reserved_kernels.gemma.gemma_pytorch import embedder_name
+from reserved_kernels.models.gemma_pytorch import embedder_name
+from reserved_kernels.models.untrained import untrained_rows
 from reserved_kernels.modules.embedding import ReservedEmbedding
 from reserved_kernels.modules.lm_head import ReservedLMHead
 from reserved_kernels.vocab.planning import ReservedPlan, ReservedVocab
@@ -80,8 +83,8 @@ def _reserved_ids(reserved) -> tuple[list[int], ReservedPlan | None]:
 
 def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPlan | ReservedVocab, *,
                 init: str | None = None, noise_std: float = 0.0, generator: torch.Generator | None = None,
-                copy_from: int | None = None, exclude: Sequence[int] | None = None, train_others: bool = False,
-                reserved_dtype: torch.dtype | None = None) -> nn.Module:
+                copy_from: int | None = None, exclude: Sequence[int] | None = None, exclude_untrained: bool = True,
+                train_others: bool = False, reserved_dtype: torch.dtype | None = None) -> nn.Module:
     """Make only the rows ``reserved`` of ``model``'s embedding (and tied output head) trainable.
 
     Works on Hugging Face ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` (a
@@ -96,6 +99,9 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             ``None`` (keep them), ``"description"`` (mean of each term's description sub-tokens; needs
             a plan), ``"mean"`` (mean of all rows except ``exclude`` and the reserved ids), ``"copy"``
             (row ``copy_from``). ``noise_std`` / ``generator`` add Gaussian noise.
+        exclude_untrained: drop the table's untrained rows (:func:`untrained_rows`: near-zero or
+            duplicated rows) from every mean; a description left with none falls back to the mean of all
+            trained rows, with a warning. An untied head averages its own table's rows.
         train_others: keep other parameters' ``requires_grad``; by default every other parameter is
             frozen. A PEFT model always keeps its adapter trainable.
         reserved_dtype: dtype of the trainable rows (default float32 for a 16-bit table).
@@ -128,7 +134,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             new_head = ReservedLMHead.tied_to(new_embedding)
         else:
             new_head = ReservedLMHead.from_linear(head, ids, reserved_dtype=reserved_dtype)
-    _initialise(new_embedding, new_head, init, plan, noise_std, generator, copy_from, exclude)
+    _initialise(new_embedding, new_head, init, plan, noise_std, generator, copy_from, exclude, exclude_untrained)
     _set_input_embedding(model, new_embedding)
     if new_head is not None:
         base.set_output_embeddings(new_head)
@@ -167,26 +173,49 @@ def freeze_rows(model: nn.Module) -> nn.Module:
     return model
 
 
-def _initialise(embedding: ReservedEmbedding, head: ReservedLMHead | None, init, plan, noise_std, generator,
-                copy_from, exclude) -> None:
-    if init is None:
-        return
-    if init == "description":
-        if plan is None:
-            raise ValueError('init="description" needs a plan (ReservedPlan or ReservedVocab), not bare ids')
-        sources, targets = plan.sources_csr(), plan.ids
-    elif init == "mean":
-        skip = set(embedding.reserved_ids.tolist()) | set(exclude or ())
-        sources, targets = [[i for i in range(embedding.num_embeddings) if i not in skip]], None
-    else:
+def _sources(weight: Tensor, weight_scaler: Tensor | None, reserved_ids: list[int], init: str, plan, copy_from,
+             exclude, exclude_untrained: bool) -> tuple[list[list[int]], list[int] | None]:
+    """(source lists, target ids) of one table for ``init``; excluded and untrained rows never feed a mean.
+
+    A description whose rows are all untrained (or excluded) falls back to the mean of every trained
+    row, with a warning naming the term.
+    """
+    if init == "copy":
         if copy_from is None:
             raise ValueError('init="copy" needs copy_from=<row id>')
-        sources, targets = [[int(copy_from)]], None
+        return [[int(copy_from)]], None
+    skip = set(exclude or ()) | set(reserved_ids)
+    if exclude_untrained:
+        skip |= set(untrained_rows(weight, weight_scaler=weight_scaler).ids)
+    trained = [i for i in range(weight.shape[0]) if i not in skip]
+    if init == "mean":
+        return [trained], None
+    if plan is None:
+        raise ValueError('init="description" needs a plan (ReservedPlan or ReservedVocab), not bare ids')
+    lists = []
+    for entry in plan.entries:
+        kept = [i for i in entry.source_ids if i not in skip]
+        if not kept:
+            warnings.warn(f"{entry.term!r}: every row of its description is untrained or excluded "
+                          f"({list(entry.source_ids)[:10]}); its row starts as the mean of all trained rows",
+                          UserWarning, stacklevel=4)
+            kept = trained
+        lists.append(kept)
+    return lists, plan.ids
+
+
+def _initialise(embedding: ReservedEmbedding, head: ReservedLMHead | None, init, plan, noise_std, generator,
+                copy_from, exclude, exclude_untrained) -> None:
+    if init is None:
+        return
+    ids = embedding.reserved_ids.tolist()
+    sources, targets = _sources(embedding.weight, embedding.weight_scaler, ids, init, plan, copy_from, exclude,
+                                exclude_untrained)
     embedding.init_reserved_(sources, targets=targets, noise_std=noise_std, generator=generator)
     if head is not None and head.tied is None:
-        # An untied head starts its reserved rows from the same means (drawn without extra noise).
-        with torch.no_grad():
-            head.reserved_weight.copy_(embedding.reserved_weight.to(head.reserved_weight.dtype))
+        # An untied head's rows are output vectors: the means of the same ids in the head's own table.
+        sources, targets = _sources(head.weight, None, ids, init, plan, copy_from, exclude, exclude_untrained)
+        head.init_reserved_(sources, targets=targets, noise_std=noise_std, generator=generator)
 
 
 def _patched_embedding(model: nn.Module) -> ReservedEmbedding:

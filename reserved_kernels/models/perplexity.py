@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 
 def _logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-    from reserved_kernels.gemma.gemma_pytorch import causal_lm_logits, is_gemma_pytorch
+    from reserved_kernels.models.gemma_pytorch import causal_lm_logits, is_gemma_pytorch
 
     if is_gemma_pytorch(model):  # its own forward samples one token; score every position instead
         return causal_lm_logits(model, input_ids)

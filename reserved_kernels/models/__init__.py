@@ -1,0 +1,14 @@
+"""Model integration: patch a causal LM so only planned rows train, merge back, keep the rows as a small artifact.
+
+Hugging Face Gemma 1/2/3, Llama 3 and Qwen2 (tied or untied heads, PEFT models around them) and
+gemma_pytorch-layout models. ``reserved_kernels.gemma`` keeps the same names.
+"""
+
+from reserved_kernels.models.gemma_pytorch import causal_lm_logits, causal_lm_loss, is_gemma_pytorch
+from reserved_kernels.models.patch import freeze_rows, load_reserved, merge, patch_model, save_reserved
+from reserved_kernels.models.perplexity import perplexity, perplexity_change
+from reserved_kernels.models.untrained import UntrainedRows, untrained_rows
+
+__all__ = ["patch_model", "merge", "save_reserved", "load_reserved", "freeze_rows", "perplexity",
+           "perplexity_change", "untrained_rows", "UntrainedRows", "causal_lm_logits", "causal_lm_loss",
+           "is_gemma_pytorch"]
