@@ -25,7 +25,15 @@ print(f"wheel: {reserved_kernels.__file__}; CUDA extension built: {built} ({why}
 if sys.argv[1] == "1" and not built:
     sys.exit("the wheel was built with the CUDA extension but it does not load")
 emb = reserved_kernels.ReservedEmbedding(10, 4, reserved_ids=[1, 2])
+import os
+
 import torch
+
 assert emb(torch.tensor([1, 3])).shape == (2, 4)
+from reserved_kernels.gemma.demo import default_model_path  # the main job's model ships in the wheel
+from reserved_kernels.vocab import default_tokenizer_path
+
+assert os.path.exists(os.path.join(default_model_path(), "model.safetensors")), default_model_path()
+assert os.path.exists(default_tokenizer_path())
 PY
 "$work/venv/bin/reserved-kernels" info | grep "compiled extension built"

@@ -24,4 +24,5 @@ python -m pytest -q tests bench --benchmark-disable "$@"
 TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_interpreter.py "$@"
 # The pure-Python configuration (no compiled extension: a machine without a CUDA toolkit) in its own process.
 RESERVED_KERNELS_EXTENSION=0 python -m pytest -q tests/test_ops.py tests/test_embedding.py tests/test_reference.py \
-  tests/test_hot_path.py tests/test_gemma.py -k "not distributed and not demo" "$@"
+  tests/test_hot_path.py tests/test_gemma.py tests/test_gemma_pytorch.py tests/test_workflows.py \
+  -k "not distributed and not demo" "$@"
