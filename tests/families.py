@@ -67,35 +67,35 @@ def qwen2_tokenizer(folder) -> str:
     return path
 
 
-def tiny_llama(vocab_size: int, *, tied: bool, reserved_ids=(), seed: int = 0):
-    """A random ``LlamaForCausalLM``; the rows of ``reserved_ids`` near zero (input and, untied, output)."""
+def _tiny(family: str, vocab_size: int, tied: bool, seed: int):
+    """A random two-layer model of ``family`` ("llama" or "qwen2") and its distinct tables (input, output)."""
     import transformers
 
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, tie_word_embeddings=tied)
+    config = config_cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        tie_word_embeddings=tied)
     config._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = model_cls(config).eval()
+    tables = {id(t): t for t in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    return model, list(tables.values())
+
+
+def tiny_llama(vocab_size: int, *, tied: bool, reserved_ids=(), seed: int = 0):
+    """A random ``LlamaForCausalLM``; the rows of ``reserved_ids`` near zero (input and, untied, output)."""
+    model, tables = _tiny("llama", vocab_size, tied, seed)
     with torch.no_grad():
-        for table in {id(t): t for t in (model.get_input_embeddings().weight,
-                                         model.get_output_embeddings().weight)}.values():
+        for table in tables:
             table[list(reserved_ids)] = 1e-6 * torch.randn(len(reserved_ids), 64)
     return model
 
 
 def tiny_qwen2(vocab_size: int, tokenizer_size: int, *, tied: bool = False, seed: int = 0):
     """A random ``Qwen2ForCausalLM`` with ``vocab_size`` rows; those past ``tokenizer_size`` share one value."""
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, tie_word_embeddings=tied)
-    config._attn_implementation = "eager"
-    model = transformers.Qwen2ForCausalLM(config).eval()
+    model, tables = _tiny("qwen2", vocab_size, tied, seed)
     with torch.no_grad():
-        for table in {id(t): t for t in (model.get_input_embeddings().weight,
-                                         model.get_output_embeddings().weight)}.values():
+        for table in tables:
             table[tokenizer_size:] = table[tokenizer_size].clone()
     return model
