@@ -71,9 +71,7 @@ def _hook_recipe(weight, reserved_ids):
 
 
 def _checkpoint(args):
-    """(model, its table, the first ``args.slots`` reserved slots of its tokenizer) for ``--model``."""
-    import os
-
+    """(model, its table, the first ``args.slots`` reserved slots of its tokenizer, its tokenizer's size)."""
     import torch
     import transformers
 
@@ -82,11 +80,9 @@ def _checkpoint(args):
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     model.to(args.device)
     weight = model.get_input_embeddings().weight
-    tokenizer = next(os.path.join(args.model, n) for n in ("tokenizer.model", "tokenizer.json")
-                     if os.path.exists(os.path.join(args.model, n)))
-    tokens = ReservedVocab.from_file(tokenizer).vocab_size
-    vocab = ReservedVocab.from_file(tokenizer, model_vocab_size=weight.shape[0] if weight.shape[0] > tokens else None)
-    return model, weight.detach(), torch.tensor(vocab.reserved_ids[:args.slots], device=args.device), tokens
+    vocab = ReservedVocab.from_folder(args.model, model_vocab_size=weight.shape[0])
+    return (model, weight.detach(), torch.tensor(vocab.reserved_ids[:args.slots], device=args.device),
+            vocab.tokenizer_size)
 
 
 def _build(args, weight, reserved_ids, model=None):

@@ -194,21 +194,15 @@ def _load(args, device):
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    tokenizer = args.tokenizer
-    if args.model and tokenizer is None:
-        found = [os.path.join(args.model, n) for n in ("tokenizer.model", "tokenizer.json")
-                 if os.path.exists(os.path.join(args.model, n))]
-        if not found:
-            raise FileNotFoundError(f"{args.model} has no tokenizer.model or tokenizer.json; pass --tokenizer")
-        tokenizer = found[0]
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model or default_model_path())
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     rows = model.get_input_embeddings().num_embeddings
-    tokens = ReservedVocab.from_file(tokenizer or default_tokenizer_path()).vocab_size
-    vocab = ReservedVocab.from_file(tokenizer or default_tokenizer_path(),
-                                    model_vocab_size=rows if rows > tokens else None)
+    if args.tokenizer or not args.model:
+        vocab = ReservedVocab.from_file(args.tokenizer or default_tokenizer_path(), model_vocab_size=rows)
+    else:
+        vocab = ReservedVocab.from_folder(args.model, model_vocab_size=rows)
     return model, vocab
 
 

@@ -210,7 +210,10 @@ def _unavailable(backend: str, name: str, device_type: str, why: str) -> Callabl
 
 
 def _python_impl(backend: str, name: str, device_type: str) -> Callable:
-    """``backend``'s implementation of op ``name`` for ``device_type`` tensors, checks included."""
+    """``backend``'s implementation of op ``name`` for ``device_type`` tensors, checks included; for a backend
+    that cannot run them (or an unknown name) one that raises, with the reason, at the call."""
+    if backend not in _backend.BACKENDS:
+        return _unavailable(backend, name, device_type, f"not a backend; expected one of {_backend.BACKENDS}")
     ok, why = _backend.availability(backend, device_type)
     if not ok:
         return _unavailable(backend, name, device_type, why)
@@ -297,19 +300,10 @@ def force_backend(backend: str | None) -> None:
 
 
 def _force_from_environment() -> None:
+    """``RESERVED_KERNELS_BACKEND`` at import; an unknown name fails every call, with the reason, not the import."""
     value = os.environ.get(_backend.ENV_VAR, "").strip().lower()
-    if not value:
-        return
-    if value in _backend.BACKENDS:
+    if value:
         force_backend(value)
-        return
-    # An unknown name fails every call, with the reason, rather than the import.
-    lib = torch.library.Library(NAMESPACE, "IMPL")
-    for device_type, key in DEVICE_KEYS.items():
-        for name in SCHEMAS:
-            lib.impl(name, _unavailable(value, name, device_type,
-                                        f"not a backend; expected one of {_backend.BACKENDS}"), key)
-    _forced.update(backend=value, lib=lib)
 
 
 _force_from_environment()

@@ -147,6 +147,7 @@ class ReservedVocab:
         self.backend = open_backend(data, path)
         self.sha256 = hashlib.sha256(data).hexdigest()
         pieces = self.backend.pieces()
+        self.tokenizer_size = len(pieces)  # tokens the tokenizer has (vocab_size also counts spare model rows)
         if plan is not None and plan.model_vocab_size is not None:
             if model_vocab_size not in (None, plan.model_vocab_size):
                 raise PlanError(f"the plan was made for a model of {plan.model_vocab_size} rows, not {model_vocab_size}")
@@ -219,6 +220,18 @@ class ReservedVocab:
                 raise PlanError(f"{path} is the renamed tokenizer this plan wrote; load the plan against the "
                                 "original tokenizer it was made for")
         return cls(data, path, plan, model_vocab_size)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, *, model_vocab_size: int | None = None) -> ReservedVocab:
+        """The tokenizer of a checkpoint folder: its ``tokenizer.model``, else its ``tokenizer.json``.
+
+        ``model_vocab_size`` is the model's embedding rows; where it equals the tokenizer's size it adds nothing.
+        """
+        folder = os.fspath(folder)
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if os.path.exists(os.path.join(folder, name)):
+                return cls.from_file(os.path.join(folder, name), model_vocab_size=model_vocab_size)
+        raise FileNotFoundError(f"{folder} has no tokenizer.model or tokenizer.json")
 
     @property
     def vocab_size(self) -> int:
