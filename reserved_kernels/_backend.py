@@ -4,16 +4,16 @@ Backends: ``compiled`` (the extension ``reserved_kernels._C``: C++ kernels for C
 for CUDA tensors, and the autograd in C++), ``triton`` (CUDA tensors, or CPU tensors through Triton's
 interpreter with ``TRITON_INTERPRET=1``) and ``torch`` (the pure-PyTorch reference).
 
-Dispatch is PyTorch's own: :mod:`reserved_kernels.ops` registers one kernel per op and dispatch key,
-chosen once, at import — the compiled extension where built, else Triton on CUDA and the reference on
-CPU. A call never goes through Python to pick a backend. ``RESERVED_KERNELS_BACKEND=torch|triton|compiled``
-(read at import) or :func:`use` / :func:`forced` register another backend's kernels over the defaults;
-a forced backend that cannot run a call raises :class:`BackendUnavailableError` instead of falling back.
+This module only finds out what exists; it imports nothing else of the package. The choice is
+:mod:`reserved_kernels.ops`'s: it registers one kernel per op and dispatch key, once, at import — the
+compiled extension where built, else Triton on CUDA and the reference on CPU — so a call never goes
+through Python to pick a backend. ``RESERVED_KERNELS_BACKEND=torch|triton|compiled`` (read at import) or
+``ops.use`` / ``ops.forced`` register another backend's kernels over the defaults; a forced backend that
+cannot run a call raises :class:`BackendUnavailableError` instead of falling back.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import os
@@ -63,6 +63,29 @@ def triton_status() -> tuple[bool, str]:
     return True, f"triton {triton.__version__}"
 
 
+@functools.cache
+def extension_kernels() -> frozenset[tuple[str, str]]:
+    """``(op, dispatch key)`` pairs the compiled extension registered, read right after it loads.
+
+    :mod:`reserved_kernels.ops` calls this at import, before it registers any Python kernel, so the
+    pairs are the extension's own (the dispatcher cannot tell them apart afterwards).
+    """
+    import torch
+
+    if not cuda_extension_status()[0]:
+        return frozenset()
+    prefix = "reserved_kernels::"
+    return frozenset((name.removeprefix(prefix), key) for key in ("CPU", "CUDA", "Autograd")
+                     for name in torch._C._dispatch_get_registrations_for_dispatch_key(key)
+                     if name.startswith(prefix))
+
+
+def extension_serves(device_type: str) -> bool:
+    """Whether the compiled extension registered kernels for ``device_type`` ("cpu" or "cuda") tensors."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return any(k == key for _, k in extension_kernels())
+
+
 def availability(backend: str, device_type: str) -> tuple[bool, str]:
     """Can ``backend`` run the ops on ``device_type`` ("cpu" or "cuda") tensors? Returns (ok, reason)."""
     if backend == "torch":
@@ -77,41 +100,10 @@ def availability(backend: str, device_type: str) -> tuple[bool, str]:
             return True, why + " (interpreter)"
         return False, f"Triton runs on CUDA tensors, or on CPU tensors only with TRITON_INTERPRET=1 (got {device_type})"
     if backend == "compiled":
-        from reserved_kernels import ops
-
         ok, why = cuda_extension_status()
         if not ok:
             return False, why
-        if not ops.extension_serves(device_type):
+        if not extension_serves(device_type):
             return False, f"the compiled extension has no {device_type} kernels (built without a CUDA toolkit?)"
         return True, f"compiled extension ({why})"
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-
-
-def active(device_type: str) -> str:
-    """The backend that serves ``device_type`` tensors now (forced, or the default chosen at import)."""
-    from reserved_kernels import ops
-
-    return ops.forced_backend() or ops.default_backend(device_type)
-
-
-def use(backend: str | None) -> None:
-    """Force ``backend`` for every later call (``None``: back to the defaults)."""
-    from reserved_kernels import ops
-
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    ops.force_backend(backend)
-
-
-@contextlib.contextmanager
-def forced(backend: str):
-    """Force ``backend`` inside the ``with`` block, then restore what was there before."""
-    from reserved_kernels import ops
-
-    previous = ops.forced_backend()
-    use(backend)
-    try:
-        yield
-    finally:
-        use(previous)

@@ -17,7 +17,7 @@ def info() -> str:
     import torch
 
     import reserved_kernels
-    from reserved_kernels import _backend
+    from reserved_kernels import _backend, ops
 
     lines = [
         f"reserved-kernels {reserved_kernels.__version__}",
@@ -31,7 +31,7 @@ def info() -> str:
     ext_ok, ext_why = _backend.cuda_extension_status()
     lines.append(f"  compiled extension built: {'yes, ' + ext_why if ext_ok else 'no: ' + ext_why}")
     for device in ("cpu", "cuda"):
-        active = _backend.active(device)
+        active = ops.active(device)
         for backend in _backend.BACKENDS:
             ok, why = _backend.availability(backend, device)
             star = "*" if backend == active else " "
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     p_plan.add_argument("--out", required=True, help="folder for the renamed tokenizer and reserved_plan.json")
     p_plan.add_argument("--plan", help="an earlier reserved_plan.json to extend")
     p_demo = sub.add_parser("demo", help="plan three terms and train only their rows of a Gemma model")
-    from reserved_kernels.gemma.demo import add_arguments
+    from reserved_kernels.demo import add_arguments
 
     add_arguments(p_demo)
     p_bench = sub.add_parser("bench", help="the benchmark matrix, side by side with the peers")
@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace) -> None:
 
             bench_main(args)
     elif args.command == "demo":
-        from reserved_kernels.gemma.demo import run
+        from reserved_kernels.demo import run
 
         run(args)
 

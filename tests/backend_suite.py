@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 
-from reserved_kernels import _backend
+from reserved_kernels import ops
 from tests import kernel_cases as kc
 
 
@@ -24,7 +24,7 @@ def make_suite(backend: str, device: str, *, skip_reason: str | None = None):
     def forced(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
-            with _backend.forced(backend):
+            with ops.forced(backend):
                 fn(*args, **kwargs)
 
         return mark(run)

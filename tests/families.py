@@ -1,4 +1,6 @@
-"""Tokenizers and tiny models in Llama 3's and Qwen2's layouts, built in the tests (no download).
+"""Tokenizers and tiny random models in Gemma's, Llama 3's and Qwen2's layouts, built in the tests (no download).
+
+* Gemma 1/2/3: :func:`tiny_gemma`, whose ids 0-107 follow the embedded tokenizer's layout.
 
 * Llama 3: a byte-level BPE ``tokenizer.json`` whose added tokens interleave used specials
   (``<|begin_of_text|>``, ``<|start_header_id|>``, ``<|eot_id|>`` …) with ``<|reserved_special_token_N|>``
@@ -99,3 +101,28 @@ def tiny_qwen2(vocab_size: int, tokenizer_size: int, *, tied: bool = False, seed
         for table in tables:
             table[tokenizer_size:] = table[tokenizer_size].clone()
     return model
+
+
+GEMMA = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=32, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+             max_position_embeddings=256)
+
+
+def tiny_gemma(variant: str = "gemma", *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A random ``GemmaForCausalLM`` (``variant="gemma"``), ``Gemma2ForCausalLM`` (final soft-cap 30) or
+    ``Gemma3ForCausalLM``; tied, eager attention, in eval mode."""
+    import transformers
+
+    config_cls, model_cls = {
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
+    }[variant]
+    extra = {}
+    if variant in ("gemma2", "gemma3"):
+        extra = dict(sliding_window=64, final_logit_softcapping=30.0 if variant == "gemma2" else None,
+                     query_pre_attn_scalar=32)
+    config = config_cls(**{**GEMMA, **extra, **overrides}, tie_word_embeddings=True)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return model_cls(config).to(dtype).eval()

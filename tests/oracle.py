@@ -60,3 +60,59 @@ def assert_within(actual: Tensor, expected: Tensor, bound: Tensor) -> None:
     assert torch.isfinite(actual).all(), "non-finite values in the result"
     worst = (err - bound).max().item() if err.numel() else 0.0
     assert bool((err <= bound).all()), f"error exceeds the derived bound by up to {worst:.3g}"
+
+
+def gemm_disagreement(hidden: Tensor, rows: Tensor, logits: Tensor | None = None, softcap: float | None = None) -> Tensor:
+    """How far two fp32 GEMMs may disagree on ``hidden @ rows.T`` (any blocking, any summation order).
+
+    Each computes a dot of D products with an error of at most ``γ_D Σ|h_i w_i|`` (``γ_D = D u / (1 - D u)``,
+    ``u = eps / 2``), so the two differ by at most ``2 γ_D (|hidden| @ |rows|ᵀ)``. A soft-cap
+    ``c · tanh(x / c)`` has slope at most 1, so it passes that difference on, and adds its own three
+    roundings (divide, tanh, multiply) of a few ulps of each result: ``8 eps |logits|`` for the two.
+    """
+    d = hidden.shape[-1]
+    u = EPS32 / 2
+    gamma = d * u / (1 - d * u)
+    bound = 2 * gamma * (hidden.detach().abs().double() @ rows.detach().abs().double().T)
+    if softcap is not None:
+        bound = bound + 8 * EPS32 * logits.detach().abs().double()
+    return bound
+
+
+def captured_input(module: torch.nn.Module, fn):
+    """``(fn(), the first positional input module received during it)``: e.g. the hidden states a head saw."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    try:
+        result = fn()
+    finally:
+        handle.remove()
+    return result, seen[-1]
+
+
+def captured_output(module: torch.nn.Module, fn):
+    """``(fn(), what module returned during it)``."""
+    seen = []
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(out.detach()))
+    try:
+        result = fn()
+    finally:
+        handle.remove()
+    return result, seen[-1]
+
+
+def assert_same_table_logits(actual: Tensor, expected: Tensor, hidden: Tensor, table: Tensor,
+                             columns: list[int] | None, softcap: float | None = None) -> None:
+    """``actual`` and ``expected`` are one table's logits of ``hidden`` through two GEMMs.
+
+    ``columns`` are the vocabulary columns the two computed differently (a patched head's K reserved
+    columns come from a K-column GEMM; after merging, from the V-column one): those agree within
+    :func:`gemm_disagreement`; every other column is the same computation and must be bit-identical.
+    ``columns=None``: every column came from a different GEMM shape (all held to the bound).
+    """
+    v = actual.shape[-1]
+    cols = list(range(v)) if columns is None else list(columns)
+    others = [i for i in range(v) if i not in set(cols)]
+    assert torch.equal(actual[..., others], expected[..., others]), "a column computed the same way changed"
+    bound = gemm_disagreement(hidden, table[cols], expected[..., cols], softcap)
+    assert_within(actual[..., cols], expected[..., cols], bound)

@@ -44,16 +44,16 @@ def test_the_compiled_extension_serves_every_key_itself(op):
     regs = _registrations(op)
     for key in ("CPU", "CUDA", "Autograd"):
         assert regs[key].startswith(os.path.join(REPO, "csrc")) or "/csrc/" in regs[key], (key, regs[key])
-    assert _backend.active("cpu") == "compiled" and _backend.active("cuda") == "compiled"
+    assert ops.active("cpu") == "compiled" and ops.active("cuda") == "compiled"
 
 
 def test_without_the_extension_python_fills_every_key():
     """RESERVED_KERNELS_EXTENSION=0: the reference on CPU, Triton (or the reference) on CUDA, Python autograd."""
     code = ("import torch, reserved_kernels as rk, re\n"
-            "from reserved_kernels import _backend\n"
+            "from reserved_kernels import _backend, ops\n"
             "d = torch._C._dispatch_dump('reserved_kernels::gather')\n"
             "assert 'csrc' not in d, d\n"
-            "print(_backend.active('cpu'), _backend.active('cuda'))\n"
+            "print(ops.active('cpu'), ops.active('cuda'))\n"
             "e = rk.ReservedEmbedding(10, 4, reserved_ids=[1, 2], dtype=torch.bfloat16)\n"
             "e(torch.tensor([1, 2, 1])).float().sum().backward()\n"
             "assert e.reserved_weight.grad.dtype == torch.float32 and e.reserved_weight.grad[0, 0] == 2\n")
@@ -66,7 +66,7 @@ def test_without_the_extension_python_fills_every_key():
 
 def test_forcing_an_unavailable_backend_raises_at_the_call():
     emb = rk.ReservedEmbedding(10, 4, reserved_ids=[1])
-    with _backend.forced("triton"):
+    with ops.forced("triton"):
         if not _backend.interpreter_enabled():
             with pytest.raises(_backend.BackendUnavailableError, match="TRITON_INTERPRET=1"):
                 emb(torch.tensor([1, 2]))
@@ -74,18 +74,18 @@ def test_forcing_an_unavailable_backend_raises_at_the_call():
 
 
 def test_forcing_restores_what_was_there_before():
-    before = _backend.active("cpu")
-    with _backend.forced("torch"):
-        assert _backend.active("cpu") == "torch"
+    before = ops.active("cpu")
+    with ops.forced("torch"):
+        assert ops.active("cpu") == "torch"
         emb = rk.ReservedEmbedding(10, 4, reserved_ids=[1])
         assert emb(torch.tensor([1, 2])).shape == (2, 4)
-    assert _backend.active("cpu") == before
+    assert ops.active("cpu") == before
 
 
 def test_environment_variable_forces_at_import_and_unknown_names_fail_the_call():
     code = ("import torch, reserved_kernels as rk\n"
-            "from reserved_kernels import _backend\n"
-            "print(_backend.active('cpu'))\n"
+            "from reserved_kernels import _backend, ops\n"
+            "print(ops.active('cpu'))\n"
             "try:\n"
             "    rk.ReservedEmbedding(10, 4, reserved_ids=[1])(torch.tensor([1]))\n"
             "except _backend.BackendUnavailableError as e:\n"
@@ -98,7 +98,7 @@ def test_environment_variable_forces_at_import_and_unknown_names_fail_the_call()
 
 def test_use_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown backend"):
-        _backend.use("numba")
+        ops.use("numba")
 
 
 def test_info_reports_every_backend():
@@ -106,3 +106,14 @@ def test_info_reports_every_backend():
     for backend in _backend.BACKENDS:
         assert f"cpu  {backend}" in text
     assert "compiled extension built:" in text
+
+
+def test_the_backend_registry_imports_nothing_of_the_package():
+    """``_backend`` finds out what exists; ``ops`` chooses and registers. The dependency runs one way only."""
+    import ast
+
+    tree = ast.parse(open(_backend.__file__, encoding="utf-8").read())
+    imported = [n.module if isinstance(n, ast.ImportFrom) else a.name
+                for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in (n.names if isinstance(n, ast.Import) else [None])]
+    assert not [m for m in imported if m and m.startswith("reserved_kernels")], imported

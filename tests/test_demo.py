@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the demo needs transformers")
 
-from reserved_kernels.gemma import demo  # noqa: E402
+from reserved_kernels import demo  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

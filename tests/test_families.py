@@ -12,6 +12,7 @@ import reserved_kernels as rk  # noqa: E402
 from reserved_kernels.models import load_reserved, merge, patch_model, save_reserved, untrained_rows  # noqa: E402
 from reserved_kernels.vocab import PlanEntry, PlanError, ReservedPlan, ReservedVocab  # noqa: E402
 from tests.families import llama3_tokenizer, qwen2_tokenizer, tiny_llama, tiny_qwen2  # noqa: E402
+from tests.oracle import assert_same_table_logits, captured_input  # noqa: E402
 
 TERMS = {"[summary]": "A short summary of the text", "[translate]": "a translation into another language"}
 TEXT = "The model trains every row, then stops. Le réseau mesure 4096 tokens!"
@@ -133,21 +134,24 @@ def test_bit_identical_then_only_the_reserved_rows_train_and_merge_exports(kind,
     for name, p in model.named_parameters():
         if not name.endswith("reserved_weight"):
             assert torch.equal(p, frozen[name]), name
-    trained = model(ids).logits.detach()
+    trained, hidden = captured_input(head, lambda: model(ids).logits.detach())
     changed = [i for i in range(trained.shape[-1]) if not torch.equal(trained[..., i], before[..., i].detach())]
     assert changed  # the new rows moved the logits
     out = tmp_path / "saved"
     model.save_pretrained(out)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)  # a vanilla model with the rows merged
-    bound = 2 * 64 * torch.finfo(torch.float32).eps * trained.abs().max().item()
-    torch.testing.assert_close(reloaded(ids).logits, trained, rtol=0, atol=bound)
+    # A vanilla model with the rows merged; eager attention, as the tiny model was built, so its body is the
+    # same computation.
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    # Merged, the reserved columns come from the V-column GEMM, not the patched head's K-column one.
+    table = reloaded.get_output_embeddings().weight
+    assert_same_table_logits(reloaded(ids).logits, trained, hidden, table, plan.ids)
     save_reserved(model, tmp_path / "rows.pt", plan=vocab)
     fresh = _family(kind, tmp_path / "fresh", tied)[1]
     assert load_reserved(fresh, tmp_path / "rows.pt") == plan
     assert torch.equal(fresh(ids).logits, trained)  # the same base + the rows file: identical logits
     merge(model)
     assert type(model.get_input_embeddings()) is torch.nn.Embedding
-    torch.testing.assert_close(model(ids).logits, trained, rtol=0, atol=bound)
+    assert_same_table_logits(model(ids).logits, trained, hidden, table, plan.ids)
 
 
 @pytest.mark.parametrize("kind, tied", [("llama3", False), ("qwen2", False)])
@@ -156,7 +160,7 @@ def test_the_demo_and_the_training_step_benchmark_take_a_checkpoint_of_the_famil
     import shutil
 
     from reserved_kernels.benchmarks import train_step
-    from reserved_kernels.gemma import demo
+    from reserved_kernels import demo
 
     vocab, model, folder = _family(kind, tmp_path, tied)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)

@@ -13,16 +13,17 @@ from torch import nn
 pytest.importorskip("transformers", reason="the Gemma integration tests need transformers (scripts/test.sh installs it)")
 
 import reserved_kernels as rk  # noqa: E402
-from reserved_kernels.gemma import (  # noqa: E402
+from reserved_kernels.models import (  # noqa: E402
     load_reserved,
     merge,
     patch_model,
     perplexity,
     perplexity_change,
     save_reserved,
-    tiny_gemma,
 )
 from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path  # noqa: E402
+from tests.families import tiny_gemma  # noqa: E402
+from tests.oracle import assert_same_table_logits, captured_input  # noqa: E402
 
 VARIANTS = ["gemma", "gemma2", "gemma3"]
 RESERVED = list(range(7, 12))
@@ -119,14 +120,14 @@ def test_merge_round_trip_into_vanilla_transformers(variant):
     model = patch_model(tiny_gemma(variant), RESERVED)
     _train(model)
     ids = _batch(seed=5)
-    trained = model(ids).logits
+    trained, hidden = captured_input(model.get_output_embeddings(), lambda: model(ids).logits)
+    table = model.get_input_embeddings().merged_weight()
     merge(model)
     assert type(model.get_input_embeddings()) is not rk.ReservedEmbedding
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    # The merged table's logits: the trained rows' columns come from the big GEMM now, not a K-column one,
-    # so they agree up to that GEMM's rounding (a sum of D = 64 products).
-    bound = 2 * 64 * torch.finfo(torch.float32).eps * trained.abs().max().item()
-    torch.testing.assert_close(model(ids).logits, trained, rtol=0, atol=bound)
+    # The merged table's logits: the trained rows' columns come from the big GEMM now, not a K-column one.
+    assert_same_table_logits(model(ids).logits, trained, hidden, table, RESERVED,
+                             softcap=getattr(model.config, "final_logit_softcapping", None))
     fresh = tiny_gemma(variant, seed=123)
     fresh.load_state_dict(model.state_dict())
     assert torch.equal(fresh(ids).logits, model(ids).logits)

@@ -35,7 +35,7 @@ if torch.cuda.is_available():
     @pytest.mark.parametrize("kind", ["one-hot-row", "zipf"])
     def test_skewed_large(backend, kind):
         _skip_unavailable(backend)
-        with _backend.forced(backend):
+        with ops.forced(backend):
             kc.check_skewed_scatter(torch.device("cuda"), torch.bfloat16, kind, num_tokens=20_000, dim=3840,
                                     num_reserved=64)
 
@@ -52,7 +52,7 @@ def test_module_forced_backend_matches_reference(backend):
     ids[:, :99] = torch.arange(7, 106, device="cuda")
     merged = emb.merged_weight()
     expected = torch.nn.functional.embedding(ids, merged) * torch.tensor(2304 ** 0.5, dtype=torch.bfloat16)
-    with _backend.forced(backend):
+    with ops.forced(backend):
         out = emb(ids)
         assert torch.equal(out, expected)
         out.float().sum().backward()
@@ -61,7 +61,7 @@ def test_module_forced_backend_matches_reference(backend):
 
 def test_default_dispatch_on_cuda():
     expected = "compiled" if _backend.availability("compiled", "cuda")[0] else "triton"
-    assert _backend.active("cuda") == expected
+    assert ops.active("cuda") == expected
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -109,7 +109,7 @@ def test_cuda_graph_capture_of_a_training_step(backend):
         emb(ids).float().pow(2).mean().backward()
         opt.step()
 
-    with _backend.forced(backend):
+    with ops.forced(backend):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -134,7 +134,7 @@ def test_fp32_master_rows_learn_at_a_small_learning_rate_on_cuda(backend):
     emb = rk.ReservedEmbedding.from_embedding(table, [3, 4])
     start = emb.reserved_weight.detach().clone()
     opt = torch.optim.AdamW([emb.reserved_weight], lr=1e-5, weight_decay=0.0)
-    with _backend.forced(backend):
+    with ops.forced(backend):
         for _ in range(3):
             opt.zero_grad()
             emb(torch.tensor([3, 4, 3], device="cuda")).float().sum().backward()
@@ -146,14 +146,15 @@ def test_fp32_master_rows_learn_at_a_small_learning_rate_on_cuda(backend):
 def test_patched_gemma_on_cuda_is_bit_identical_and_trains(backend):
     pytest.importorskip("transformers", reason="needs transformers")
     _skip_unavailable(backend)
-    from reserved_kernels.gemma import patch_model, tiny_gemma
+    from reserved_kernels.models import patch_model
+    from tests.families import tiny_gemma
 
     model = tiny_gemma("gemma2", dtype=torch.bfloat16).cuda()
     ids = torch.randint(108, 1024, (2, 32), device="cuda")
     ids[:, 5] = 7
     before = model(ids).logits
     patch_model(model, list(range(7, 12)))
-    with _backend.forced(backend):
+    with ops.forced(backend):
         assert torch.equal(model(ids).logits, before)
         model(input_ids=ids, labels=ids).loss.backward()
     assert model.get_input_embeddings().reserved_weight.grad.abs().sum() > 0
@@ -168,6 +169,6 @@ def test_offsets_beyond_int32_on_cuda(backend):
     reserved = torch.full((1, 2), 2.0, dtype=torch.float16, device="cuda")
     ids = torch.full((2**30 + 8,), 3, dtype=torch.int32, device="cuda")
     ids[-1] = 1
-    with _backend.forced(backend):
+    with ops.forced(backend):
         out = ops.gather(ids, weight, reserved, rk.build_slot_map(torch.tensor([1]), 4, "cuda"), None, 1.0)
     assert out[-2].tolist() == [1.0, 1.0] and out[-1].tolist() == [2.0, 2.0]

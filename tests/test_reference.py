@@ -2,7 +2,7 @@
 
 import pytest
 
-from reserved_kernels import _backend
+from reserved_kernels import _backend, ops
 from tests import kernel_cases as kc
 from tests.backend_suite import make_suite
 
@@ -19,5 +19,5 @@ def test_bad_ids_raise_index_error_naming_the_value(backend):
         pytest.skip(why)
     import torch
 
-    with _backend.forced(backend):
+    with ops.forced(backend):
         kc.check_bad_ids_raise(torch.device("cpu"), torch.float32)

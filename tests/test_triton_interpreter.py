@@ -19,7 +19,7 @@ pytestmark = [
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     import reserved_kernels as rk
-    from reserved_kernels import _backend, ops
+    from reserved_kernels import ops
     from reserved_kernels.triton import launchers
     from tests import kernel_cases as kc
     from tests.backend_suite import make_suite
@@ -41,7 +41,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
         monkeypatch.setattr(launchers, "torch", PoisonTorch())
         device = torch.device("cpu")
-        with _backend.forced("triton"):
+        with ops.forced("triton"):
             kc.check_gather(device, dtype, 37, 5, (6, 7), master=True)
             kc.check_scatter(device, dtype, 37, 5, (6, 7))  # also rows no token hit: written as zeros
             kc.check_skewed_scatter(device, dtype, "one-hot-row")
@@ -54,7 +54,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         ids[100:2500] = c["reserved_ids"][2]  # one run over ~19 chunks of 128
         ids[2500:2600] = c["reserved_ids"][0]
         grad = torch.randn(3000, 19, generator=torch.Generator().manual_seed(3))
-        with _backend.forced("triton"):
+        with ops.forced("triton"):
             got = ops.scatter_grad(grad, ids, c["slot_map"], 4, 1.0, torch.float32)
         exact, bound = kc.scatter_oracle(grad, ids, c["reserved_ids"], 1.0)
         kc.assert_within(got, exact, bound)
@@ -65,7 +65,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
         monkeypatch.setattr(interpreter.interpreter_builder, "options",
                             dataclasses.replace(interpreter.interpreter_builder.options, debug=True))
-        with _backend.forced("triton"):
+        with ops.forced("triton"):
             kc.check_bad_ids_raise(torch.device("cpu"), torch.float32, error=Exception, names_value=False)
 
     def test_module_end_to_end_through_triton():
@@ -73,12 +73,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         emb = rk.ReservedEmbedding(50, 19, reserved_ids=[4, 8, 15], scale=2.0)
         ids = torch.randint(0, 50, (6, 5))
         ids[0, :3] = torch.tensor([4, 8, 15])
-        with _backend.forced("torch"):
+        with ops.forced("torch"):
             ref = emb(ids)
             ref.square().sum().backward()
         ref_grad = emb.reserved_weight.grad.clone()
         emb.reserved_weight.grad = None
-        with _backend.forced("triton"):
+        with ops.forced("triton"):
             out = emb(ids)
             out.square().sum().backward()
         assert torch.equal(out, ref)

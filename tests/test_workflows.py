@@ -15,15 +15,16 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the workflow tests need transformers")
 
 import reserved_kernels as rk  # noqa: E402
-from reserved_kernels.gemma import (  # noqa: E402
+from reserved_kernels.models import (  # noqa: E402
     freeze_rows,
     load_reserved,
     merge,
     patch_model,
     save_reserved,
-    tiny_gemma,
 )
 from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path  # noqa: E402
+from tests.families import tiny_gemma  # noqa: E402
+from tests.oracle import assert_same_table_logits, captured_input  # noqa: E402
 
 VARIANTS = ["gemma", "gemma2", "gemma3"]
 RESERVED = [7, 8, 9]
@@ -50,23 +51,19 @@ def _trained(variant="gemma", dtype=torch.float32, seed=0):
     return model
 
 
-def assert_same_logits(actual, expected, hidden_dim=64):
-    """Two evaluations of the same merged table: equal up to the GEMM's own rounding (a sum of D products)."""
-    bound = 2 * hidden_dim * EPS32 * expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=0, atol=bound)
-
-
 # ----------------------------------------------------------------------------- save_pretrained / from_pretrained
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_save_pretrained_then_plain_from_pretrained_gives_the_trained_model(variant, tmp_path):
     model = _trained(variant)
     ids = _batch()
-    trained = model(ids).logits.detach()
+    trained, hidden = captured_input(model.get_output_embeddings(), lambda: model(ids).logits.detach())
     model.save_pretrained(tmp_path)  # raised "shared tensors ... not properly defined" before
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")  # as built
     assert not isinstance(loaded.get_input_embeddings(), rk.ReservedEmbedding)  # a vanilla model: rows merged
-    assert_same_logits(loaded(ids).logits, trained)
+    # The merged table's reserved columns come from the V-column GEMM now, not the patched head's K-column one.
+    assert_same_table_logits(loaded(ids).logits, trained, hidden, loaded.get_input_embeddings().weight, RESERVED,
+                             softcap=getattr(model.config, "final_logit_softcapping", None))
     # Re-patched from the checkpoint, the rows come back exactly as trained (float32 master values).
     load_reserved(loaded, tmp_path)
     assert torch.equal(loaded.get_input_embeddings().reserved_weight, model.get_input_embeddings().reserved_weight)

@@ -77,6 +77,21 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30, device: torch.device | str = "cuda
     return 2 * nbytes / ms / 1e6
 
 
+def head_only_gemma(weight: torch.Tensor) -> torch.nn.Module:
+    """A ``GemmaForCausalLM`` with no decoder layers whose tied table is ``weight`` (embedding, final norm,
+    output head): the whole output side of a step, without a body. Needs transformers."""
+    import transformers
+
+    vocab, dim = weight.shape
+    config = transformers.GemmaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=0,
+                                      num_attention_heads=1, num_key_value_heads=1, head_dim=64, pad_token_id=0,
+                                      eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
+    model = transformers.GemmaForCausalLM(config).to(device=weight.device, dtype=weight.dtype)
+    model.get_input_embeddings().weight = torch.nn.Parameter(weight, requires_grad=False)
+    model.tie_weights()
+    return model
+
+
 def write_results(path: str, payload: dict) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -19,7 +19,7 @@ import os
 import torch
 
 import reserved_kernels as rk
-from reserved_kernels import _backend
+from reserved_kernels import _backend, ops
 from reserved_kernels.benchmarks.harness import copy_bandwidth_gbs, cpu_median, environment, gpu_median, write_results
 
 VOCAB = 262_144
@@ -77,7 +77,7 @@ def run(dims, tokens, slots, dists, out_dir, rep_ms, device="cuda", vocab=VOCAB)
             base_bwd = timer(lambda: torch.ops.aten.embedding_dense_backward(grad, ids, vocab, -1, False))
             record("nn.Embedding dense", "backward", base_bwd, n * 8 + (n + vocab) * dim * weight.element_size())
             for backend in backends:
-                with _backend.forced(backend):
+                with ops.forced(backend):
                     record(backend, "forward", timer(lambda: emb(ids)), fwd_bytes)
                     ms = timer(lambda: rk.ops.scatter_grad(grad, ids, emb._slot_map, k, 1.0, torch.float32))
                     record(backend, "backward", ms, bwd_bytes)

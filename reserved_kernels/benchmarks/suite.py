@@ -24,9 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import reserved_kernels as rk
-from reserved_kernels import _backend, reference
+from reserved_kernels import _backend, ops, recipes, reference
 from reserved_kernels.benchmarks import train_step
-from reserved_kernels.benchmarks.harness import copy_bandwidth_gbs, cpu_median, environment, gpu_median, write_results
+from reserved_kernels.benchmarks.harness import (
+    copy_bandwidth_gbs,
+    cpu_median,
+    environment,
+    gpu_median,
+    head_only_gemma,
+    write_results,
+)
 
 MATRICES = {
     "cpu": dict(vocab=256_000, dims=(2048, 3072), dtypes=("float32", "bfloat16"), slots=(99, 1024), tokens=4096,
@@ -81,7 +88,7 @@ def lookup_workloads(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slot
     fwd_bytes = ids.numel() * ids.element_size() + 2 * tokens * dim * weight.element_size()
 
     for backend in _ours(dev):
-        with _backend.forced(backend):
+        with ops.forced(backend):
             run.record("forward", backend, case, run.time(lambda: emb(ids)), fwd_bytes)
 
             def fwd_bwd():
@@ -95,7 +102,7 @@ def lookup_workloads(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slot
         run.record("forward", "torch.compile(reference)", case, run.time(lambda: compiled_reference(*args)), fwd_bytes)
 
     hook_emb = nn.Embedding.from_pretrained(weight, freeze=False)  # a new Parameter over the same storage
-    train_step.keep_gradient_rows(hook_emb.weight, reserved_ids)
+    recipes.keep_gradient_rows(hook_emb.weight, reserved_ids)
 
     def hook_fwd_bwd():
         hook_emb.weight.grad = None
@@ -103,12 +110,9 @@ def lookup_workloads(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slot
 
     run.record("forward+backward", "nn.Embedding+hook", case, run.time(hook_fwd_bwd, heavy=True))
     if importlib.util.find_spec("peft") is not None:
-        import peft
-
         holder = nn.Module()
         holder.embed = nn.Embedding.from_pretrained(weight, freeze=True)
-        model = peft.get_peft_model(holder, peft.TrainableTokensConfig(target_modules=["embed"],
-                                                                       token_indices=reserved_ids.tolist()))
+        model = recipes.peft_trainable_tokens(holder, "embed", reserved_ids)
         peft_embed = model.base_model.model.embed
         delta = [p for p in model.parameters() if p.requires_grad]
 
@@ -130,7 +134,7 @@ def int8_workload(run: Runner, vocab: int, dim: int, dtype: torch.dtype, tokens:
     ids = torch.randint(0, vocab, (tokens,), device=dev)
     emb = rk.ReservedEmbedding.from_embedding(weight, torch.arange(7, 106, device=dev), weight_scaler=scaler)
     for backend in _ours(dev):
-        with _backend.forced(backend):
+        with ops.forced(backend):
             run.record("int8 forward", backend, case, run.time(lambda: emb(ids)))
     run.record("int8 forward", "dequantise table", case,
                run.time(lambda: F.embedding(ids, weight * scaler.unsqueeze(-1)), heavy=True))
@@ -146,7 +150,7 @@ def mean_init_workload(run: Runner, vocab: int, dim: int, dtype: torch.dtype, sl
     offsets = torch.arange(0, 8 * slots + 1, 8, device=dev)
     emb = rk.ReservedEmbedding.from_embedding(weight, reserved_ids)
     for backend in _ours(dev):
-        with _backend.forced(backend):
+        with ops.forced(backend):
             run.record("mean init", backend, case, run.time(lambda: emb.init_reserved_((offsets, src.reshape(-1)))))
     table = weight.clone()
     dst = reserved_ids.tolist()
@@ -159,15 +163,7 @@ def mean_init_workload(run: Runner, vocab: int, dim: int, dtype: torch.dtype, sl
 
     run.record("mean init", "per-token loop", case, run.time(loop))
     if with_resize and importlib.util.find_spec("transformers") is not None:
-        from reserved_kernels.gemma import tiny_gemma
-
-        def resize():
-            model = tiny_gemma("gemma", vocab_size=vocab, hidden_size=dim, num_hidden_layers=0, head_dim=64,
-                               dtype=dtype).to(dev)
-            model.get_input_embeddings().weight = nn.Parameter(weight, requires_grad=False)
-            return model
-
-        model = resize()
+        model = head_only_gemma(weight)
 
         def grow():
             model.resize_token_embeddings(vocab + slots, mean_resizing=True)

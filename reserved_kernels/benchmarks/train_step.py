@@ -45,31 +45,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def keep_gradient_rows(weight, reserved_ids):
-    """The usual recipe's core: ``weight`` trainable, a hook zeroing every other row's gradient; returns the row mask."""
-    import torch
-
-    weight.requires_grad_(True)
-    mask = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
-    mask[reserved_ids] = True
-    weight.register_hook(lambda g: g * mask)
-    return mask
-
-
-def _hook_recipe(weight, reserved_ids):
-    """The table trainable, other rows' gradient zeroed, frozen rows restored after each step."""
-    import torch
-
-    mask = keep_gradient_rows(weight, reserved_ids)
-    frozen = weight.detach().clone()  # weight decay moves every row: keep them to restore
-
-    def restore():
-        with torch.no_grad():
-            torch.where(mask, weight, frozen, out=weight)
-
-    return torch.optim.AdamW([weight], lr=1e-3, weight_decay=0.01), restore
-
-
 def _checkpoint(args):
     """(model, its table, the first ``args.slots`` reserved slots of its tokenizer, its tokenizer's size)."""
     import torch
@@ -90,15 +65,15 @@ def _build(args, weight, reserved_ids, model=None):
     import torch
     from torch import nn
 
+    from reserved_kernels import recipes
+
     scale = weight.shape[1] ** 0.5
     if args.head:
-        from reserved_kernels.gemma import patch_model, tiny_gemma
+        from reserved_kernels.benchmarks.harness import head_only_gemma
+        from reserved_kernels.models import patch_model
 
         if model is None:
-            model = tiny_gemma("gemma", vocab_size=args.vocab, hidden_size=args.dim, num_hidden_layers=0,
-                               head_dim=64, dtype=weight.dtype).to(weight.device)
-            model.get_input_embeddings().weight = nn.Parameter(weight, requires_grad=False)
-            model.tie_weights()
+            model = head_only_gemma(weight)
         for p in model.parameters():
             p.requires_grad_(False)
         model.train()
@@ -111,14 +86,10 @@ def _build(args, weight, reserved_ids, model=None):
             return loss_of(model), torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                                      lr=1e-3, weight_decay=0.01), None
         if args.recipe == "hook":
-            opt, restore = _hook_recipe(model.get_input_embeddings().weight, reserved_ids)
+            opt, restore = recipes.hook_recipe(model.get_input_embeddings().weight, reserved_ids)
             return loss_of(model), opt, restore
-        import peft
-
         names = [n for n, m in model.named_modules() if m is model.get_input_embeddings()]
-        config = peft.TrainableTokensConfig(target_modules=[names[0].rsplit(".", 1)[-1]],
-                                            token_indices=reserved_ids.tolist())
-        wrapped = peft.get_peft_model(model, config)
+        wrapped = recipes.peft_trainable_tokens(model, names[0].rsplit(".", 1)[-1], reserved_ids)
         return loss_of(wrapped), torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad],
                                                    lr=1e-3, weight_decay=0.01), None
 
@@ -131,14 +102,11 @@ def _build(args, weight, reserved_ids, model=None):
                                                                                weight_decay=0.01), None
     if args.recipe == "hook":
         emb = nn.Embedding.from_pretrained(weight, freeze=False)  # shares the storage
-        opt, restore = _hook_recipe(emb.weight, reserved_ids)
+        opt, restore = recipes.hook_recipe(emb.weight, reserved_ids)
         return (lambda ids: (emb(ids) * scale_t).float().pow(2).mean()), opt, restore
-    import peft
-
     holder = nn.Module()
     holder.embed = nn.Embedding.from_pretrained(weight, freeze=True)
-    model = peft.get_peft_model(holder, peft.TrainableTokensConfig(target_modules=["embed"],
-                                                                   token_indices=reserved_ids.tolist()))
+    model = recipes.peft_trainable_tokens(holder, "embed", reserved_ids)
     embed = model.base_model.model.embed
     return ((lambda ids: (embed(ids) * scale_t).float().pow(2).mean()),
             torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01), None)

@@ -1,7 +1,7 @@
 """Model integration: patch a causal LM so only planned rows train, merge back, keep the rows as a small artifact.
 
 Hugging Face Gemma 1/2/3, Llama 3 and Qwen2 (tied or untied heads, PEFT models around them) and
-gemma_pytorch-layout models. ``reserved_kernels.gemma`` keeps the same names.
+gemma_pytorch-layout models.
 """
 
 from reserved_kernels.models.gemma_pytorch import causal_lm_logits, causal_lm_loss, is_gemma_pytorch

@@ -29,7 +29,7 @@ PEFT_ORDER_MESSAGE = (
     "the reserved rows of this patched model were frozen, and the model has PEFT adapter layers: "
     "get_peft_model() freezes every parameter that is not the adapter's. Apply LoRA first, then patch: "
     "peft_model = get_peft_model(model, config); patch_model(peft_model, plan). To train only the adapter "
-    "and keep the rows as they are, call reserved_kernels.gemma.freeze_rows(model).")
+    "and keep the rows as they are, call reserved_kernels.models.freeze_rows(model).")
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -90,7 +90,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
     Works on Hugging Face ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` (a
     scaled-embedding module in newer releases, the √D scale in the model's forward in older ones: both
     are kept exactly), on a PEFT model wrapping one, and on gemma_pytorch-layout models (int8 with
-    ``weight_scaler`` too; train those with :func:`~reserved_kernels.gemma.causal_lm_loss`). Untrained,
+    ``weight_scaler`` too; train those with :func:`~reserved_kernels.models.causal_lm_loss`). Untrained,
     the patched model's logits are bit-identical to the original's. No V×D copy is made.
 
     Args:

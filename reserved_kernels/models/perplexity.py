@@ -25,7 +25,7 @@ def perplexity(model: nn.Module, batches: Iterable[Tensor | Mapping[str, Tensor]
 
     ``batches`` yields (B, T) ``input_ids`` tensors or dicts with ``input_ids`` and optionally
     ``attention_mask``. Works for Hugging Face causal LMs (and PEFT models around them) and for
-    gemma_pytorch-layout models (through :func:`~reserved_kernels.gemma.causal_lm_logits`). The model is
+    gemma_pytorch-layout models (through :func:`~reserved_kernels.models.causal_lm_logits`). The model is
     put in eval mode for the call and restored afterwards.
     """
     was_training = model.training

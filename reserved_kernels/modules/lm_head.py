@@ -87,7 +87,7 @@ class ReservedLMHead(nn.Linear):
         """An output head sharing ``embedding``'s frozen table and trainable rows (Gemma ties them)."""
         if embedding.weight_scaler is not None:
             raise NotImplementedError("a tied head over an int8 table would dequantise all V rows per call; "
-                                      "gemma_pytorch-style models go through reserved_kernels.gemma.causal_lm_loss")
+                                      "gemma_pytorch-style models go through reserved_kernels.models.causal_lm_loss")
         head = cls.__new__(cls)
         nn.Module.__init__(head)
         head.in_features, head.out_features = embedding.embedding_dim, embedding.num_embeddings

@@ -16,7 +16,9 @@ or float32 (fp32 master rows of a 16-bit table).
 Who serves each dispatch key is decided here, once, at import: the compiled extension registers CPU,
 CUDA and Autograd kernels in C++ (``csrc/``) where it is built; every key it leaves open gets a Python
 implementation below (the reference on CPU, Triton — else the reference — on CUDA, the autograd
-formula). Ids are validated without a host-device synchronisation: on CPU an out-of-range id raises
+formula). :func:`use` and :func:`forced` (or ``RESERVED_KERNELS_BACKEND`` at import) register another
+backend's kernels over those defaults; :func:`active` says which backend serves a device now.
+:mod:`reserved_kernels._backend` only says which backends exist; it does not import this module. Ids are validated without a host-device synchronisation: on CPU an out-of-range id raises
 IndexError naming the value and the range; on CUDA a device-side assertion fires. The backward never
 re-validates. ``set_strict_id_checks(True)`` (or ``RESERVED_KERNELS_STRICT_IDS=1``) adds a synchronous
 check that raises IndexError on CUDA too, for debugging.
@@ -24,6 +26,7 @@ check that raises IndexError on CUDA too, for debugging.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -245,20 +248,18 @@ def _gather_backward(ctx, grad):
 
 # ------------------------------------------------------------------------------------------- registration
 
-_EXTENSION_LOADED = _backend.cuda_extension_status()[0]
 # Keys the compiled extension serves, read before any Python kernel is registered next to them.
-_EXTENSION_KEYS = {(name, key) for name in SCHEMAS for key in (*DEVICE_KEYS.values(), "Autograd")
-                   if _EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key)}
+_EXTENSION_KEYS = _backend.extension_kernels()
 
 
-def extension_serves(device_type: str) -> bool:
-    """Whether the compiled extension registered kernels for every op on ``device_type`` tensors."""
+def _extension_serves(device_type: str) -> bool:
+    """Whether the compiled extension registered a kernel for every op on ``device_type`` tensors."""
     return all((name, DEVICE_KEYS[device_type]) in _EXTENSION_KEYS for name in SCHEMAS)
 
 
 def default_backend(device_type: str) -> str:
     """The backend chosen at import for ``device_type`` tensors."""
-    if extension_serves(device_type):
+    if _extension_serves(device_type):
         return "compiled"
     if device_type == "cuda" and _backend.triton_status()[0]:
         return "triton"
@@ -283,8 +284,16 @@ def forced_backend() -> str | None:
     return _forced["backend"]
 
 
-def force_backend(backend: str | None) -> None:
-    """Register ``backend``'s kernels over the defaults on the CPU and CUDA keys (None: remove them)."""
+def active(device_type: str) -> str:
+    """The backend that serves ``device_type`` tensors now (forced, or the default chosen at import)."""
+    return forced_backend() or default_backend(device_type)
+
+
+def _register_forced(backend: str | None) -> None:
+    """Register ``backend``'s kernels over the defaults on the CPU and CUDA keys (None: remove them).
+
+    A name that is not a backend registers kernels that raise, with the reason, at the call.
+    """
     if _forced["lib"] is not None:
         _forced["lib"]._destroy()
     _forced.update(backend=None, lib=None)
@@ -299,11 +308,29 @@ def force_backend(backend: str | None) -> None:
     _forced.update(backend=backend, lib=lib)
 
 
+def use(backend: str | None) -> None:
+    """Force ``backend`` (one of ``_backend.BACKENDS``) for every later call; ``None``: back to the defaults."""
+    if backend is not None and backend not in _backend.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {_backend.BACKENDS}")
+    _register_forced(backend)
+
+
+@contextlib.contextmanager
+def forced(backend: str):
+    """Force ``backend`` inside the ``with`` block, then restore what was there before."""
+    previous = forced_backend()
+    use(backend)
+    try:
+        yield
+    finally:
+        _register_forced(previous)
+
+
 def _force_from_environment() -> None:
     """``RESERVED_KERNELS_BACKEND`` at import; an unknown name fails every call, with the reason, not the import."""
     value = os.environ.get(_backend.ENV_VAR, "").strip().lower()
     if value:
-        force_backend(value)
+        _register_forced(value)
 
 
 _force_from_environment()

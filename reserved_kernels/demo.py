@@ -41,7 +41,7 @@ BASE_TOLERANCE = 0.01
 
 
 def default_model_path() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "demo_gemma")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo_gemma")
 
 
 def encode_lines(lines: list[str], encode, *, bos: int, eos: int, pad: int,
@@ -103,7 +103,7 @@ def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> in
 
 def _dense_recipe_state_bytes(model: torch.nn.Module, reserved_ids: list[int], ids, labels, mask) -> int:
     """One step of the usual recipe on ``model``: the whole table trainable, a hook zeroing other rows, AdamW."""
-    from reserved_kernels.benchmarks.train_step import keep_gradient_rows
+    from reserved_kernels.recipes import keep_gradient_rows
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -117,7 +117,7 @@ def _dense_recipe_state_bytes(model: torch.nn.Module, reserved_ids: list[int], i
 
 
 def _initialise(model, vocab, init: str, seed: int) -> None:
-    from reserved_kernels.gemma import patch_model
+    from reserved_kernels.models import patch_model
 
     if init in ("description", "mean"):
         patch_model(model, vocab, init=init)
@@ -284,7 +284,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"plot: {plot}" if _plot({k: r['curve'] for k, r in results.items()}, plot)
               else "plot: matplotlib is not installed (pip install matplotlib)")
     if args.out:
-        from reserved_kernels.gemma import save_reserved
+        from reserved_kernels.models import save_reserved
 
         vocab.save(args.out)
         save_reserved(trained, os.path.join(args.out, "reserved_rows.pt"), plan=vocab)
