@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     p_bench.add_argument("--quick", action="store_true", help="one shape per workload")
     p_bench.add_argument("--smoke", action="store_true", help="tiny shapes: checks that everything runs")
     p_bench.add_argument("--host", action="store_true", help="only the host time per call (N=16, V=1,000, D=64)")
+    p_bench.add_argument("--loss", action="store_true", help="only the loss alone, fused beside unfused "
+                                                               "(V=262,144, D=640, N=2,048), each in a fresh process")
     p_bench.add_argument("--model", help="only the training step of a Hugging Face checkpoint folder (any family), "
                                          "each recipe in a fresh process")
     p_bench.add_argument("--out", default="bench/results", help="folder for <device>-<date>.json/.md/.png")
@@ -122,6 +124,10 @@ def _run(args: argparse.Namespace) -> None:
 
             update_readme(args.readme, args.out)
             print(f"updated {args.readme} from {args.out}")
+        elif args.loss:
+            from reserved_kernels.benchmarks.loss import main as loss_main
+
+            loss_main(["--device", args.device, "--out", args.out])
         elif args.host:
             from reserved_kernels.benchmarks.host import main as host_main
 

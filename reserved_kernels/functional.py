@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -169,3 +170,68 @@ def mean_init_(table: Tensor, dst: Tensor | Sequence[int], sources, *, exclude=N
     means = means_for_targets(means, dst.numel(), noise_std, generator)
     table.index_copy_(0, dst, means.to(table.dtype))
     return table
+
+
+# The fused loss's tile budget per device: on a CPU, tiles of N x 2,048 fp32 logits (16 MiB at N = 2,048) also
+# run the GEMMs faster than one N x V GEMM; on a GPU, 8,192 x 8,192 tiles keep the tensor cores busy.
+DEFAULT_TILE_BYTES = {"cpu": 16 << 20, "cuda": 256 << 20}
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class CrossEntropyStats(NamedTuple):
+    """:func:`linear_cross_entropy` with ``return_stats=True``: the loss, and per token (0 where ignored,
+    without gradient) the entropy of the next-token distribution and whether the target is its top token."""
+
+    loss: Tensor
+    entropy: Tensor
+    is_top1: Tensor
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, targets: Tensor,
+                         *, ignore_index: int = -100, softcap: float | None = None, reduction: str = "mean",
+                         num_items_in_batch: Tensor | int | None = None, tile_bytes: int | None = None,
+                         return_stats: bool = False) -> Tensor | CrossEntropyStats:
+    """Cross-entropy of ``hidden @ merged.T`` (optionally soft-capped) against ``targets``, without the logits.
+
+    ``merged`` is ``weight`` (V, D) with the rows ``slot_map`` points at replaced by ``reserved_weight``
+    rounded to the table dtype — what :class:`~reserved_kernels.ReservedLMHead` computes logits from. The
+    value is ``F.cross_entropy(cap(hidden @ merged.T), targets, ignore_index=..., reduction=...)`` with
+    ``cap(x) = softcap·tanh(x / softcap)``; no (N, V) tensor exists in the forward or the backward (memory
+    beyond the inputs: an N x D gradient and one tile of at most ``tile_bytes``, by default 16 MiB on a CPU
+    and 256 MiB on a GPU). ``hidden`` gets its exact gradient through the merged table, ``reserved_weight``
+    gets ``(softmax − onehot)[:, reserved]ᵀ · hidden`` (K x D), the frozen ``weight`` nothing.
+
+    Args:
+        hidden: (..., D) hidden states (cast to the table's dtype, e.g. under autocast).
+        targets: (...) int64/int32 next-token ids, already shifted; ``ignore_index`` marks tokens that do not count.
+        reduction: "mean" (over counted tokens; NaN when none counts, as ``F.cross_entropy``), "sum" or "none".
+        num_items_in_batch: divide the sum by this instead (Trainer's normaliser under gradient accumulation).
+        return_stats: also return each token's entropy and whether its target is the top token.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
+    if hidden.dtype != weight.dtype:  # autocast hands over 16-bit hidden states for a float32 table
+        hidden = hidden.to(weight.dtype)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    compute_grad = torch.is_grad_enabled() and (flat.requires_grad or reserved_weight.requires_grad)
+    budget = tile_bytes if tile_bytes is not None else DEFAULT_TILE_BYTES.get(hidden.device.type, 64 << 20)
+    loss, entropy, is_top1, _, _ = ops.linear_cross_entropy(flat, weight, reserved_weight, slot_map,
+                                                            targets.reshape(-1), ignore_index, softcap, budget,
+                                                            compute_grad, return_stats)
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss.sum() / num_items_in_batch
+    elif reduction == "mean":
+        loss = loss.sum() / (targets != ignore_index).sum()
+    elif reduction == "sum":
+        loss = loss.sum()
+    else:
+        loss = loss.view(targets.shape)
+    if return_stats:
+        return CrossEntropyStats(loss, entropy.view(targets.shape), is_top1.view(targets.shape))
+    return loss

@@ -85,7 +85,36 @@ def make_suite(backend: str, device: str, *, skip_reason: str | None = None):
     def test_agrees_with_reference(dtype):
         kc.reference_agrees(dev, dtype)
 
-    return dict(test_gather=test_gather, test_gather_large=test_gather_large,
+    no_loss_kernel = pytest.mark.skipif(backend == "compiled", reason="the compiled extension has no kernel for the "
+                                        "fused loss: linear_cross_entropy runs on the torch and triton backends")
+
+    @pytest.mark.parametrize("dtype", kc.DTYPES + ([torch.float64] if backend == "torch" else []), ids=str)
+    @pytest.mark.parametrize("softcap", [None, 3.0], ids=["no-cap", "cap"])
+    @pytest.mark.parametrize("num_reserved", [0, 5])
+    @pytest.mark.parametrize("dim", [3, 37])
+    @no_loss_kernel
+    @forced
+    def test_linear_cross_entropy(dtype, softcap, num_reserved, dim):
+        kc.check_linear_cross_entropy(dev, dtype, dim=dim, num_reserved=num_reserved, softcap=softcap,
+                                      seed=dim + num_reserved)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("stats", [False, True])
+    @no_loss_kernel
+    @forced
+    def test_linear_cross_entropy_master_rows(dtype, stats):
+        kc.check_linear_cross_entropy(dev, dtype, master=True, stats=stats, softcap=30.0, seed=7)
+
+    @no_loss_kernel
+    @forced
+    def test_linear_cross_entropy_one_big_tile():
+        """A budget larger than the whole problem: one token block, one vocabulary tile."""
+        kc.check_linear_cross_entropy(dev, torch.float32, tile_bytes=64 << 20, seed=11)
+
+    return dict(test_linear_cross_entropy=test_linear_cross_entropy,
+                test_linear_cross_entropy_master_rows=test_linear_cross_entropy_master_rows,
+                test_linear_cross_entropy_one_big_tile=test_linear_cross_entropy_one_big_tile,
+                test_gather=test_gather, test_gather_large=test_gather_large,
                 test_gather_fp32_master_rows=test_gather_fp32_master_rows,
                 test_gather_int8_table=test_gather_int8_table, test_scatter=test_scatter,
                 test_scatter_skewed=test_scatter_skewed, test_segment_mean=test_segment_mean, test_empty=test_empty,

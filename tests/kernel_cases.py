@@ -14,7 +14,15 @@ import torch
 
 import reserved_kernels as rk
 from reserved_kernels import ops, reference
-from tests.oracle import assert_within, embedding_oracle, mean_oracle, merged_table, scatter_oracle
+from tests.oracle import (
+    assert_as_close_as_torch,
+    assert_within,
+    cross_entropy_oracle,
+    embedding_oracle,
+    mean_oracle,
+    merged_table,
+    scatter_oracle,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DIMS = [1, 3, 37, 123]
@@ -177,3 +185,56 @@ def reference_agrees(device, dtype):
     ours = ops.gather(c["ids"], c["weight"], c["reserved_weight"], c["slot_map"], None, 3.0)
     ref = reference.gather(c["ids"], c["weight"], c["reserved_weight"], c["slot_map"], None, 3.0)
     assert_same_rounding(ours, ref, device, dtype)
+
+
+def check_linear_cross_entropy(device, dtype, *, vocab=311, dim=37, num_reserved=5, tokens=53, softcap=None,
+                               stats=True, tile_bytes=4096, master=False, seed=0):
+    """The fused loss against the merged table's (N, V) logits: per-token losses (0 where ignored), entropy,
+    top-1, and the gradients for any per-token upstream gradient (``reduction="none"``), in the budget
+    ``assert_as_close_as_torch`` derives. A small ``tile_bytes`` puts tile edges inside the sequence and
+    the vocabulary; some targets are reserved ids (one of them twice), some ignored."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(vocab, dim, generator=gen) * 3 / dim ** 0.5).to(dtype)
+    reserved_ids = torch.randperm(vocab, generator=gen)[:num_reserved]
+    rows = torch.randn(num_reserved, dim, generator=gen) * 3 / dim ** 0.5
+    rows = rows if master else rows.to(dtype)
+    hidden = torch.randn(tokens, dim, generator=gen).to(dtype)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+    targets[::7] = -100
+    if num_reserved:
+        targets[1:4] = reserved_ids[torch.arange(3) % num_reserved]
+        targets[-1] = reserved_ids[0]
+    upstream = torch.rand(tokens, generator=gen) + 0.5
+    to = dict(device=device)
+    hidden, weight, targets, upstream = hidden.to(**to), weight.to(**to), targets.to(**to), upstream.to(**to)
+    rows = rows.to(**to).requires_grad_(True)
+    hidden.requires_grad_(True)
+    slot_map = rk.build_slot_map(reserved_ids, vocab, device)
+    out = rk.linear_cross_entropy(hidden, weight, rows, slot_map, targets, softcap=softcap, reduction="none",
+                                  tile_bytes=tile_bytes, return_stats=stats)
+    loss = out.loss if stats else out
+    (loss * upstream).sum().backward()
+    merged = merged_table(weight, reserved_ids.to(device), rows.detach().to(dtype))
+    exact = cross_entropy_oracle(hidden, merged, targets, softcap, upstream)
+    plain = cross_entropy_oracle(hidden, merged, targets, softcap, upstream, dtype=dtype)
+    reserved = reserved_ids.to(device)
+    # Beyond twice plain PyTorch's own error: ours sums in another order (tiles), and a sum of n terms in any
+    # order is within n·eps·Σ|terms| of the exact one — n = V for the loss, the entropy and the hidden
+    # gradient (one term per column), N for the rows' gradient (one per token); plus one rounding of the output.
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    out_eps = torch.finfo(dtype).eps
+
+    def floor(exact_value, terms, output_rounding=eps):
+        return (terms * eps + output_rounding) * exact_value.abs().max().item()
+
+    assert loss.shape == (tokens,) and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert bool((loss[targets == -100] == 0).all())
+    assert_as_close_as_torch(loss, plain[0], exact[0], floor(exact[0], vocab), "loss")
+    if stats:
+        assert_as_close_as_torch(out.entropy, plain[1], exact[1], floor(exact[1], vocab), "entropy")
+        assert torch.equal(out.is_top1, exact[2]), "is_top1"
+    assert hidden.grad.dtype == dtype and rows.grad.dtype == rows.dtype and rows.grad.shape == rows.shape
+    assert_as_close_as_torch(hidden.grad, plain[3], exact[3], floor(exact[3], vocab, out_eps), "grad hidden")
+    if num_reserved:
+        assert_as_close_as_torch(rows.grad, plain[4][reserved], exact[4][reserved],
+                                 floor(exact[4][reserved], tokens, torch.finfo(rows.dtype).eps), "grad rows")

@@ -116,3 +116,33 @@ def assert_same_table_logits(actual: Tensor, expected: Tensor, hidden: Tensor, t
     assert torch.equal(actual[..., others], expected[..., others]), "a column computed the same way changed"
     bound = gemm_disagreement(hidden, table[cols], expected[..., cols], softcap)
     assert_within(actual[..., cols], expected[..., cols], bound)
+
+
+def cross_entropy_oracle(hidden: Tensor, merged: Tensor, targets: Tensor, softcap: float | None, upstream: Tensor,
+                         ignore_index: int = -100, dtype: torch.dtype = torch.float64):
+    """Per-token losses, entropies and top-1 flags of ``cap(hidden @ merged.T)``, and the gradients of
+    ``Σ upstream · loss`` for ``hidden`` and ``merged``, all computed through the whole (N, V) logits in
+    ``dtype``: float64 is the exact reference, a 16-bit or fp32 ``dtype`` is what plain PyTorch gets at
+    that precision (the logits in that dtype, upcast for the loss, as transformers does)."""
+    h = hidden.detach().to(dtype).requires_grad_(True)
+    m = merged.detach().to(dtype).requires_grad_(True)
+    logits = h @ m.T
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.to(torch.promote_types(dtype, torch.float32))
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
+    (loss * upstream.to(loss.dtype)).sum().backward()
+    valid = targets != ignore_index
+    logp = logits.detach().log_softmax(-1)
+    entropy = torch.where(valid, -(logp.exp() * logp).sum(-1), 0)
+    top1 = valid & (logits.detach().argmax(-1) == targets)
+    return loss.detach(), entropy, top1, h.grad, m.grad
+
+
+def assert_as_close_as_torch(ours: Tensor, torch_result: Tensor, exact: Tensor, floor: float, what: str) -> None:
+    """flash-attention's budget: ours at most twice as far from the exact (float64) result as plain PyTorch's
+    own result at the same precision is, plus ``floor`` (the rounding of the output itself)."""
+    budget = 2 * (torch_result.double() - exact.double()).abs().max().item() + floor
+    err = (ours.double() - exact.double()).abs().max().item() if ours.numel() else 0.0
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    assert err <= budget, f"{what}: error {err:.3g} exceeds the budget {budget:.3g}"

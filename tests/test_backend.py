@@ -34,7 +34,7 @@ def test_each_op_is_defined_once_with_cpu_cuda_and_one_autograd_kernel(op):
     assert not any(name.startswith("cuda_") for name in dir(torch.ops.reserved_kernels)), "no second layer of ops"
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", ops.COMPILED_OPS)
 def test_the_compiled_extension_serves_every_key_itself(op):
     """Where the extension is built, CPU, CUDA and Autograd are its C++ kernels: no Python between call and kernel."""
     ok, why = _backend.cuda_extension_status()
@@ -45,6 +45,14 @@ def test_the_compiled_extension_serves_every_key_itself(op):
     for key in ("CPU", "CUDA", "Autograd"):
         assert regs[key].startswith(os.path.join(REPO, "csrc")) or "/csrc/" in regs[key], (key, regs[key])
     assert ops.active("cpu") == "compiled" and ops.active("cuda") == "compiled"
+
+
+def test_the_fused_loss_is_served_by_python_on_every_key():
+    """GEMMs around a tile step: torch's on CPU, Triton's (where importable) on CUDA; one Python autograd."""
+    regs = _registrations("linear_cross_entropy")
+    assert not any("csrc" in where for where in regs.values()), regs
+    assert ops.default_backend("cpu", "linear_cross_entropy") == "torch"
+    assert ops.default_backend("cuda", "linear_cross_entropy") == ("triton" if _backend.triton_status()[0] else "torch")
 
 
 def test_without_the_extension_python_fills_every_key():

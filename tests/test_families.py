@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -178,3 +180,26 @@ def test_the_demo_and_the_training_step_benchmark_take_a_checkpoint_of_the_famil
     result = train_step.run_one("reserved", device="cpu", vocab=0, dim=0, slots=2, tokens=64, dtype="float32",
                                 repeat=2, head=True, model=str(checkpoint))
     assert result["median_ms"] > 0 and result["extra_bytes"] >= 0
+
+
+@pytest.mark.parametrize("kind, tied", FAMILIES)
+def test_the_fused_training_loss_of_each_family_matches_its_logits_loss(kind, tied, tmp_path):
+    """Untied heads too: both tables' rows get the fused loss's K x D gradients."""
+    vocab, base, _ = _family(kind, tmp_path, tied)
+    plan = vocab.assign(TERMS)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids[:, 2] = plan.ids[0]
+    models = []
+    for fused in (True, False):
+        model = copy.deepcopy(base)
+        patch_model(model, vocab, init="description", fused_loss=fused).train()
+        out = model(input_ids=ids, labels=ids)
+        assert (out.logits is None) == fused
+        out.loss.backward()
+        models.append((out.loss, [p.grad for n, p in model.named_parameters() if p.requires_grad]))
+    (loss, grads), (ref, ref_grads) = models
+    tol = (vocab.vocab_size + 64) * torch.finfo(torch.float32).eps  # one loss summed in two orders, see test_gemma
+    torch.testing.assert_close(loss, ref, rtol=tol, atol=0)
+    assert len(grads) == (1 if tied else 2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol * r.abs().max().item())

@@ -312,13 +312,14 @@ def _distributed_worker(rank, init_file, out_file, wrapper):
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        model = patch_model(tiny_gemma("gemma"), RESERVED)
+        model = patch_model(tiny_gemma("gemma"), RESERVED).train()  # training: the loss is the fused op's
         if wrapper == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             model = DistributedDataParallel(model)
             inner = model.module
-        else:  # FSDP2: shard each decoder layer, then the root (embedding and tied head together)
+        else:  # FSDP2: shard each decoder layer, then the root (embedding and tied head together); the fused
+            # loss runs inside the head's forward, so the root's hooks have gathered the table for it
             from torch.distributed.fsdp import fully_shard
 
             for layer in model.model.layers:
@@ -346,10 +347,81 @@ def test_distributed_gradients_equal_one_process(wrapper):
         out_file = os.path.join(tmp, "grad.pt")
         mp.spawn(_distributed_worker, args=(os.path.join(tmp, "init"), out_file, wrapper), nprocs=2, join=True)
         ddp_grad = torch.load(out_file)
-    model = patch_model(tiny_gemma("gemma"), RESERVED)
+    model = patch_model(tiny_gemma("gemma"), RESERVED).train()
     grads = []
     for half in _batch(batch=4).chunk(2):  # each rank's mean loss; DDP averages the two gradients
         model.zero_grad()
         model(input_ids=half, labels=half).loss.backward()
         grads.append(model.get_input_embeddings().reserved_weight.grad.clone())
     torch.testing.assert_close(ddp_grad, (grads[0] + grads[1]) / 2)
+
+
+# ------------------------------------------------------------------------------------------ the fused loss
+
+def _pair(variant):
+    """The same patched model twice, with trained-looking rows: the fused labels= path and the logits one."""
+    models = []
+    for fused in (True, False):
+        model = patch_model(tiny_gemma(variant), RESERVED, fused_loss=fused)
+        with torch.no_grad():
+            model.get_input_embeddings().reserved_weight.add_(torch.randn(5, 64, generator=torch.Generator().manual_seed(3)))
+        models.append(model.train())
+    return models
+
+
+def _padded_batch():
+    ids = _batch(batch=3)
+    mask = torch.ones_like(ids)
+    mask[1, -7:] = 0  # right padding, masked in attention and as targets, as a collator does
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def _grads(model):
+    return model.get_input_embeddings().reserved_weight.grad.clone()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_with_labels_goes_through_the_fused_loss_without_logits(variant):
+    fused, plain = _pair(variant)
+    ids, mask, labels = _padded_batch()
+    out = fused(input_ids=ids, attention_mask=mask, labels=labels)
+    ref = plain(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None and ref.logits is not None
+    out.loss.backward()
+    ref.loss.backward()
+    # The same loss summed in another order (tiles): within (V + D)·eps relative, V = 1024, D = 64; the
+    # rows' gradient carries that relative difference back through the body.
+    tol = (1024 + 64) * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(out.loss, ref.loss, rtol=tol, atol=0)
+    torch.testing.assert_close(_grads(fused), _grads(plain), rtol=tol, atol=tol * _grads(plain).abs().max().item())
+    # Trainer's normaliser: the sum over the batch divided by it.
+    summed = fused(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=5).loss
+    expected = plain(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=5).loss
+    torch.testing.assert_close(summed, expected, rtol=tol, atol=0)
+
+
+def test_logits_when_asked_and_in_evaluation_and_the_fused_loss_when_asked():
+    fused, plain = _pair("gemma2")
+    ids, mask, labels = _padded_batch()
+    assert fused(input_ids=ids, labels=labels, return_logits=True).logits.shape == (3, 24, 1024)
+    fused.eval()
+    plain.eval()
+    with torch.no_grad():
+        evaluated = fused(input_ids=ids, attention_mask=mask, labels=labels)
+        expected = plain(input_ids=ids, attention_mask=mask, labels=labels)
+        assert torch.equal(evaluated.logits, expected.logits) and torch.equal(evaluated.loss, expected.loss)
+        quick = fused(input_ids=ids, attention_mask=mask, labels=labels, return_logits=False)
+    assert quick.logits is None
+    tol = (1024 + 64) * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(quick.loss, expected.loss, rtol=tol, atol=0)
+    assert torch.equal(fused(input_ids=ids).logits, plain(input_ids=ids).logits)  # no labels: the forward as it was
+
+
+def test_merge_puts_the_models_own_forward_back():
+    model = patch_model(tiny_gemma("gemma"), RESERVED)
+    assert "forward" in model.__dict__
+    merge(model)
+    assert "forward" not in model.__dict__
+    model.train()
+    ids = _batch()
+    assert model(input_ids=ids, labels=ids).logits is not None

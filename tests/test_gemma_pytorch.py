@@ -138,3 +138,31 @@ def test_perplexity_works_for_gemma_pytorch_models(quant):
 def test_not_a_gemma_pytorch_model_is_a_clear_error():
     with pytest.raises(TypeError, match="not a gemma_pytorch-layout model"):
         causal_lm_logits(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("architecture, quant", LAYOUTS)
+def test_the_loss_is_the_fused_ops_and_matches_the_logits(architecture, quant):
+    """causal_lm_loss never builds the logits; it agrees with the cross-entropy of causal_lm_logits."""
+    model = _model(architecture, quant)
+    patch_model(model, RESERVED)
+    rows = model.embedder.reserved_weight
+    with torch.no_grad():
+        rows.add_(torch.randn(3, 32, generator=torch.Generator().manual_seed(2)))
+    ids = _batch(seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0
+    losses, grads = [], []
+    for fused in (True, False):
+        rows.grad = None
+        if fused:
+            loss = causal_lm_loss(model, ids, mask)
+        else:
+            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            logits = causal_lm_logits(model, ids)[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 1024), targets.reshape(-1))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(rows.grad.clone())
+    tol = (1024 + 32) * torch.finfo(torch.float32).eps  # one loss summed in two orders (see test_gemma)
+    torch.testing.assert_close(losses[0], losses[1], rtol=tol, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=tol, atol=tol * grads[1].abs().max().item())

@@ -175,3 +175,37 @@ def test_the_python_autograd_path_never_synchronises_either():
                           env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 passed" in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_the_fused_loss_host_code_never_synchronises(backend, dtype, monkeypatch):
+    """The tiled loss on fake CUDA tensors: tile shapes come from shapes alone, targets are checked on the
+    device; Triton's tile launches are stubbed and counted (one per vocabulary tile and token block)."""
+    if backend == "triton" and not _backend.triton_status()[0]:
+        pytest.skip(_backend.triton_status()[1])
+    from reserved_kernels import reference
+
+    impl, log = reference, []
+    if backend == "triton":
+        from reserved_kernels.triton import launchers as impl
+
+        monkeypatch.setattr(impl, "_lse_tile_kernel", _Launches("_lse_tile_kernel", log))
+        monkeypatch.setattr(impl, "_device_guard", lambda t: contextlib.nullcontext())
+    emb, _ = _cpu_module(dtype)
+    hidden = torch.randn(1024, 256).to(dtype)
+    targets = torch.randint(0, 5000, (1024,))
+    with _fake_cuda():
+        emb, hidden, targets = emb.to("cuda"), hidden.to("cuda"), targets.to("cuda")
+        detector = _SyncDetector()
+        with detector, torch.no_grad():  # as inside the op, below autograd
+            loss, entropy, top1, grad_hidden, grad_rows = impl.linear_cross_entropy(
+                hidden, emb.weight, emb.reserved_weight, emb._slot_map, targets, -100, 30.0, 1 << 20, True, True)
+        assert loss.shape == (1024,) and grad_hidden.shape == (1024, 256) and grad_rows.shape == (1024, 99)
+    assert not detector.syncs, detector.syncs
+    if backend == "triton":
+        from reserved_kernels.reference.cross_entropy import bytes_per_tile_element, tile_shape
+
+        rows, cols = tile_shape(1024, 5000, 1 << 20, bytes_per_tile_element(dtype, "cuda", False, True))
+        blocks, tiles = -(-1024 // rows), -(-5000 // cols)
+        assert len(log) == blocks * (tiles + 1), (len(log), blocks, tiles)  # + the reserved tile per block

@@ -100,3 +100,20 @@ def test_segment_mean_compiles_with_id_asserts():
                         ("weight_ptr", "reserved_ptr", "out_ptr", "D"))
     assert "__assertfail" in compiled.asm["ptx"]
     assert not _float_atomics(compiled.asm["ptx"])
+
+
+@pytest.mark.parametrize("p", ["fp32", "bf16"], ids=["in-place", "bf16-softmax"])
+@pytest.mark.parametrize("cap", [False, True], ids=["no-cap", "cap"])
+def test_the_fused_loss_tile_kernel_compiles_with_vector_accesses_and_no_atomics(p, cap):
+    """One program per tile row: 16-byte loads of the fp32 logits, stores of the softmax, no atomics at all."""
+    signature = {"z_ptr": "*fp32", "p_ptr": f"*{p}", "masked_ptr": "*i1", "tcol_ptr": "*i64", "m_ptr": "*fp32",
+                 "s_ptr": "*fp32", "a_ptr": "*fp32", "zt_ptr": "*fp32", "alpha_ptr": "*fp32", "COLS": "i32",
+                 "stride_z": "i32", "stride_p": "i32", "softcap": "fp32", "MASKED": "constexpr", "HAS_CAP": "constexpr",
+                 "HAS_MASK": "constexpr", "WANT_P": "constexpr", "WANT_A": "constexpr", "BLOCK": "constexpr"}
+    compiled = _compile(K._lse_tile_kernel, signature,
+                        dict(MASKED=-3.4e38, HAS_CAP=cap, HAS_MASK=True, WANT_P=True, WANT_A=True, BLOCK=2048),
+                        ("z_ptr", "p_ptr", "COLS", "stride_z", "stride_p"))
+    ptx = compiled.asm["ptx"]
+    accesses = _vector_accesses(ptx)
+    assert any(a.startswith("ld.global") for a in accesses), accesses
+    assert not re.findall(r"\b(?:atom|red)\.", ptx)

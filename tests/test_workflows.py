@@ -7,6 +7,7 @@ and the frozen table left untouched for anyone else holding it.
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -132,6 +133,90 @@ def test_trainer_checkpoints_and_resumes_to_the_same_rows(variant, dtype, tmp_pa
     keep = torch.ones(1024, dtype=torch.bool)
     keep[RESERVED] = False
     assert torch.equal(resumed.get_input_embeddings().weight[keep], frozen[keep])
+
+
+class _PaddedData(torch.utils.data.Dataset):
+    """Lines of different lengths, right-padded: the micro-batches of one step count different tokens, so
+    the loss's normaliser (num_items_in_batch, over the whole accumulated batch) matters."""
+
+    def __init__(self):
+        self.ids = _batch(seed=2, batch=12, length=16)
+        self.mask = torch.ones_like(self.ids)
+        for i in range(12):
+            self.mask[i, 16 - 2 * (i % 6):] = 0
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        labels = self.ids[i].masked_fill(self.mask[i] == 0, -100)
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": labels}
+
+
+def test_trainer_with_gradient_accumulation_follows_the_unfused_trajectory(tmp_path):
+    """SGD (its step is the gradient itself, unlike Adam's, which a wrong normaliser would not show)."""
+    rows = {}
+    for fused in (True, False):
+        model = patch_model(tiny_gemma("gemma2"), RESERVED, fused_loss=fused)
+        start = model.get_input_embeddings().reserved_weight.detach().clone()
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / str(fused)), max_steps=3,
+                                              per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                              optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
+                                              report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+                                              save_strategy="no")
+        transformers.Trainer(model=model, args=args, train_dataset=_PaddedData()).train()
+        rows[fused] = model.get_input_embeddings().reserved_weight.detach() - start
+    assert rows[False].abs().max() > 1e-3  # the rows moved
+    # Each gradient is the same loss's summed in two orders, within (V + D)·eps relative (see test_gemma);
+    # three steps of lr 1 add three of them.
+    tol = 3 * (1024 + 64) * EPS32
+    torch.testing.assert_close(rows[True], rows[False], rtol=tol, atol=tol * rows[False].abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------------- TRL
+
+def _sft_setup(tmp_path):
+    trl = pytest.importorskip("trl", reason="needs trl (scripts/test.sh installs it)")
+    datasets = pytest.importorskip("datasets", reason="needs datasets (a dependency of trl)")
+    vocab = ReservedVocab.from_file(default_tokenizer_path())
+    vocab.assign({"[summary]": "a short summary of the text"})
+    vocab.save(tmp_path / "tok")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    term = vocab.plan["[summary]"].id
+    rows = [[2, term] + _batch(seed=s, batch=1, length=10)[0].tolist() for s in range(8)]
+    dataset = datasets.Dataset.from_dict({"input_ids": rows})
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=4,
+                         learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                         disable_tqdm=True, seed=0)
+    return trl, vocab, tokenizer, dataset, args
+
+
+def test_trl_sft_trainer_trains_a_patched_model_through_the_fused_loss(tmp_path):
+    trl, vocab, tokenizer, dataset, args = _sft_setup(tmp_path)
+    model = tiny_gemma("gemma")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    patch_model(trainer.model, vocab, init="description")  # after the trainer: it replaces the model's forward
+    start = model.get_input_embeddings().reserved_weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(model.get_input_embeddings().reserved_weight, start)
+    for name, p in model.named_parameters():
+        if not name.endswith("reserved_weight"):
+            assert torch.equal(p, frozen[name]), name
+    # TRL's metrics come from the fused loss's statistics: an entropy of at most log V = 6.93 (a random
+    # tiny model is close to it) and an accuracy in [0, 1].
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all(0 <= e["mean_token_accuracy"] <= 1 and 0 < e["entropy"] <= math.log(1024) + 1e-4
+                          for e in logged)
+
+
+def test_trl_sft_trainer_created_after_patching_is_a_clear_error(tmp_path):
+    """TRL's own fused head reads lm_head.weight (the frozen table, without the rows): refused, with the order."""
+    trl, vocab, tokenizer, dataset, args = _sft_setup(tmp_path)
+    model = patch_model(tiny_gemma("gemma"), vocab, init="description")
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    with pytest.raises(RuntimeError, match="create the trainer first, then patch_model"):
+        trainer.train()
 
 
 # ----------------------------------------------------------------------------------------------------- PEFT

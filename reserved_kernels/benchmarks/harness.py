@@ -44,6 +44,42 @@ def environment() -> dict:
     return env
 
 
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def peak_bytes(fn, device: torch.device) -> int:
+    """The most memory two calls of ``fn()`` hold beyond what was allocated before them: CUDA
+    ``max_memory_allocated``; on a CPU the peak RSS (the high-water mark reset first, where Linux allows)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base = _rss_bytes("VmRSS")
+    if not _reset_peak_rss():
+        base = _rss_bytes("VmHWM")
+    fn()
+    fn()
+    return _rss_bytes("VmHWM") - base
+
+
 def cpu_median(fn, *, warmup: int = 1, repeat: int = 5) -> dict:
     """Median, p20 and p80 wall time in ms of ``fn()`` on the CPU."""
     for _ in range(warmup):

@@ -28,23 +28,6 @@ RECIPES = ("reserved", "hook", "peft")
 CONFIG_KEYS = ("device", "vocab", "dim", "slots", "tokens", "dtype", "repeat", "head", "model")
 
 
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
 def _checkpoint(args):
     """(model, its table, the first ``args.slots`` reserved slots of its tokenizer, its tokenizer's size)."""
     import torch
@@ -115,7 +98,7 @@ def _build(args, weight, reserved_ids, model=None):
 def child(args) -> None:
     import torch
 
-    from reserved_kernels.benchmarks.harness import cpu_median, gpu_median
+    from reserved_kernels.benchmarks.harness import cpu_median, gpu_median, peak_bytes
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -139,23 +122,9 @@ def child(args) -> None:
         if after_step is not None:
             after_step()
 
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        step()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - base
-        timing = gpu_median(step, warmup_ms=50, rep_ms=300)
-    else:
-        base = _rss_bytes("VmRSS")
-        if not _reset_peak_rss():
-            base = _rss_bytes("VmHWM")
-        step()
-        step()
-        extra = _rss_bytes("VmHWM") - base
-        timing = cpu_median(step, warmup=0, repeat=args.repeat)
+    extra = peak_bytes(step, dev)
+    timing = gpu_median(step, warmup_ms=50, rep_ms=300) if dev.type == "cuda" else cpu_median(step, warmup=0,
+                                                                                             repeat=args.repeat)
     print(json.dumps(dict(recipe=args.recipe, extra_bytes=extra, **timing)))
 
 

@@ -65,16 +65,8 @@ def _masks(config, length: int, device: torch.device) -> tuple[Tensor, Tensor | 
     return mask, local
 
 
-def causal_lm_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
-    """(B, T, V) logits of a gemma_pytorch-layout model at every position, differentiable.
-
-    A patched model (:func:`reserved_kernels.models.patch_model`) trains only its reserved rows here:
-    the input side through the fused gather, the tied output head through the merged-table logits
-    (dequantising an int8 table, as gemma_pytorch's sampler does, but never writing it).
-    """
-    from reserved_kernels.modules.embedding import ReservedEmbedding
-    from reserved_kernels.modules.lm_head import _ReservedLogits
-
+def _decoder_states(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """(B, T, D) final hidden states of a gemma_pytorch-layout model over every position, differentiable."""
     if not is_gemma_pytorch(model):
         raise TypeError(f"{type(model).__name__} is not a gemma_pytorch-layout model (an `embedder` or "
                         "`text_token_embedder`, `model.layers` and a `config`)")
@@ -91,27 +83,64 @@ def causal_lm_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
                hidden.new_zeros(batch, length, config.num_key_value_heads, config.head_dim))
               for _ in model.model.layers]
     mask, local_mask = _masks(config, length, device)
-    hidden = model.model(hidden_states=hidden, freqs_cis=_rotary_tables(model, positions),
-                         kv_write_indices=positions, kv_caches=caches, mask=mask, local_mask=local_mask)
-    table = embedder.weight
+    return model.model(hidden_states=hidden, freqs_cis=_rotary_tables(model, positions),
+                       kv_write_indices=positions, kv_caches=caches, mask=mask, local_mask=local_mask)
+
+
+def _tied_table(model: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(table, trained rows, their ids, slot map) of the tied head: the float table (dequantised whole for
+    int8, as gemma_pytorch's sampler does, but never written) and the rows as the forward pass sees them."""
+    from reserved_kernels.functional import build_slot_map
+    from reserved_kernels.modules.embedding import ReservedEmbedding
+
+    embedder = getattr(model, embedder_name(model))
+    table = embedder.weight.detach()
     scaler = getattr(embedder, "weight_scaler", None)
     if scaler is not None and not table.is_floating_point():
         table = table.to(scaler.dtype) * scaler.detach().unsqueeze(-1)
-    if isinstance(embedder, ReservedEmbedding) and embedder.num_reserved:
-        rows = embedder.reserved_weight.to(table.dtype)
-        logits = _ReservedLogits.apply(hidden, table.detach(), rows, embedder.reserved_ids)
+    if isinstance(embedder, ReservedEmbedding):
+        return table, embedder.reserved_weight, embedder.reserved_ids, embedder._slot_map
+    ids = torch.empty(0, dtype=torch.int64, device=table.device)
+    return table, table.new_empty(0, table.shape[1]), ids, build_slot_map(ids, table.shape[0], table.device)
+
+
+def causal_lm_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """(B, T, V) logits of a gemma_pytorch-layout model at every position, differentiable.
+
+    A patched model (:func:`reserved_kernels.models.patch_model`) trains only its reserved rows here:
+    the input side through the fused gather, the tied output head through the merged-table logits.
+    To train, prefer :func:`causal_lm_loss`, which never builds these logits.
+    """
+    from reserved_kernels.modules.lm_head import _ReservedLogits
+
+    hidden = _decoder_states(model, input_ids)
+    table, rows, ids, _ = _tied_table(model)
+    if ids.numel():
+        logits = _ReservedLogits.apply(hidden, table, rows.to(table.dtype), ids)
     else:
-        logits = F.linear(hidden, table.detach())
-    cap = getattr(config, "final_logit_softcapping", None)
+        logits = F.linear(hidden, table)
+    cap = getattr(model.config, "final_logit_softcapping", None)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits
 
 
-def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """Mean next-token cross-entropy of a gemma_pytorch-layout model over ``input_ids`` (masked positions skipped)."""
-    logits = causal_lm_logits(model, input_ids)[:, :-1].float()
+def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                   reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy of a gemma_pytorch-layout model over ``input_ids`` (masked positions skipped).
+
+    The tied head's loss goes through :func:`reserved_kernels.linear_cross_entropy` (with the config's
+    final soft-cap): no (B, T, V) logits, and a patched model's rows get their K x D gradient.
+    ``reduction`` is "mean" over the predicted tokens, or "sum".
+    """
+    from reserved_kernels.functional import linear_cross_entropy
+
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    hidden = _decoder_states(model, input_ids)[:, :-1]
     targets = input_ids[:, 1:]
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    table, rows, _, slot_map = _tied_table(model)
+    return linear_cross_entropy(hidden, table, rows, slot_map, targets, ignore_index=-100,
+                                softcap=getattr(model.config, "final_logit_softcapping", None), reduction=reduction)

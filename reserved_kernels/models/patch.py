@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from reserved_kernels._io import atomic_write_many
+from reserved_kernels.models import causal_lm
 from reserved_kernels.models.gemma_pytorch import embedder_name
 from reserved_kernels.models.untrained import untrained_rows
 from reserved_kernels.modules.embedding import ReservedEmbedding
@@ -30,6 +31,10 @@ PEFT_ORDER_MESSAGE = (
     "get_peft_model() freezes every parameter that is not the adapter's. Apply LoRA first, then patch: "
     "peft_model = get_peft_model(model, config); patch_model(peft_model, plan). To train only the adapter "
     "and keep the rows as they are, call reserved_kernels.models.freeze_rows(model).")
+FORWARD_REPLACED_MESSAGE = (
+    "the patched model's forward was replaced after patch_model (TRL's SFTTrainer does so with its fused LM head, "
+    "which reads lm_head.weight, the frozen table without the trained rows): create the trainer first, then "
+    "patch_model(trainer.model, plan) — the patched forward serves TRL's fused_lm_head=True calls itself.")
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -84,7 +89,8 @@ def _reserved_ids(reserved) -> tuple[list[int], ReservedPlan | None]:
 def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPlan | ReservedVocab, *,
                 init: str | None = None, noise_std: float = 0.0, generator: torch.Generator | None = None,
                 copy_from: int | None = None, exclude: Sequence[int] | None = None, exclude_untrained: bool = True,
-                train_others: bool = False, reserved_dtype: torch.dtype | None = None) -> nn.Module:
+                train_others: bool = False, reserved_dtype: torch.dtype | None = None,
+                fused_loss: bool = True) -> nn.Module:
     """Make only the rows ``reserved`` of ``model``'s embedding (and tied output head) trainable.
 
     Works on Hugging Face ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` (a
@@ -105,6 +111,9 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
         train_others: keep other parameters' ``requires_grad``; by default every other parameter is
             frozen. A PEFT model always keeps its adapter trainable.
         reserved_dtype: dtype of the trainable rows (default float32 for a 16-bit table).
+        fused_loss: a Hugging Face model's ``labels=`` loss in training goes through the fused linear
+            cross-entropy, without the (B, T, V) logits (:mod:`reserved_kernels.models.causal_lm`); False keeps
+            the model's own loss from logits.
 
     With PEFT, apply the adapter first (``get_peft_model``), then patch the PEFT model: the adapter and
     the rows train together. Patching first and then calling ``get_peft_model`` freezes the rows (PEFT
@@ -145,17 +154,22 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
         if module is not None:
             module.weight.requires_grad_(False)
             module.reserved_weight.requires_grad_(True)
-    guard = base.register_forward_pre_hook(_rows_frozen_by_peft_guard)
+    if isinstance(new_head, ReservedLMHead) and hasattr(base, "base_model_prefix") and hasattr(base, "config"):
+        causal_lm.install(base, fused_loss)  # a transformers model: its labels= path, and TRL's fused head
+    guard = base.register_forward_pre_hook(_training_guard)
     # Kept outside the module tree (a plain dict), so state_dict and .parameters() do not see them.
     new_embedding.__dict__["_patch_record"] = dict(embedding=embedding, head=head, requires_grad=requires_grad,
                                                    guard=guard, rows_frozen_on_purpose=False)
     return model
 
 
-def _rows_frozen_by_peft_guard(module: nn.Module, args) -> None:
-    """A forward pre-hook: training with the rows frozen and PEFT layers present means get_peft_model ran last."""
+def _training_guard(module: nn.Module, args) -> None:
+    """A forward pre-hook for training calls: the rows frozen with PEFT layers present means get_peft_model ran
+    last; a patched forward no longer reached means something replaced it (TRL's fused head)."""
     if not (module.training and torch.is_grad_enabled()):
         return
+    if causal_lm.RECORD in module.__dict__ and not causal_lm.is_reached(module):
+        raise RuntimeError(FORWARD_REPLACED_MESSAGE)
     embedding = _input_embedding(module)
     if (isinstance(embedding, ReservedEmbedding) and not embedding.reserved_weight.requires_grad
             and not embedding.__dict__["_patch_record"]["rows_frozen_on_purpose"] and _has_peft_layers(module)):
@@ -245,6 +259,7 @@ def merge(model: nn.Module) -> nn.Module:
             head.merge_()
         _base_model(model).set_output_embeddings(record["head"])
     record["guard"].remove()
+    causal_lm.uninstall(_base_model(model))
     for name, p in model.named_parameters():
         p.requires_grad_(record["requires_grad"].get(name, p.requires_grad))
     return model

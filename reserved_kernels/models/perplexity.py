@@ -6,17 +6,38 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-    from reserved_kernels.models.gemma_pytorch import causal_lm_logits, is_gemma_pytorch
+def _summed_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None) -> Tensor:
+    """The summed next-token negative log-likelihood of one batch, through the model's loss path.
+
+    A patched model's loss goes through the fused linear cross-entropy (``return_logits=False``): no
+    (B, T, V) logits. An unpatched Hugging Face model computes its own (``num_items_in_batch=1`` turns its
+    mean into the sum); a gemma_pytorch-layout model goes through ``causal_lm_loss``.
+    """
+    from reserved_kernels.models.causal_lm import RECORD
+    from reserved_kernels.models.gemma_pytorch import causal_lm_loss, is_gemma_pytorch
+    from reserved_kernels.models.patch import _base_model
 
     if is_gemma_pytorch(model):  # its own forward samples one token; score every position instead
-        return causal_lm_logits(model, input_ids)
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
-    return out.logits if hasattr(out, "logits") else out
+        if labels is not None:
+            raise ValueError("labels are not supported for gemma_pytorch-layout models; pass attention_mask")
+        return causal_lm_loss(model, input_ids, attention_mask, reduction="sum")
+    if labels is None:
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+    fused = {"return_logits": False} if RECORD in _base_model(model).__dict__ else {}
+    return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=1,
+                 **fused).loss
+
+
+def _counted(input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None) -> int:
+    """How many next-token targets a batch has (its labels or unmasked tokens after the first position)."""
+    if labels is not None:
+        return int((labels[:, 1:] != -100).sum())
+    if attention_mask is not None:
+        return int((attention_mask[:, 1:] != 0).sum())
+    return input_ids[:, 1:].numel()
 
 
 @torch.no_grad()
@@ -24,9 +45,10 @@ def perplexity(model: nn.Module, batches: Iterable[Tensor | Mapping[str, Tensor]
     """exp(mean next-token negative log-likelihood) over every predicted, unmasked token.
 
     ``batches`` yields (B, T) ``input_ids`` tensors or dicts with ``input_ids`` and optionally
-    ``attention_mask``. Works for Hugging Face causal LMs (and PEFT models around them) and for
-    gemma_pytorch-layout models (through :func:`~reserved_kernels.models.causal_lm_logits`). The model is
-    put in eval mode for the call and restored afterwards.
+    ``attention_mask`` and ``labels`` (unshifted, -100 where a token is not a target). Works for Hugging
+    Face causal LMs (and PEFT models around them) and for gemma_pytorch-layout models; a patched model
+    is scored through the fused loss, without its (B, T, V) logits. The model is put in eval mode for
+    the call and restored afterwards.
     """
     was_training = model.training
     model.eval()
@@ -35,13 +57,9 @@ def perplexity(model: nn.Module, batches: Iterable[Tensor | Mapping[str, Tensor]
         for batch in batches:
             ids = batch if isinstance(batch, Tensor) else batch["input_ids"]
             mask = None if isinstance(batch, Tensor) else batch.get("attention_mask")
-            logits = _logits(model, ids, mask)[:, :-1].float()
-            targets = ids[:, 1:]
-            if mask is not None:
-                targets = targets.masked_fill(mask[:, 1:] == 0, -100)
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                                     reduction="sum").item()
-            count += int((targets != -100).sum())
+            labels = None if isinstance(batch, Tensor) else batch.get("labels")
+            total += float(_summed_nll(model, ids, mask, labels))
+            count += _counted(ids, mask, labels)
     finally:
         model.train(was_training)
     if count == 0:

@@ -54,6 +54,10 @@ class ReservedLMHead(nn.Linear):
     gradient and the reserved rows only ``grad_logits[..., reserved]ᵀ @ hidden`` (K×D); the frozen
     ``weight`` gets nothing.
 
+    ``head(hidden, targets)`` returns the cross-entropy of those logits instead, through the fused
+    :func:`~reserved_kernels.linear_cross_entropy`: the same gradients, and no (N, V) logits at all —
+    what a patched causal LM's ``labels=`` path uses in training.
+
     Tied (:meth:`tied_to`, Gemma's layout) it shares the embedding's ``weight`` Parameter and reads the
     embedding's ``reserved_weight`` and ``reserved_ids`` at each call without registering them again,
     so state dicts (and ``save_pretrained``) hold each tensor once. Untied (:meth:`from_linear`) it has
@@ -77,6 +81,7 @@ class ReservedLMHead(nn.Linear):
         weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.weight = weight.requires_grad_(False)
         self.register_buffer("reserved_ids", ids.to(self.weight.device))
+        self.register_buffer("_slot_map", F.build_slot_map(ids, out_features, self.weight.device), persistent=False)
         reserved_dtype = default_reserved_dtype(self.weight.dtype) if reserved_dtype is None else reserved_dtype
         self.reserved_weight = nn.Parameter(
             self.weight.detach().index_select(0, self.reserved_ids).to(reserved_dtype, copy=True))
@@ -114,11 +119,25 @@ class ReservedLMHead(nn.Linear):
 
     def __getattr__(self, name: str):
         tied = self.__dict__.get("_tied")
-        if tied is not None and name in ("reserved_weight", "reserved_ids"):
+        if tied is not None and name in ("reserved_weight", "reserved_ids", "_slot_map"):
             return getattr(tied, name)
         return super().__getattr__(name)
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, targets: Tensor | None = None, *, ignore_index: int = -100,
+                reduction: str = "mean", num_items_in_batch: Tensor | int | None = None, softcap: float | None = None,
+                return_stats: bool = False, tile_bytes: int | None = None):
+        """The logits ``(..., V)`` of ``hidden``; with ``targets``, the cross-entropy against them instead,
+        through :func:`reserved_kernels.linear_cross_entropy` (no logits are built: see there for the
+        arguments). ``softcap`` is the loss's soft-cap, by default the head's ``final_logit_softcapping``.
+        The loss runs inside this module's forward so that FSDP2 has gathered the table for it."""
+        if targets is not None:
+            cap = self.final_logit_softcapping
+            if softcap is not None and cap is not None and softcap != cap:
+                raise ValueError(f"softcap={softcap} differs from this head's final_logit_softcapping={cap}")
+            return F.linear_cross_entropy(hidden, self.weight, self.reserved_weight, self._slot_map, targets,
+                                          ignore_index=ignore_index, softcap=softcap if softcap is not None else cap,
+                                          reduction=reduction, num_items_in_batch=num_items_in_batch,
+                                          tile_bytes=tile_bytes, return_stats=return_stats)
         rows, ids = self.reserved_weight, self.reserved_ids
         if ids.numel():
             logits = _ReservedLogits.apply(hidden, self.weight, rows.to(self.weight.dtype), ids)
@@ -136,8 +155,7 @@ class ReservedLMHead(nn.Linear):
         ``ReservedEmbedding.init_reserved_``); a tied head's rows are its embedding's, initialised there."""
         if self.tied is not None:
             raise ValueError("a tied head shares its embedding's rows: initialise them through the embedding")
-        slot_map = F.build_slot_map(self.reserved_ids, self.out_features, self.weight.device)
-        F.init_reserved_rows_(self.reserved_weight, self.weight, slot_map, self.reserved_ids, sources,
+        F.init_reserved_rows_(self.reserved_weight, self.weight, self._slot_map, self.reserved_ids, sources,
                               targets=targets, exclude=exclude, noise_std=noise_std, generator=generator)
         return self
 
@@ -184,6 +202,7 @@ class ReservedLMHead(nn.Linear):
         super()._load_from_state_dict(local, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         with torch.no_grad():
             self.weight.index_copy_(0, self.reserved_ids, keep)
+        self._slot_map.copy_(F.build_slot_map(self.reserved_ids, self.out_features, self._slot_map.device))
 
     def extra_repr(self) -> str:
         cap = f", softcap={self.final_logit_softcapping}" if self.final_logit_softcapping is not None else ""

@@ -1,4 +1,4 @@
-"""The three public ops, defined once: schema, fake implementation, and the kernel behind each dispatch key.
+"""The four public ops, defined once: schema, fake implementation, and the kernel behind each dispatch key.
 
 * ``reserved_kernels::gather(ids, weight, reserved_weight, slot_map, weight_scaler, scale)`` —
   ``out[n] = cast(scale * row(ids[n]))`` in the table dtype; differentiable in ``reserved_weight``.
@@ -7,6 +7,11 @@
   ``out_dtype``, bitwise repeatable run to run whatever the id distribution.
 * ``reserved_kernels::segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)`` —
   ``out[k] = mean(row(src_ids[offsets[k]:offsets[k+1]]))``, (K, D) in float32 (float64 for a float64 table).
+* ``reserved_kernels::linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index,
+  softcap, tile_bytes, compute_grad, stats)`` — each token's cross-entropy over the merged table's
+  (soft-capped) logits, never building them (see :mod:`reserved_kernels.reference.cross_entropy`), with
+  its entropy and whether the target is the top token (``stats``) and, when ``compute_grad``, each
+  token's gradients, computed in the forward pass; differentiable in ``hidden`` and ``reserved_weight``.
 
 ``row(i)`` is ``reserved_weight[slot_map[i]]`` rounded to the table dtype when ``slot_map[i] >= 0``,
 else ``weight[i]`` (times ``weight_scaler[i]`` for an int8 table, gemma_pytorch's layout). The table
@@ -14,14 +19,17 @@ dtype is ``weight``'s, or ``weight_scaler``'s for an int8 table; ``reserved_weig
 or float32 (fp32 master rows of a 16-bit table).
 
 Who serves each dispatch key is decided here, once, at import: the compiled extension registers CPU,
-CUDA and Autograd kernels in C++ (``csrc/``) where it is built; every key it leaves open gets a Python
-implementation below (the reference on CPU, Triton — else the reference — on CUDA, the autograd
-formula). :func:`use` and :func:`forced` (or ``RESERVED_KERNELS_BACKEND`` at import) register another
-backend's kernels over those defaults; :func:`active` says which backend serves a device now.
-:mod:`reserved_kernels._backend` only says which backends exist; it does not import this module. Ids are validated without a host-device synchronisation: on CPU an out-of-range id raises
-IndexError naming the value and the range; on CUDA a device-side assertion fires. The backward never
-re-validates. ``set_strict_id_checks(True)`` (or ``RESERVED_KERNELS_STRICT_IDS=1``) adds a synchronous
-check that raises IndexError on CUDA too, for debugging.
+CUDA and Autograd kernels in C++ (``csrc/``) for the three embedding ops where it is built; every key it
+leaves open gets a Python implementation below (the reference on CPU, Triton — else the reference — on
+CUDA, the autograd formula). :func:`use` and :func:`forced` (or ``RESERVED_KERNELS_BACKEND`` at import)
+register another backend's kernels over those defaults; :func:`active` says which backend serves a
+device now. :mod:`reserved_kernels._backend` only says which backends exist; it does not import this
+module.
+
+Ids are validated without a host-device synchronisation: on CPU an out-of-range id raises IndexError
+naming the value and the range; on CUDA a device-side assertion fires. The backward never re-validates.
+``set_strict_id_checks(True)`` (or ``RESERVED_KERNELS_STRICT_IDS=1``) adds a synchronous check that raises
+IndexError on CUDA too, for debugging.
 """
 
 from __future__ import annotations
@@ -44,7 +52,13 @@ SCHEMAS = {
                     "ScalarType out_dtype) -> Tensor",
     "segment_mean": "(Tensor weight, Tensor reserved_weight, Tensor slot_map, Tensor? weight_scaler, "
                     "Tensor offsets, Tensor src_ids) -> Tensor",
+    "linear_cross_entropy": "(Tensor hidden, Tensor weight, Tensor reserved_weight, Tensor slot_map, Tensor targets, "
+                            "int ignore_index, float? softcap, int tile_bytes, bool compute_grad, bool stats) "
+                            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
+# The ops csrc/ implements. The fused loss is GEMMs (cuBLAS, MKL) around a per-tile step (Triton, or PyTorch):
+# no compiled kernel of ours would run it faster, so the extension leaves it to Python.
+COMPILED_OPS = ("gather", "scatter_grad", "segment_mean")
 DEVICE_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 STRICT_ENV_VAR = "RESERVED_KERNELS_STRICT_IDS"
 FROZEN_TABLE_MESSAGE = (
@@ -62,6 +76,7 @@ for _name, _schema in SCHEMAS.items():
 gather = torch.ops.reserved_kernels.gather.default
 scatter_grad = torch.ops.reserved_kernels.scatter_grad.default
 segment_mean = torch.ops.reserved_kernels.segment_mean.default
+linear_cross_entropy = torch.ops.reserved_kernels.linear_cross_entropy.default
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -153,6 +168,26 @@ def check_segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets
     _check_same_device(weight=weight, offsets=offsets, src_ids=src_ids)
 
 
+def check_linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes,
+                               compute_grad, stats) -> None:
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D (N, D), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"weight must be a floating (V, D) table, got {weight.dtype} of shape {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden ({hidden.dtype}, D={hidden.shape[1]}) must have the table's dtype and width "
+                         f"({weight.dtype}, D={weight.shape[1]})")
+    check_table(weight, reserved_weight, slot_map, None)
+    _check_index_dtype(targets, "targets")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"targets must have shape ({hidden.shape[0]},), one per row of hidden, got {tuple(targets.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if tile_bytes < 1:
+        raise ValueError(f"tile_bytes must be >= 1, got {tile_bytes}")
+    _check_same_device(hidden=hidden, weight=weight, targets=targets)
+
+
 # -------------------------------------------------------------------------------------------------- fake
 
 @torch.library.register_fake("reserved_kernels::gather", lib=_DEF)
@@ -174,9 +209,22 @@ def _segment_mean_fake(weight, reserved_weight, slot_map, weight_scaler, offsets
     return weight.new_empty((offsets.shape[0] - 1, weight.shape[1]), dtype=dtype)
 
 
+@torch.library.register_fake("reserved_kernels::linear_cross_entropy", lib=_DEF)
+def _linear_cross_entropy_fake(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes,
+                               compute_grad, stats):
+    check_linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes,
+                               compute_grad, stats)
+    n, acc = hidden.shape[0], sum_dtype(weight.dtype)
+    stat = n if stats else 0
+    grad = n if compute_grad else 0
+    return (hidden.new_empty(n, dtype=acc), hidden.new_empty(stat, dtype=acc), hidden.new_empty(stat, dtype=torch.bool),
+            hidden.new_empty((grad, hidden.shape[1])), hidden.new_empty((grad, reserved_weight.shape[0]), dtype=acc))
+
+
 # ---------------------------------------------------------------------------------- Python implementations
 
-_CHECKS = {"gather": check_gather, "scatter_grad": check_scatter, "segment_mean": check_segment_mean}
+_CHECKS = {"gather": check_gather, "scatter_grad": check_scatter, "segment_mean": check_segment_mean,
+           "linear_cross_entropy": check_linear_cross_entropy}
 
 
 def _checked(name: str, fn: Callable) -> Callable:
@@ -217,6 +265,9 @@ def _python_impl(backend: str, name: str, device_type: str) -> Callable:
     that cannot run them (or an unknown name) one that raises, with the reason, at the call."""
     if backend not in _backend.BACKENDS:
         return _unavailable(backend, name, device_type, f"not a backend; expected one of {_backend.BACKENDS}")
+    if backend == "compiled" and name not in COMPILED_OPS:
+        return _unavailable(backend, name, device_type, "the compiled extension has no kernel for it (it runs on "
+                            "'torch' or 'triton')")
     ok, why = _backend.availability(backend, device_type)
     if not ok:
         return _unavailable(backend, name, device_type, why)
@@ -246,6 +297,36 @@ def _gather_backward(ctx, grad):
     return None, None, grad_reserved, None, None, None
 
 
+def _linear_cross_entropy_setup_context(ctx, inputs, output):
+    hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes, compute_grad, stats = inputs
+    if weight.requires_grad:
+        raise RuntimeError(FROZEN_TABLE_MESSAGE)
+    if not compute_grad:
+        raise RuntimeError("linear_cross_entropy was called with compute_grad=False, but hidden or reserved_weight "
+                           "requires grad: the gradients are computed in the forward pass, so ask for them there")
+    _loss, entropy, is_top1, grad_hidden, grad_reserved = output
+    ctx.mark_non_differentiable(entropy, is_top1, grad_hidden, grad_reserved)
+    ctx.save_for_backward(hidden, targets, grad_hidden, grad_reserved)
+    ctx.rows_dtype = reserved_weight.dtype
+    ctx.ignore_index = ignore_index
+
+
+def _linear_cross_entropy_backward(ctx, grad_loss, *_):
+    """Each token's gradient was computed in the forward pass; only the upstream gradient scales it here.
+
+    An ignored token's gradient is zero whatever comes from upstream: a mean over no token sends an
+    infinite upstream gradient, and the unfused path's gradient is zero there, not NaN.
+    """
+    hidden, targets, grad_hidden, grad_reserved = ctx.saved_tensors
+    g = torch.where(targets != ctx.ignore_index, grad_loss, 0).unsqueeze(1)
+    d_hidden = d_rows = None
+    if ctx.needs_input_grad[0]:
+        d_hidden = (grad_hidden.to(g.dtype) * g).to(hidden.dtype)
+    if ctx.needs_input_grad[2]:
+        d_rows = ((grad_reserved * g).t() @ hidden.to(g.dtype)).to(ctx.rows_dtype)
+    return d_hidden, None, d_rows, None, None, None, None, None, None, None
+
+
 # ------------------------------------------------------------------------------------------- registration
 
 # Keys the compiled extension serves, read before any Python kernel is registered next to them.
@@ -253,28 +334,32 @@ _EXTENSION_KEYS = _backend.extension_kernels()
 
 
 def _extension_serves(device_type: str) -> bool:
-    """Whether the compiled extension registered a kernel for every op on ``device_type`` tensors."""
-    return all((name, DEVICE_KEYS[device_type]) in _EXTENSION_KEYS for name in SCHEMAS)
+    """Whether the compiled extension registered a kernel for each of its ops on ``device_type`` tensors."""
+    return all((name, DEVICE_KEYS[device_type]) in _EXTENSION_KEYS for name in COMPILED_OPS)
 
 
-def default_backend(device_type: str) -> str:
-    """The backend chosen at import for ``device_type`` tensors."""
-    if _extension_serves(device_type):
+def _python_default(device_type: str) -> str:
+    """The Python backend for the keys the extension leaves open: Triton on CUDA where importable, else torch."""
+    return "triton" if device_type == "cuda" and _backend.triton_status()[0] else "torch"
+
+
+def default_backend(device_type: str, op: str = "gather") -> str:
+    """The backend chosen at import for op ``op`` on ``device_type`` tensors."""
+    if op in COMPILED_OPS and _extension_serves(device_type):
         return "compiled"
-    if device_type == "cuda" and _backend.triton_status()[0]:
-        return "triton"
-    return "torch"
+    return _python_default(device_type)
 
 
 _FALLBACK = torch.library.Library(NAMESPACE, "IMPL")
 for _device_type, _key in DEVICE_KEYS.items():
-    _default = default_backend(_device_type)
     for _name in SCHEMAS:
         if (_name, _key) not in _EXTENSION_KEYS:
-            _FALLBACK.impl(_name, _python_impl(_default, _name, _device_type), _key)
+            _FALLBACK.impl(_name, _python_impl(_python_default(_device_type), _name, _device_type), _key)
 if ("gather", "Autograd") not in _EXTENSION_KEYS:
     torch.library.register_autograd("reserved_kernels::gather", _gather_backward,
                                     setup_context=_gather_setup_context, lib=_FALLBACK)
+torch.library.register_autograd("reserved_kernels::linear_cross_entropy", _linear_cross_entropy_backward,
+                                setup_context=_linear_cross_entropy_setup_context, lib=_FALLBACK)
 
 _forced: dict = {"backend": None, "lib": None}
 
@@ -284,9 +369,9 @@ def forced_backend() -> str | None:
     return _forced["backend"]
 
 
-def active(device_type: str) -> str:
-    """The backend that serves ``device_type`` tensors now (forced, or the default chosen at import)."""
-    return forced_backend() or default_backend(device_type)
+def active(device_type: str, op: str = "gather") -> str:
+    """The backend that serves op ``op`` on ``device_type`` tensors now (forced, or the default chosen at import)."""
+    return forced_backend() or default_backend(device_type, op)
 
 
 def _register_forced(backend: str | None) -> None:

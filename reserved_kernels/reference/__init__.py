@@ -1,4 +1,4 @@
-"""Pure-PyTorch implementations of the three ops: the CPU path without the extension, and the oracle for the kernels.
+"""Pure-PyTorch implementations of the ops: the CPU path without the extension, and the oracle for the kernels.
 
 Each function takes arguments that passed the op's shape and dtype checks (``reserved_kernels.ops``)
 and allocates its own output. ``slot_map`` is an int32 vector of length V: ``slot_map[i]`` is the row of
@@ -147,3 +147,7 @@ def segment_mean(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, weig
     out = torch.zeros(num_segments, weight.shape[1], dtype=acc, device=weight.device)
     out.index_add_(0, segment, rows)
     return out / counts.clamp_min(1).unsqueeze(-1).to(acc)
+
+
+# The fused loss's reference: the same tiled algorithm every backend runs (the Triton one swaps in its tile step).
+from reserved_kernels.reference.cross_entropy import linear_cross_entropy  # noqa: E402, F401

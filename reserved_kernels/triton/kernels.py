@@ -213,3 +213,73 @@ def _segment_mean_kernel(weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, offsets
                            HAS_SCALER)
         acc += tl.sum(tile, 0)
     tl.store(out_ptr + k * D + cols, acc / (hi - lo).to(tl.float32), mask=col_mask)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from one exponential (the interpreter has no libdevice): ``sign(x)·(1 − e)/(1 + e)``, ``e = exp(−2|x|)``;
+    within a few fp32 ulps of 1 where |tanh| is large, within ~1e-7 absolute near 0."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _tile_logits(z_row, cols, in_row, masked_ptr, softcap, MASKED: tl.constexpr, HAS_CAP: tl.constexpr,
+                 HAS_MASK: tl.constexpr):
+    """A block of one tile row's logits in fp32: soft-capped, masked columns (reserved ids) at MASKED, -inf past the row."""
+    z = tl.load(z_row + cols, mask=in_row, other=0.0).to(tl.float32)
+    if HAS_CAP:
+        z = softcap * _tanh(z / softcap)
+    if HAS_MASK:
+        masked = tl.load(masked_ptr + cols, mask=in_row, other=0) != 0
+        z = tl.where(masked, MASKED, z)
+    return tl.where(in_row, z, float("-inf"))
+
+
+@triton.jit
+def _lse_tile_kernel(z_ptr, p_ptr, masked_ptr, tcol_ptr, m_ptr, s_ptr, a_ptr, zt_ptr, alpha_ptr, COLS, stride_z,
+                     stride_p, softcap, MASKED: tl.constexpr, HAS_CAP: tl.constexpr, HAS_MASK: tl.constexpr,
+                     WANT_P: tl.constexpr, WANT_A: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile row's online log-sum-exp update (``reference.cross_entropy.lse_tile``, the same formulas).
+
+    Pass 1 finds the row's maximum (and its target logit), pass 2 adds ``exp(z − m_new)`` to the running sum
+    (rescaled by ``alpha = exp(m_old − m_new)``), ``Σ exp(z − m_new)·z`` for the entropy, and writes
+    ``P = exp(z − m_new)·cap'`` over the tile (or into ``p_ptr``) for the accumulator GEMM. Reads the tile
+    twice, writes it once; the soft-cap is recomputed, never stored.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    tcol = tl.load(tcol_ptr + row)
+    m_old = tl.load(m_ptr + row)
+    zt = tl.load(zt_ptr + row)
+    top = tl.max(tl.full((BLOCK,), float("-inf"), tl.float32), 0)
+    for c0 in range(0, COLS, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        z = _tile_logits(z_row, cols, cols < COLS, masked_ptr, softcap, MASKED, HAS_CAP, HAS_MASK)
+        top = tl.maximum(top, tl.max(z, 0))
+        zt = tl.where((tcol >= c0) & (tcol < c0 + BLOCK), tl.sum(tl.where(cols == tcol, z, 0.0), 0), zt)
+    m_new = tl.maximum(m_old, top)
+    alpha = tl.exp(m_old - m_new)
+    total = 0.0
+    weighted = 0.0
+    for c0 in range(0, COLS, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        in_row = cols < COLS
+        z = _tile_logits(z_row, cols, in_row, masked_ptr, softcap, MASKED, HAS_CAP, HAS_MASK)
+        e = tl.where(in_row, tl.exp(z - m_new), 0.0)
+        total += tl.sum(e, 0)
+        if WANT_A:
+            weighted += tl.sum(e * tl.where(in_row, z, 0.0), 0)  # 0·(-inf) past the row would be NaN
+        if WANT_P:
+            p = e
+            if HAS_CAP:
+                t = tl.minimum(tl.maximum(z / softcap, -1.0), 1.0)
+                p = e * (1.0 - t * t)
+            tl.store(p_ptr + row * stride_p + cols, p.to(p_ptr.dtype.element_ty), mask=in_row)
+    tl.store(s_ptr + row, tl.load(s_ptr + row) * alpha + total)
+    if WANT_A:
+        tl.store(a_ptr + row, tl.load(a_ptr + row) * alpha + weighted)
+    tl.store(m_ptr + row, m_new)
+    tl.store(zt_ptr + row, zt)
+    tl.store(alpha_ptr + row, alpha)

@@ -14,9 +14,11 @@ import triton.language as tl
 from torch import Tensor
 
 from reserved_kernels import reference
+from reserved_kernels.reference import cross_entropy as _ce
 from reserved_kernels.triton.kernels import (
     _count_kernel,
     _gather_kernel,
+    _lse_tile_kernel,
     _place_kernel,
     _segment_mean_kernel,
     _sum_kernel,
@@ -123,3 +125,31 @@ def segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_
             T=_TRITON_DTYPES[dtype], HAS_SCALER=weight_scaler is not None, BLOCK_N=16, BLOCK_D=block_d,
             num_warps=num_warps, **_DEBUG_OFF)
     return out
+
+
+def lse_tile(z, masked, target_col, softcap, m, s, a, zt, p_out, scratch=None):
+    """``reference.cross_entropy.lse_tile`` as one kernel launch (one program per tile row); float64 tiles go
+    to the reference. No scratch buffer: the kernel recomputes what it needs from the tile."""
+    if z.dtype != torch.float32:
+        return _ce.lse_tile(z, masked, target_col, softcap, m, s, a, zt, p_out, scratch)
+    rows, cols = z.shape
+    alpha = torch.empty_like(m)
+    if rows == 0:
+        return alpha
+    block = min(triton.next_power_of_2(max(cols, 1)), 2048)
+    p = p_out if p_out is not None else z
+    with _device_guard(z):
+        _lse_tile_kernel[(rows,)](z, p, masked if masked is not None else target_col, target_col, m, s,
+                                  a if a is not None else s, zt, alpha, cols, z.stride(0), p.stride(0),
+                                  float(softcap) if softcap is not None else 1.0, MASKED=_ce.masked_value(z.dtype),
+                                  HAS_CAP=softcap is not None, HAS_MASK=masked is not None, WANT_P=p_out is not None,
+                                  WANT_A=a is not None, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+    return alpha
+
+
+def linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes,
+                         compute_grad, stats):
+    """The reference's tiled algorithm with the tile step as a Triton kernel (the GEMMs stay cuBLAS's)."""
+    return reference.linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap,
+                                          tile_bytes, compute_grad, stats, tile_step=lse_tile,
+                                          tile_step_needs_scratch=False)

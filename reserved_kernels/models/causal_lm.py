@@ -1,0 +1,132 @@
+"""The forward of a patched Hugging Face causal LM: with ``labels`` in training, the loss without the logits.
+
+:func:`~reserved_kernels.models.patch_model` installs :func:`patched_forward` on the model instance
+(``model.forward``, as Liger-Kernel and TRL do) and :func:`~reserved_kernels.models.merge` puts the
+previous one back. What it does, by call:
+
+* **no labels**: the model's own forward, unchanged (generation, logits).
+* **labels, training** (``model.train()``): the backbone's hidden states, then the cross-entropy through
+  the patched head's fused loss (:func:`reserved_kernels.linear_cross_entropy`) — the model's own label
+  shift (or ``shift_labels``), ``ignore_index=-100``, ``num_items_in_batch`` (Trainer's normaliser under
+  gradient accumulation) and the config's ``final_logit_softcapping``. No (B, T, V) logits are built, in
+  the forward or the backward; the output's ``logits`` is None, as with Liger-Kernel.
+* **labels, evaluation** (``model.eval()``): the model's own forward, logits and loss as unpatched — so a
+  Trainer's ``compute_metrics`` still gets its logits. ``return_logits=False`` asks for the fused loss
+  there too (what :func:`~reserved_kernels.models.perplexity` does); ``return_logits=True`` asks for the
+  logits in training.
+* **``fused_lm_head=True``** (TRL's ``SFTTrainer`` contract, TRL >= 1.16): per-token ``log_probs``,
+  ``entropy``, ``is_top1`` and ``label_mask`` from the fused loss, never the logits. TRL's own fused head
+  reads ``lm_head.weight`` — the frozen table, without the trained rows — so this one takes its place.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+
+import torch.nn.functional as F
+from torch import nn
+
+RECORD = "_reserved_forward"
+_MARK = "_reserved_patched_forward"
+# Keyword arguments of the loss, not of the backbone.
+_LOSS_ONLY = ("num_items_in_batch", "shift_labels", "ignore_index", "logits_to_keep")
+
+
+def install(model: nn.Module, fused_loss: bool) -> None:
+    """Make :func:`patched_forward` ``model.forward`` (the previous instance forward, if any, is kept).
+
+    It shows the class forward's signature, as the model's own would: Trainer keeps only the dataset
+    columns that signature names, and ``generate`` checks its keyword arguments against it.
+    """
+    model.__dict__[RECORD] = dict(previous=model.__dict__.get("forward"), fused_loss=fused_loss)
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, **kwargs):
+        return patched_forward(self, *args, **kwargs)
+
+    forward.__dict__[_MARK] = True
+    model.forward = types.MethodType(forward, model)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Put back the forward :func:`install` replaced."""
+    record = model.__dict__.pop(RECORD, None)
+    if record is None:
+        return
+    if record["previous"] is not None:
+        model.forward = record["previous"]
+    else:
+        model.__dict__.pop("forward", None)
+
+
+def is_reached(model: nn.Module) -> bool:
+    """Whether a call of ``model`` still runs the patched forward, possibly inside wrappers that say what they
+    wrap (``__wrapped__``, as accelerate's autocast wrappers do). TRL's ``add_fused_lm_head`` replaces it
+    with a forward that wraps the class's own, so it is not reached."""
+    fn = model.__dict__.get("forward")
+    fn = getattr(fn, "__func__", fn)
+    while fn is not None:
+        if getattr(fn, _MARK, False):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
+def _parameter_names(cls: type) -> tuple[str, ...]:
+    """The names of ``cls.forward``'s positional parameters after ``self``, to name positional arguments."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def patched_forward(self, *args, labels=None, return_logits: bool | None = None, fused_lm_head: bool = False,
+                    **kwargs):
+    """The patched model's forward (see the module docstring)."""
+    record = self.__dict__[RECORD]
+    if args:  # named, so that the backbone and the model's own forward both get them right
+        kwargs.update(zip(_parameter_names(type(self)), args))
+    labels = kwargs.pop("labels", labels)
+    if fused_lm_head:
+        return _token_statistics(self, labels, kwargs)
+    want_logits = (not self.training) if return_logits is None else return_logits
+    if labels is None or want_logits or not record["fused_loss"]:
+        own = record["previous"] or functools.partial(type(self).forward, self)
+        return own(labels=labels, **kwargs)
+    shift_labels, num_items, ignore_index = (kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"),
+                                             kwargs.get("ignore_index", -100))
+    outputs = self.base_model(**{k: v for k, v in kwargs.items() if k not in _LOSS_ONLY})
+    hidden = outputs.last_hidden_state
+    if shift_labels is None:  # the model's own shift: position t predicts label t + 1; the last predicts nothing
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    loss = self.get_output_embeddings()(hidden, shift_labels.to(hidden.device), ignore_index=ignore_index,
+                                        num_items_in_batch=num_items, softcap=_softcap(self))
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    carried = {k: getattr(outputs, k) for k in CausalLMOutputWithPast.__dataclass_fields__
+               if k not in ("loss", "logits") and hasattr(outputs, k)}
+    return CausalLMOutputWithPast(loss=loss, logits=None, **carried)
+
+
+def _softcap(model: nn.Module) -> float | None:
+    return getattr(model.config, "final_logit_softcapping", None)
+
+
+def _token_statistics(self, labels, kwargs):
+    """TRL's ``fused_lm_head=True`` output: per-token log-probabilities, entropy and top-1, no logits."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    shift_labels, num_items = kwargs.get("shift_labels"), kwargs.get("num_items_in_batch")
+    kwargs["use_cache"] = False
+    hidden = self.base_model(**{k: v for k, v in kwargs.items() if k not in _LOSS_ONLY}).last_hidden_state
+    if shift_labels is None:
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+    else:
+        labels = shift_labels
+    labels = labels.to(hidden.device)
+    mask = labels != -100
+    stats = self.get_output_embeddings()(hidden, labels, reduction="none", softcap=_softcap(self), return_stats=True)
+    log_probs = -stats.loss
+    loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else num_items)
+    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=stats.entropy, is_top1=stats.is_top1,
+                               label_mask=mask)
