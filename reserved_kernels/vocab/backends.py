@@ -1,8 +1,8 @@
 """The two tokenizer formats planning reads and writes: a SentencePiece ``.model`` and a Hugging Face ``tokenizer.json``.
 
 Each backend answers the same few questions (pieces, which ids are special, encode with the
-original, write a copy with some pieces renamed, check a term encodes to its single id), so the
-planning logic in ``planning.py`` is written once.
+original, write a copy with some pieces renamed, check that terms encode to their single ids, encode and
+decode with a renamed copy), so the planning logic in ``planning.py`` is written once.
 """
 
 from __future__ import annotations
@@ -10,12 +10,19 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # The never-trained slots each family ships, numbered: Gemma's <unusedN>, Llama 3's reserved special tokens.
 RESERVED_PIECES = {"gemma": re.compile(r"^<unused(\d+)>$"),
                    "llama3": re.compile(r"^<\|reserved_special_token_(\d+)\|>$")}
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+class Codec(NamedTuple):
+    """A parsed tokenizer file: ``encode(text) -> ids`` (no BOS) and ``decode(ids) -> text``."""
+
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
 
 
 class TokenizerBackend(Protocol):
@@ -30,9 +37,7 @@ class TokenizerBackend(Protocol):
 
     def renamed(self, renames: dict[int, str]) -> bytes: ...
 
-    def check_term(self, data: bytes, term: str, token_id: int) -> str | None: ...
-
-    def encoder(self, data: bytes) -> Callable[[str], list[int]]: ...
+    def codec(self, data: bytes) -> Codec: ...
 
 
 class SentencePieceBackend:
@@ -75,21 +80,13 @@ class SentencePieceBackend:
             piece.score = 0.0
         return proto.SerializeToString()
 
-    def encoder(self, data: bytes) -> Callable[[str], list[int]]:
-        processor = self._spm.SentencePieceProcessor(model_proto=data)
-        return lambda text: list(processor.encode(text))
-
-    def check_term(self, data: bytes, term: str, token_id: int) -> str | None:
+    def codec(self, data: bytes) -> Codec:
+        """The model in ``data`` parsed (ValueError if SentencePiece rejects it)."""
         try:
             processor = self._spm.SentencePieceProcessor(model_proto=data)
         except RuntimeError as exc:
-            return f"SentencePiece rejects the renamed model: {exc}"
-        ids = list(processor.encode(term))
-        if ids != [token_id]:
-            return f"encodes to {ids}, not the single id {token_id}"
-        if processor.decode([token_id]) != term:
-            return f"decodes to {processor.decode([token_id])!r}"
-        return None
+            raise ValueError(f"SentencePiece rejects the model: {exc}") from exc
+        return Codec(lambda text: list(processor.encode(text)), lambda ids: processor.decode(list(ids)))
 
 
 class HFTokenizerBackend:
@@ -127,10 +124,17 @@ class HFTokenizerBackend:
     def renamed(self, renames: dict[int, str]) -> bytes:
         """The file with each ``id -> term`` renamed; ids past the tokenizer (a model's spare rows) become new
         added tokens, which the tokenizers library numbers in order from the tokenizer's size."""
-        spec = json.loads(json.dumps(self.spec))
-        added = {t["id"]: t for t in spec.setdefault("added_tokens", [])}
-        model = spec.get("model", {})
+        # Copies of only what changes (the vocabulary and the added tokens): a deep copy of a 262,144-piece
+        # file costs seconds.
+        spec = dict(self.spec)
+        spec["added_tokens"] = [dict(t) for t in spec.get("added_tokens", [])]
+        added = {t["id"]: t for t in spec["added_tokens"]}
+        model = spec["model"] = dict(spec.get("model", {}))
         vocab = model.get("vocab")
+        if isinstance(vocab, dict):
+            vocab = model["vocab"] = dict(vocab)
+        elif isinstance(vocab, list):
+            vocab = model["vocab"] = list(vocab)
         for token_id, term in sorted(renames.items()):
             old = self._pieces[token_id] if token_id < len(self._pieces) else None
             if isinstance(vocab, dict) and old in vocab:  # BPE / WordPiece: piece -> id
@@ -145,23 +149,17 @@ class HFTokenizerBackend:
             entry.update(content=term, single_word=False, lstrip=False, rstrip=False, normalized=False,
                          special=False)
         spec["added_tokens"].sort(key=lambda t: t["id"])
-        return json.dumps(spec, ensure_ascii=False, indent=2).encode("utf-8")
+        return json.dumps(spec, ensure_ascii=False).encode("utf-8")
 
-    def encoder(self, data: bytes) -> Callable[[str], list[int]]:
-        tok = self._tokenizer_cls.from_str(data.decode("utf-8"))
-        return lambda text: tok.encode(text, add_special_tokens=False).ids
-
-    def check_term(self, data: bytes, term: str, token_id: int) -> str | None:
+    def codec(self, data: bytes) -> Codec:
+        """The file in ``data`` parsed (ValueError if the tokenizers library rejects it); a 262,144-piece
+        tokenizer.json takes seconds to parse, so planning parses each renamed file once."""
         try:
             tok = self._tokenizer_cls.from_str(data.decode("utf-8"))
         except Exception as exc:  # tokenizers raises a bare Exception subclass from Rust
-            return f"the tokenizers library rejects the renamed file: {exc}"
-        ids = tok.encode(term, add_special_tokens=False).ids
-        if ids != [token_id]:
-            return f"encodes to {ids}, not the single id {token_id}"
-        if tok.decode([token_id], skip_special_tokens=False) != term:
-            return f"decodes to {tok.decode([token_id])!r}"
-        return None
+            raise ValueError(f"the tokenizers library rejects the file: {exc}") from exc
+        return Codec(lambda text: tok.encode(text, add_special_tokens=False).ids,
+                     lambda ids: tok.decode(list(ids), skip_special_tokens=False))
 
 
 def open_backend(data: bytes, path: str) -> SentencePieceBackend | HFTokenizerBackend:

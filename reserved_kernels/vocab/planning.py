@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from reserved_kernels._io import atomic_write_many
-from reserved_kernels.vocab.backends import BYTE_PIECE, RESERVED_PIECES, open_backend
+from reserved_kernels.vocab.backends import BYTE_PIECE, RESERVED_PIECES, Codec, open_backend
 from reserved_kernels.vocab.hf_files import renamed_config, transformers_files
 
 PLAN_FILENAME = "reserved_plan.json"
@@ -173,6 +173,7 @@ class ReservedVocab:
             self.reserved_ids += spare
             self.families += ("spare rows",)
         self._excluded = self.backend.special_ids() | set(self.reserved_ids)
+        self._renamed: tuple | None = None  # (plan, renamed file, its parse or None): see _renamed_for_plan
         self.plan = plan if plan is not None else ReservedPlan(self.sha256, model_vocab_size=model_vocab_size if spare
                                                                else None)
         if self.plan.tokenizer_sha256 != self.sha256:
@@ -304,7 +305,17 @@ class ReservedVocab:
         slots = dict(zip(new, free))
         renames = {e.id: e.term for e in self.plan.entries} | {slots[t]: t for t in new}
         data = self.backend.renamed(renames)
-        problems = {t: why for t in new if (why := self.backend.check_term(data, t, slots[t]))}
+        try:
+            codec = self.backend.codec(data)
+        except ValueError as exc:
+            raise PlanError(f"the renamed tokenizer does not load: {exc}") from exc
+        problems = {}
+        for term in new:
+            ids = codec.encode(term)
+            if ids != [slots[term]]:
+                problems[term] = f"encodes to {ids}, not the single id {slots[term]}"
+            elif codec.decode(ids) not in (term, term.lstrip(" ")):  # SentencePiece drops a first piece's space
+                problems[term] = f"decodes to {codec.decode(ids)!r}"
         if problems:
             raise PlanError(f"the tokenizer cannot make these terms single tokens: {problems}")
         entries = [PlanEntry(term=t, id=slots[t], piece=self._pieces[slots[t]], description=d,
@@ -314,15 +325,30 @@ class ReservedVocab:
             raise PlanError(f"no initialisation sources for {empty}: every id of their text is reserved or "
                             "control; give each a description")
         self.plan = dataclasses.replace(self.plan, entries=self.plan.entries + tuple(entries))
+        self._renamed = (self.plan, data, codec)
         return self.plan
+
+    def _renamed_for_plan(self) -> tuple[bytes, Codec | None]:
+        """The renamed file of the current plan and its parse, made once per plan (seconds each at 262k pieces)."""
+        if self._renamed is None or self._renamed[0] is not self.plan:
+            self._renamed = (self.plan, self.backend.renamed({e.id: e.term for e in self.plan.entries}), None)
+        return self._renamed[1], self._renamed[2]
 
     def renamed_tokenizer(self) -> bytes:
         """The tokenizer file's bytes with every planned slot renamed to its term."""
-        return self.backend.renamed({e.id: e.term for e in self.plan.entries})
+        return self._renamed_for_plan()[0]
+
+    def renamed_codec(self) -> Codec:
+        """``(encode, decode)`` with the renamed tokenizer: each planned term is its single id, both ways."""
+        data, codec = self._renamed_for_plan()
+        if codec is None:
+            codec = self.backend.codec(data)
+            self._renamed = (self.plan, data, codec)
+        return codec
 
     def renamed_encoder(self) -> Callable[[str], list[int]]:
         """``text -> ids`` with the renamed tokenizer: each planned term becomes its single id."""
-        return self.backend.encoder(self.renamed_tokenizer())
+        return self.renamed_codec().encode
 
     def save(self, out_dir: str | os.PathLike) -> tuple[str, str]:
         """Write the renamed tokenizer and ``out_dir/reserved_plan.json``, all files atomically; returns those two paths.

