@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import reserved_kernels as rk
-from reserved_kernels.benchmarks import host, kernels, report, suite
+from reserved_kernels.benchmarks import host, kernels, loss, report, suite
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,13 +55,32 @@ def test_host_overhead_smoke_on_cpu():
 
 
 def test_train_step_cli_smoke(tmp_path):
-    out = tmp_path / "step.json"
     subprocess.run([sys.executable, "-m", "reserved_kernels.benchmarks.train_step", "--vocab", "5000", "--dim", "64",
-                    "--tokens", "256", "--slots", "9", "--repeat", "2", "--out", str(out)], check=True,
+                    "--tokens", "256", "--slots", "9", "--repeat", "2", "--out", str(tmp_path)], check=True,
                    capture_output=True)
-    results = json.loads(out.read_text())["results"]
-    assert {"reserved", "hook"} <= set(results)
+    [path] = tmp_path.glob("step-random-cpu-*.json")
+    results = json.loads(path.read_text())["results"]
+    assert {"reserved", "hook"} <= set(results) and "body" not in results  # the floor is for whole-model steps
     assert results["reserved"]["extra_bytes"] < results["hook"]["extra_bytes"]
+    assert "| **reserved-kernels** |" in path.with_suffix(".md").read_text()
+
+
+def test_whole_model_step_has_the_body_alone_floor(tmp_path):
+    subprocess.run([sys.executable, "-m", "reserved_kernels.benchmarks.train_step", "--vocab", "3000", "--dim", "64",
+                    "--tokens", "256", "--slots", "4", "--repeat", "2", "--head", "--out", str(tmp_path)], check=True,
+                   capture_output=True)
+    [path] = tmp_path.glob("step-random-cpu-*.json")
+    assert {"reserved", "hook", "body"} <= set(json.loads(path.read_text())["results"])
+    assert "Ours over the body alone" in path.with_suffix(".md").read_text()
+
+
+def test_loss_benchmark_smoke(tmp_path):
+    payload = loss.main(["--vocab", "3000", "--dim", "32", "--tokens", "128", "--slots", "4", "--repeat", "2",
+                         "--out", str(tmp_path)])
+    results = {r["impl"]: r for r in payload["results"]}
+    assert {"fused", "unfused"} <= set(results) and all(r["median_ms"] > 0 for r in results.values())
+    [md] = tmp_path.glob("loss-cpu-*.md")
+    assert "**fused (ours)**" in md.read_text()
 
 
 def test_readme_results_are_generated_from_the_committed_files():
@@ -108,3 +127,25 @@ def test_bench_dense_backward(benchmark, table):
     grad = torch.randn(2048, 256)
     out = benchmark(torch.ops.aten.embedding_dense_backward, grad, ids, 50_000, -1, False)
     assert out.shape == (50_000, 256)
+
+
+@pytest.fixture(scope="module")
+def head():
+    torch.manual_seed(0)
+    emb = rk.ReservedEmbedding(32_768, 128, reserved_ids=list(range(7, 23)))
+    hidden = torch.randn(512, 128, requires_grad=True)
+    return rk.ReservedLMHead.tied_to(emb), hidden, torch.randint(0, 32_768, (512,))
+
+
+@pytest.mark.benchmark(group="loss")
+def test_bench_fused_loss(benchmark, head):
+    lm_head, hidden, targets = head
+    benchmark(lambda: lm_head(hidden, targets).backward())
+    assert hidden.grad is not None
+
+
+@pytest.mark.benchmark(group="loss")
+def test_bench_unfused_loss(benchmark, head):
+    lm_head, hidden, targets = head
+    benchmark(lambda: F.cross_entropy(lm_head(hidden), targets).backward())
+    assert hidden.grad is not None

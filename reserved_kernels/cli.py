@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     p_bench.add_argument("--host", action="store_true", help="only the host time per call (N=16, V=1,000, D=64)")
     p_bench.add_argument("--loss", action="store_true", help="only the loss alone, fused beside unfused "
                                                                "(V=262,144, D=640, N=2,048), each in a fresh process")
-    p_bench.add_argument("--model", help="only the training step of a Hugging Face checkpoint folder (any family), "
-                                         "each recipe in a fresh process")
+    p_bench.add_argument("--model", help="only the training step (2 x 512 tokens, 16 rows) of 'gemma-3-270m' or a "
+                                         "Hugging Face checkpoint folder (any family): ours, PEFT, the hook recipe and "
+                                         "the body alone, each in a fresh process")
     p_bench.add_argument("--out", default="bench/results", help="folder for <device>-<date>.json/.md/.png")
     p_bench.add_argument("--readme", metavar="README", nargs="?", const="README.md",
                          help="only regenerate README's Results section from the files in --out")
@@ -135,7 +136,8 @@ def _run(args: argparse.Namespace) -> None:
         elif args.model:
             from reserved_kernels.benchmarks.train_step import main as step_main
 
-            step_main(["--device", args.device, "--model", args.model, "--head", "--slots", "8", "--tokens", "1024"])
+            step_main(["--device", args.device, "--model", args.model, "--head", "--slots", "16", "--tokens", "1024",
+                       "--repeat", "3", "--out", args.out])
         else:
             from reserved_kernels.benchmarks.suite import main as bench_main
 

@@ -77,15 +77,41 @@ def test_planning_and_auto_tokenizer_round_trip(kind, tied, tmp_path):
     assert reloaded.plan == plan and reloaded.free_ids == vocab.free_ids
 
 
+def test_the_direction_test_finds_untrained_rows_of_ordinary_norm_from_half_of_them():
+    """Gemma 3's case, built: every row has the same norm and no two are equal, but 40 "unused" rows point
+    nearly one way. Seeded by 20 of them, the test flags the other 20 and no ordinary row."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(3000, 64, generator=gen) + 0.5  # a component every row shares (removed first)
+    unused = torch.arange(100, 140)
+    table[unused] = torch.randn(64, generator=gen) * 3 + torch.randn(40, 64, generator=gen)
+    table = table / table.norm(dim=1, keepdim=True)
+    found = untrained_rows(table, reference_ids=unused[:20])
+    assert not found.low_norm and not found.duplicated and found.direction_skipped is None
+    assert set(found.unused_direction) == set(unused.tolist())
+    assert "unused direction" in found.tests_of(130)[0] and found.tests_of(5) == []
+    assert "40 in the reserved rows' direction" in found.summary()
+
+
+def test_the_direction_test_is_skipped_with_the_reason_where_the_reference_has_no_direction(tmp_path):
+    vocab, model, _ = _family("llama3", tmp_path, True)
+    found = untrained_rows(model.get_input_embeddings().weight, reference_ids=vocab.reserved_ids)
+    assert "fewer than two reference rows with a norm" in found.direction_skipped and not found.unused_direction
+    gen = torch.Generator().manual_seed(1)
+    noise = untrained_rows(torch.randn(500, 64, generator=gen), reference_ids=list(range(10)))
+    assert "share no direction" in noise.direction_skipped and not noise.unused_direction
+    assert set(found.low_norm) == set(vocab.reserved_ids)  # the norm test still finds Llama's rows
+
+
 @pytest.mark.parametrize("kind, tied", FAMILIES)
 def test_untrained_rows_are_found_and_left_out_of_every_mean(kind, tied, tmp_path):
     vocab, model, _ = _family(kind, tmp_path, tied)
     table = model.get_input_embeddings().weight.detach().clone()
-    found = untrained_rows(table)
+    found = untrained_rows(table, reference_ids=vocab.reserved_ids)  # as patch_model seeds it with a plan
     if kind == "llama3":
         assert set(found.low_norm) == set(vocab.reserved_ids)  # near zero, as in the released weights
     else:
         assert set(found.duplicated) == set(vocab.reserved_ids)  # spare rows: one shared initial value
+        assert set(found.unused_direction) == set(vocab.reserved_ids)  # and their direction is theirs alone
     plan = vocab.assign(TERMS)
     patch_model(model, vocab, init="mean")
     trained = [i for i in range(table.shape[0]) if i not in found and i not in vocab.reserved_ids]

@@ -134,6 +134,23 @@ def _kernel_lines(path: str) -> list[str]:
     return lines + [""]
 
 
+def _loss_and_step_lines(results_dir: str, device: str) -> list[str]:
+    """The fused loss alone beside the unfused path, and the real Gemma 3 270M training step, where measured."""
+    from reserved_kernels.benchmarks import loss, train_step
+
+    lines = []
+    for prefix, what, module, command in (
+            (f"loss-{device}", "the loss alone", loss, f"reserved-kernels bench --loss --device {device}"),
+            (f"step-gemma-3-270m-{device}", "the real Gemma 3 270M training step", train_step,
+             f"reserved-kernels bench --model gemma-3-270m --device {device}")):
+        path = latest(results_dir, prefix)
+        if path:
+            with open(path) as f:
+                payload = json.load(f)
+            lines += [f"*{what}* — {module.caption(payload)}. Reproduce: `{command}`.", "", module.table(payload), ""]
+    return lines
+
+
 def readme_section(results_dir: str) -> str:
     """The README's Results section, from the committed results files of the current code only."""
     lines = [README_START, "", "All figures are medians (p20–p80) measured side by side in one run on one machine.", ""]
@@ -149,6 +166,7 @@ def readme_section(results_dir: str) -> str:
     host = latest(results_dir, "host-cpu")
     if host:
         lines += _host_lines(host, "CPU, compiled extension")
+    lines += _loss_and_step_lines(results_dir, "cpu")
     gpu_dirs = [d for d in (os.path.join(results_dir, g) for g in GPU_DIRS) if os.path.isdir(d)]
     if not gpu_dirs:
         lines += ["**GPU** — the current kernels have not run on a GPU yet: no GPU figure is quoted here. "
@@ -162,6 +180,7 @@ def readme_section(results_dir: str) -> str:
         host = latest(gpu_dir, "host-cuda")
         if host:
             lines += _host_lines(host, "GPU")
+        lines += _loss_and_step_lines(gpu_dir, "cuda")
         suite = latest(gpu_dir, "cuda")
         if suite:
             with open(suite) as f:

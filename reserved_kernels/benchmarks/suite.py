@@ -176,7 +176,7 @@ def mean_init_workload(run: Runner, vocab: int, dim: int, dtype: torch.dtype, sl
 def step_workloads(run: Runner, vocab: int, dim: int, dtype: str, slots: int, tokens: int, head: bool) -> None:
     case = dict(vocab=vocab, dim=dim, dtype=dtype, slots=slots, tokens=tokens)
     name = "train step (embedding + tied head)" if head else "train step (embedding)"
-    for recipe in train_step.available_recipes():
+    for recipe in train_step.available_recipes(head):
         r = train_step.run_one(recipe, device=run.device.type, vocab=vocab, dim=dim, slots=slots, tokens=tokens,
                                dtype=dtype, repeat=HEAVY_REPEAT if run.device.type == "cpu" else 5, head=head)
         run.record(name, recipe, case, {k: r[k] for k in ("median_ms", "p20_ms", "p80_ms")},

@@ -1,19 +1,23 @@
 """One training step for each recipe, each in a fresh process: peak memory and median time.
 
     python -m reserved_kernels.benchmarks.train_step [--device cpu|cuda] [--vocab 256000] [--dim 2048]
-        [--slots 99] [--tokens 4096] [--dtype float32] [--head] [--model DIR]
+        [--slots 99] [--tokens 4096] [--dtype float32] [--head] [--model gemma-3-270m|DIR] [--out DIR]
+    reserved-kernels bench --model gemma-3-270m|DIR
 
 Without ``--head`` the step is embedding forward, backward and AdamW. With ``--head`` it is a
 whole tied embedding + output-head step: a Gemma model with no decoder layers (embedding, final
-norm, tied ``lm_head``), next-token cross-entropy, AdamW. ``--model DIR`` takes a Hugging Face
-checkpoint folder instead (any family the planner knows: its first ``--slots`` reserved slots train),
-its own table and, with ``--head``, the whole model.
+norm, tied ``lm_head``), next-token cross-entropy, AdamW. ``--model`` takes a named checkpoint
+(``gemma-3-270m``, converted once) or a Hugging Face checkpoint folder instead (any family the planner
+knows: its first ``--slots`` reserved slots train), its own table and, with ``--head``, the whole model.
 
-Recipes: ``reserved`` (this package), ``hook`` (the table trainable, a gradient hook zeroing the
-other rows, AdamW over the whole table, then restoring the frozen rows that weight decay moved, as
-users must) and ``peft`` (PEFT's trainable tokens, when installed). Peak memory is beyond the frozen
-table and inputs: CPU peak RSS with the high-water mark reset after set-up; CUDA
-``max_memory_allocated``; both over the first two steps, before timing (the timer's buffers never count).
+Recipes: ``reserved`` (this package: the fused gather in, the fused loss out), ``hook`` (the table
+trainable, a gradient hook zeroing the other rows, AdamW over the whole table, then restoring the
+frozen rows that weight decay moved, as users must), ``peft`` (PEFT's trainable tokens, when installed;
+the model's own loss from its logits) and, with ``--head``, ``body`` — the floor: our rows and the whole
+body, forward and backward, but no head and no loss (the mean square of the final hidden states). Peak
+memory is beyond the frozen model (or table) and inputs: CPU peak RSS with the high-water mark reset
+after set-up; CUDA ``max_memory_allocated``; both over the first two steps, before timing (the timer's
+buffers never count).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import json
 import subprocess
 import sys
 
-RECIPES = ("reserved", "hook", "peft")
+RECIPES = ("reserved", "hook", "peft", "body")
 CONFIG_KEYS = ("device", "vocab", "dim", "slots", "tokens", "dtype", "repeat", "head", "model")
 
 
@@ -64,6 +68,11 @@ def _build(args, weight, reserved_ids, model=None):
         def loss_of(m):
             return lambda ids: m(input_ids=ids, labels=ids).loss
 
+        if args.recipe == "body":  # the floor: the rows and the body train, no head, no loss over the vocabulary
+            patch_model(model, reserved_ids.tolist())
+            return ((lambda ids: model.base_model(input_ids=ids).last_hidden_state.float().pow(2).mean()),
+                    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                                      weight_decay=0.01), None)
         if args.recipe == "reserved":
             patch_model(model, reserved_ids.tolist())
             return loss_of(model), torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -145,19 +154,48 @@ def run_one(recipe: str, **config) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def available_recipes() -> list[str]:
-    return [r for r in RECIPES if r != "peft" or importlib.util.find_spec("peft") is not None]
+def available_recipes(head: bool = True) -> list[str]:
+    """The recipes that run here: PEFT's where installed, the body-alone floor for whole-model steps."""
+    return [r for r in RECIPES if (r != "peft" or importlib.util.find_spec("peft") is not None)
+            and (r != "body" or head)]
+
+
+def table(payload: dict) -> str:
+    """Markdown: each recipe's memory beyond the model and median step, each over ours, and ours over the floor."""
+    rows = payload["results"]
+    ours, floor = rows["reserved"], rows.get("body")
+    lines = ["| recipe | memory beyond the model | step, median s (p20–p80) | ÷ ours: memory, time |", "|---|---|---|---|"]
+    for recipe, r in rows.items():
+        label = {"reserved": "**reserved-kernels**", "hook": "gradient hook", "peft": "PEFT trainable tokens",
+                 "body": "the body alone (no head, no loss)"}[recipe]
+        vs = "" if recipe == "reserved" else (f"{r['extra_bytes'] / max(ours['extra_bytes'], 1):.2f}×, "
+                                              f"{r['median_ms'] / ours['median_ms']:.2f}×")
+        lines.append(f"| {label} | {r['extra_bytes'] / 2**20:,.0f} MiB | {r['median_ms'] / 1e3:.2f} "
+                     f"({r['p20_ms'] / 1e3:.2f}–{r['p80_ms'] / 1e3:.2f}) | {vs} |")
+    if floor is not None:
+        lines.append(f"\nOurs over the body alone: {100 * (ours['extra_bytes'] / floor['extra_bytes'] - 1):+.1f}% memory, "
+                     f"{ours['median_ms'] / floor['median_ms']:.2f}× the time.")
+    return "\n".join(lines)
+
+
+def caption(payload: dict) -> str:
+    c, env = payload["config"], payload["environment"]
+    where = env.get("gpu") or f"CPU {env.get('cpu')}, {env.get('cpu_count')} cores"
+    shape = f"{c['tokens'] // min(c['tokens'], 512)} x {min(c['tokens'], 512)} tokens" if c["head"] else f"{c['tokens']} tokens"
+    return (f"{c.get('model_name') or c.get('model') or 'random table'}: one AdamW step, {where}, {c['dtype']}, {shape}, "
+            f"{c['slots']} reserved ids, each recipe in a fresh process; torch {env['torch']}; {env['date']}, "
+            f"commit {env.get('commit')}")
 
 
 def run_all(args) -> dict:
     results = {}
-    for recipe in available_recipes():
+    for recipe in available_recipes(args.head):
         results[recipe] = r = run_one(recipe, **{k: getattr(args, k) for k in CONFIG_KEYS})
         print(f"{recipe:9s} extra memory {r['extra_bytes'] / 2**20:9.1f} MiB   step {r['median_ms']:9.1f} ms "
               f"(p20 {r['p20_ms']:.1f}, p80 {r['p80_ms']:.1f})", flush=True)
     ours = results["reserved"]
     for recipe, r in results.items():
-        if recipe != "reserved":
+        if recipe not in ("reserved", "body"):
             print(f"vs {recipe}: {r['extra_bytes'] / max(ours['extra_bytes'], 1):.1f}x less memory, "
                   f"{r['median_ms'] / ours['median_ms']:.1f}x faster")
     return results
@@ -186,11 +224,25 @@ def main(argv=None):
         child(args)
         return
     from reserved_kernels.benchmarks.harness import environment, write_results
+    from reserved_kernels.pretrained import is_named, resolve
 
+    name = args.model if is_named(args.model) else None
+    if args.model:
+        args.model = resolve(args.model)  # a named checkpoint is converted (once) before the children start
     results = run_all(args)
+    payload = dict(environment=environment(), config={**{k: getattr(args, k) for k in CONFIG_KEYS}, "model_name": name},
+                   results=results)
+    print(table(payload))
     if args.out:
-        write_results(args.out, dict(environment=environment(), config={k: getattr(args, k) for k in CONFIG_KEYS},
-                                     results=results))
+        import datetime
+        import os
+
+        label = name or (os.path.basename(os.path.normpath(args.model)) if args.model else "random")
+        path = os.path.join(args.out, f"step-{label}-{args.device}-{datetime.date.today().isoformat()}.json")
+        write_results(path, payload)
+        with open(path.removesuffix(".json") + ".md", "w") as f:
+            f.write(caption(payload) + "\n\n" + table(payload) + "\n")
+        print(f"wrote {path} and its .md", file=sys.stderr)
 
 
 if __name__ == "__main__":
