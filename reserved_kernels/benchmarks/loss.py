@@ -15,7 +15,8 @@ trainable rows, and the gradients of ``hidden`` and the rows:
 
 Memory is beyond the inputs (table, rows, hidden states, targets), the gradients' own storage included (the
 same for every implementation): on a CPU the peak RSS over two steps after the set-up (the high-water
-mark reset); on CUDA ``max_memory_allocated``. Each implementation runs in its own process, so no allocator state carries over.
+mark reset, glibc's mmap threshold fixed: see ``harness.MEASURING_ENV``); on CUDA ``max_memory_allocated``.
+Each implementation runs in its own process, so no allocator state carries over.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import datetime
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 IMPLS = ("fused", "unfused", "liger", "cce")
@@ -79,7 +79,7 @@ def _loss_fn(args, torch, head, hidden, targets):
 
 
 def child(args) -> None:
-    from reserved_kernels.benchmarks.harness import cpu_median, gpu_median, peak_bytes
+    from reserved_kernels.benchmarks.harness import measure_step
 
     torch, head, hidden, targets = _setup(args)
     loss_fn = _loss_fn(args, torch, head, hidden, targets)
@@ -89,22 +89,18 @@ def child(args) -> None:
         hidden.grad, rows.grad = None, None
         loss_fn().backward()
 
-    extra = peak_bytes(step, torch.device(args.device))
-    timing = (gpu_median(step, warmup_ms=50, rep_ms=300) if args.device == "cuda"
-              else cpu_median(step, warmup=0, repeat=args.repeat))
-    print(json.dumps(dict(impl=args.impl, extra_bytes=extra, **timing)))
+    print(json.dumps(dict(impl=args.impl, **measure_step(step, torch.device(args.device), args.measure, args.repeat))))
 
 
-def run_one(impl: str, **config) -> dict:
-    """One implementation in a fresh subprocess."""
+def run_one(impl: str, memory_runs: int = 3, **config) -> dict:
+    """One implementation in fresh subprocesses: memory (on a CPU the median of ``memory_runs`` processes) and time."""
+    from reserved_kernels.benchmarks.harness import run_measured
+
     cmd = [sys.executable, "-m", "reserved_kernels.benchmarks.loss", "--child", "--impl", impl]
     for key in CONFIG_KEYS:
         if config.get(key) is not None:
             cmd.append(f"--{key}={config[key]}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{impl} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_measured(cmd, config.get("device", "cpu"), memory_runs)
 
 
 def table(payload: dict) -> str:
@@ -123,11 +119,13 @@ def table(payload: dict) -> str:
 
 
 def caption(payload: dict) -> str:
+    from reserved_kernels.benchmarks.harness import processes_phrase
+
     c, env = payload["config"], payload["environment"]
     where = env.get("gpu") or f"CPU {env.get('cpu')}, {env.get('cpu_count')} cores"
     cap = f", soft-cap {c['softcap']:g}" if c.get("softcap") else ""
     return (f"{where}; {c['dtype']}, V={c['vocab']:,}, D={c['dim']:,}, N={c['tokens']:,}, K={c['slots']}{cap}; "
-            f"forward + backward; torch {env['torch']}; {env['date']}, commit {env.get('commit')}")
+            f"forward + backward; {processes_phrase(c)}; torch {env['torch']}; {env['date']}, commit {env.get('commit')}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,6 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--softcap", type=float, default=None)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--memory-runs", type=int, default=3, help="CPU: memory processes per implementation (the median counts)")
 
 
 def main(argv=None) -> dict:
@@ -147,6 +146,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="bench/results", help="folder for loss-<device>-<date>.json/.md")
     parser.add_argument("--impl", choices=IMPLS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", default="both", choices=["memory", "time", "both"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args)
@@ -156,11 +156,11 @@ def main(argv=None) -> dict:
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     results = []
     for impl in available(args.device):
-        r = run_one(impl, **config)
+        r = run_one(impl, args.memory_runs, **config)
         results.append(r)
         print(f"{impl:8s} {r['median_ms']:10.1f} ms (p20 {r['p20_ms']:.1f}, p80 {r['p80_ms']:.1f})   "
               f"{r['extra_bytes'] / 2**20:10.1f} MiB beyond the inputs", flush=True)
-    payload = dict(environment=environment(), config=config, results=results)
+    payload = dict(environment=environment(), config={**config, "memory_runs": args.memory_runs}, results=results)
     if args.out:
         path = os.path.join(args.out, f"loss-{args.device}-{datetime.date.today().isoformat()}.json")
         write_results(path, payload)

@@ -171,8 +171,9 @@ def readme_section(results_dir: str) -> str:
     if not gpu_dirs:
         lines += ["**GPU** — the current kernels have not run on a GPU yet: no GPU figure is quoted here. "
                   "`bash bench/gpu_check.sh DIR` makes the run (tests, compute-sanitizer, kernel matrix, host "
-                  "time, training steps); `bench/results/h200-before-rebuild/` keeps the last run, of the "
-                  "implementation before the hot-path rebuild.", ""]
+                  "time, training steps, the fused loss, the real Gemma 3 270M step); "
+                  "`bench/results/h200-before-rebuild/` keeps the last run, of the implementation before the "
+                  "hot-path rebuild.", ""]
     for gpu_dir in gpu_dirs:
         kernels = os.path.join(gpu_dir, "kernels_cuda.json")
         if os.path.exists(kernels):

@@ -16,8 +16,8 @@ frozen rows that weight decay moved, as users must), ``peft`` (PEFT's trainable 
 the model's own loss from its logits) and, with ``--head``, ``body`` — the floor: our rows and the whole
 body, forward and backward, but no head and no loss (the mean square of the final hidden states). Peak
 memory is beyond the frozen model (or table) and inputs: CPU peak RSS with the high-water mark reset
-after set-up; CUDA ``max_memory_allocated``; both over the first two steps, before timing (the timer's
-buffers never count).
+after set-up (glibc's mmap threshold fixed, see ``harness.MEASURING_ENV``); CUDA ``max_memory_allocated``;
+both over the first two steps, before timing (the timer's buffers never count).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import subprocess
 import sys
 
 RECIPES = ("reserved", "hook", "peft", "body")
@@ -41,6 +40,13 @@ def _checkpoint(args):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     model.to(args.device)
+    # The CPU weights are safetensors' memory map, read in page by page as a step first touches them: they
+    # would count as that step's memory (the whole table for a recipe with the head, none of it for the
+    # body alone; fewer pages where the page cache already held them). Copied into the process's own
+    # memory now, they are part of the model the figures are measured beyond.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
     weight = model.get_input_embeddings().weight
     vocab = ReservedVocab.from_folder(args.model, model_vocab_size=weight.shape[0])
     return (model, weight.detach(), torch.tensor(vocab.reserved_ids[:args.slots], device=args.device),
@@ -107,7 +113,7 @@ def _build(args, weight, reserved_ids, model=None):
 def child(args) -> None:
     import torch
 
-    from reserved_kernels.benchmarks.harness import cpu_median, gpu_median, peak_bytes
+    from reserved_kernels.benchmarks.harness import measure_step
 
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -131,14 +137,14 @@ def child(args) -> None:
         if after_step is not None:
             after_step()
 
-    extra = peak_bytes(step, dev)
-    timing = gpu_median(step, warmup_ms=50, rep_ms=300) if dev.type == "cuda" else cpu_median(step, warmup=0,
-                                                                                             repeat=args.repeat)
-    print(json.dumps(dict(recipe=args.recipe, extra_bytes=extra, **timing)))
+    print(json.dumps(dict(recipe=args.recipe, **measure_step(step, dev, args.measure, args.repeat))))
 
 
-def run_one(recipe: str, **config) -> dict:
-    """One recipe in a fresh subprocess (no allocator state or peak carries over)."""
+def run_one(recipe: str, memory_runs: int = 3, **config) -> dict:
+    """One recipe in fresh subprocesses (no allocator state or peak carries over): memory (on a CPU the
+    median of ``memory_runs`` processes) and time."""
+    from reserved_kernels.benchmarks.harness import run_measured
+
     cmd = [sys.executable, "-m", "reserved_kernels.benchmarks.train_step", "--child", "--recipe", recipe]
     for key in CONFIG_KEYS:
         value = config.get(key)
@@ -148,10 +154,7 @@ def run_one(recipe: str, **config) -> dict:
             cmd += [f"--model={value}"] if value else []
         else:
             cmd.append(f"--{key}={value}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{recipe} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_measured(cmd, config.get("device", "cpu"), memory_runs)
 
 
 def available_recipes(head: bool = True) -> list[str]:
@@ -179,18 +182,20 @@ def table(payload: dict) -> str:
 
 
 def caption(payload: dict) -> str:
+    from reserved_kernels.benchmarks.harness import processes_phrase
+
     c, env = payload["config"], payload["environment"]
     where = env.get("gpu") or f"CPU {env.get('cpu')}, {env.get('cpu_count')} cores"
     shape = f"{c['tokens'] // min(c['tokens'], 512)} x {min(c['tokens'], 512)} tokens" if c["head"] else f"{c['tokens']} tokens"
     return (f"{c.get('model_name') or c.get('model') or 'random table'}: one AdamW step, {where}, {c['dtype']}, {shape}, "
-            f"{c['slots']} reserved ids, each recipe in a fresh process; torch {env['torch']}; {env['date']}, "
+            f"{c['slots']} reserved ids, {processes_phrase(c)}; torch {env['torch']}; {env['date']}, "
             f"commit {env.get('commit')}")
 
 
 def run_all(args) -> dict:
     results = {}
     for recipe in available_recipes(args.head):
-        results[recipe] = r = run_one(recipe, **{k: getattr(args, k) for k in CONFIG_KEYS})
+        results[recipe] = r = run_one(recipe, args.memory_runs, **{k: getattr(args, k) for k in CONFIG_KEYS})
         print(f"{recipe:9s} extra memory {r['extra_bytes'] / 2**20:9.1f} MiB   step {r['median_ms']:9.1f} ms "
               f"(p20 {r['p20_ms']:.1f}, p80 {r['p80_ms']:.1f})", flush=True)
     ours = results["reserved"]
@@ -211,6 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--head", action="store_true", help="a whole step with the tied output head")
     parser.add_argument("--model", help="a Hugging Face checkpoint folder (with its tokenizer) instead of a random table")
+    parser.add_argument("--memory-runs", type=int, default=3, help="CPU: memory processes per recipe (the median counts)")
 
 
 def main(argv=None):
@@ -219,6 +225,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="write JSON results here")
     parser.add_argument("--recipe", choices=RECIPES)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", default="both", choices=["memory", "time", "both"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args)
@@ -230,7 +237,8 @@ def main(argv=None):
     if args.model:
         args.model = resolve(args.model)  # a named checkpoint is converted (once) before the children start
     results = run_all(args)
-    payload = dict(environment=environment(), config={**{k: getattr(args, k) for k in CONFIG_KEYS}, "model_name": name},
+    payload = dict(environment=environment(), config={**{k: getattr(args, k) for k in CONFIG_KEYS}, "model_name": name,
+                                                       "memory_runs": args.memory_runs},
                    results=results)
     print(table(payload))
     if args.out:
