@@ -36,6 +36,8 @@ def info() -> str:
             ok, why = _backend.availability(backend, device)
             star = "*" if backend == active else " "
             lines.append(f"  {device:4s} {backend:8s} {star} {'available' if ok else 'unavailable'}: {why}")
+    lines.append("the fused loss (GEMMs around a per-tile step) runs on: "
+                 + ", ".join(f"{d} {ops.active(d, 'linear_cross_entropy')}" for d in ("cpu", "cuda")))
     return "\n".join(lines)
 
 

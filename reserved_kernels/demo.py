@@ -243,7 +243,7 @@ def train_rows(model, data: dict, *, steps: int, lr: float, seed: int, batch: in
         if step % every == 0 or step == steps:
             curve.append((step, mean_loss(model, *data["heldout"])))
             log(f"    step {step}/{steps}: batch loss {loss.item():.3f}, held-out term loss {curve[-1][1]:.3f} "
-                f"({(time.perf_counter() - start) / step:.1f} s per step with evaluations)")
+                f"({(time.perf_counter() - start) / step:.2g} s per step with evaluations)")
     return dict(model=model, optimizer=optimizer, curve=curve)
 
 

