@@ -203,8 +203,8 @@ def test_the_demo_and_the_training_step_benchmark_take_a_checkpoint_of_the_famil
     args = parser.parse_args(["--model", str(checkpoint), "--steps", "4", "--inits", "description", "--device", "cpu"])
     summary = demo.run(args)
     assert summary["frozen_identical"] and summary["term_ppl_after"] < summary["term_ppl_before"]
-    result = train_step.run_one("reserved", 1, device="cpu", vocab=0, dim=0, slots=2, tokens=64, dtype="float32",
-                                repeat=2, head=True, model=str(checkpoint))
+    result = train_step.run_one("reserved", memory_runs=1, device="cpu", vocab=0, dim=0, slots=2, tokens=64,
+                                dtype="float32", repeat=2, head=True, model=str(checkpoint))
     assert result["median_ms"] > 0 and result["extra_bytes"] >= 0
 
 

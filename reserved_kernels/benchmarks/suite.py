@@ -178,8 +178,9 @@ def step_workloads(run: Runner, vocab: int, dim: int, dtype: str, slots: int, to
     name = "train step (embedding + tied head)" if head else "train step (embedding)"
     for recipe in train_step.available_recipes(head):
         # One memory process per recipe: the recipes here differ by one to two orders of magnitude.
-        r = train_step.run_one(recipe, 1, device=run.device.type, vocab=vocab, dim=dim, slots=slots, tokens=tokens,
-                               dtype=dtype, repeat=HEAVY_REPEAT if run.device.type == "cpu" else 5, head=head)
+        r = train_step.run_one(recipe, memory_runs=1, device=run.device.type, vocab=vocab, dim=dim, slots=slots,
+                               tokens=tokens, dtype=dtype, repeat=HEAVY_REPEAT if run.device.type == "cpu" else 5,
+                               head=head)
         run.record(name, recipe, case, {k: r[k] for k in ("median_ms", "p20_ms", "p80_ms")},
                    extra_bytes=r["extra_bytes"])
         run.log(f"  {name} {recipe}: {r['median_ms']:.1f} ms, {r['extra_bytes'] / 2**20:.0f} MiB beyond the table")

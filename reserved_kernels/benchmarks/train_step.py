@@ -40,13 +40,14 @@ def _checkpoint(args):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     model.to(args.device)
-    # The CPU weights are safetensors' memory map, read in page by page as a step first touches them: they
-    # would count as that step's memory (the whole table for a recipe with the head, none of it for the
+    # On a CPU the weights are safetensors' memory map, read in page by page as a step first touches them:
+    # they would count as that step's memory (the whole table for a recipe with the head, none of it for the
     # body alone; fewer pages where the page cache already held them). Copied into the process's own
-    # memory now, they are part of the model the figures are measured beyond.
-    with torch.no_grad():
-        for param in model.parameters():
-            param.data = param.data.clone()
+    # memory now, they are part of the model the figures are measured beyond. (``to`` a GPU copies them.)
+    if torch.device(args.device).type == "cpu":
+        with torch.no_grad():
+            for param in model.parameters():
+                param.data = param.data.clone()
     weight = model.get_input_embeddings().weight
     vocab = ReservedVocab.from_folder(args.model, model_vocab_size=weight.shape[0])
     return (model, weight.detach(), torch.tensor(vocab.reserved_ids[:args.slots], device=args.device),
