@@ -1,8 +1,10 @@
-"""Build reserved-kernels, compiling ``csrc/`` into ``reserved_kernels._C`` when a CUDA toolkit is found.
+"""Build reserved-kernels, compiling ``csrc/`` into ``reserved_kernels._C``.
 
-RESERVED_KERNELS_BUILD_CUDA=1 forces the CUDA build (and fails loudly without a toolkit);
-=0 skips it; unset builds it when a toolkit is found. TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured.
-Build with ``pip install --no-build-isolation .`` so the installed torch is used.
+The C++ CPU kernels and the C++ autograd are built whenever a C++ compiler is found; the CUDA kernels
+too when a CUDA toolkit is found. RESERVED_KERNELS_BUILD_CUDA=1 forces the CUDA build (and fails loudly
+without a toolkit); =0 builds the CPU kernels alone; unset builds CUDA when a toolkit is found.
+RESERVED_KERNELS_BUILD_EXTENSION=0 compiles nothing (the pure-Python package). TORCH_CUDA_ARCH_LIST and
+MAX_JOBS are honoured. Build with ``pip install --no-build-isolation .`` so the installed torch is used.
 """
 
 from __future__ import annotations
@@ -62,29 +64,44 @@ def _max_jobs() -> str:
     return str(max(1, min(os.cpu_count() or 1, int(free_gb // 2))))
 
 
-def _extensions():
-    mode = os.environ.get("RESERVED_KERNELS_BUILD_CUDA", "").strip()
+def _cuda_toolkit(mode: str) -> str | None:
+    """The CUDA toolkit to build with, or None for the CPU kernels alone (``mode``: RESERVED_KERNELS_BUILD_CUDA)."""
     if mode == "0":
-        return [], {}
+        return None
     cuda_home = _find_cuda_home()
     if cuda_home is None or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         if mode == "1":
             sys.exit("RESERVED_KERNELS_BUILD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME or put nvcc on PATH)")
-        print("reserved-kernels: no CUDA toolkit found; installing the pure-Python package", file=sys.stderr)
-        return [], {}
-    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    os.environ["MAX_JOBS"] = _max_jobs()
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+        print("reserved-kernels: no CUDA toolkit found; building the C++ CPU kernels alone", file=sys.stderr)
+        return None
+    return cuda_home
 
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
-    ext = CUDAExtension(
-        name="reserved_kernels._C",
-        sources=sources,
-        include_dirs=[os.path.join(HERE, "csrc")] + _pip_cuda_include_dirs(),
-        # No --use_fast_math: it would change rounding of the scale multiply and the means.
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},  # torch picks the C++ standard
-    )
+
+def _extensions():
+    if os.environ.get("RESERVED_KERNELS_BUILD_EXTENSION", "").strip() == "0":
+        return [], {}
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        print("reserved-kernels: no C++ compiler found; installing the pure-Python package", file=sys.stderr)
+        return [], {}
+    cuda_home = _cuda_toolkit(os.environ.get("RESERVED_KERNELS_BUILD_CUDA", "").strip())
+    if cuda_home is not None:
+        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    os.environ["MAX_JOBS"] = _max_jobs()
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    common = {"name": "reserved_kernels._C", "include_dirs": [os.path.join(HERE, "csrc")]}
+    if cuda_home is None:
+        ext = CppExtension(sources=cpp_sources, extra_compile_args={"cxx": ["-O3"]}, **common)
+    else:
+        common["include_dirs"] += _pip_cuda_include_dirs()
+        ext = CUDAExtension(
+            sources=cpp_sources + sorted(glob.glob(os.path.join("csrc", "*.cu"))),
+            # No --use_fast_math: it would change rounding of the scale multiply and the means.
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},  # torch picks the C++ standard
+            **common,
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

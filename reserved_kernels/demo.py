@@ -113,13 +113,17 @@ def _register_lines(rng: random.Random, count: int) -> tuple[list[str], list[str
     return term_lines, [mode_line(rng, "plain") for _ in range(300)]
 
 
-def pydoc_sentences() -> list[str]:
-    """The sentences of Python's own documentation topics (``pydoc_data``), whitespace collapsed, 40-300 characters."""
+def pydoc_text() -> str:
+    """Python's own documentation topics (``pydoc_data``, shipped with Python): about 0.5 MB of English and code."""
     from pydoc_data.topics import topics
 
-    text = "\n\n".join(topics[name] for name in sorted(topics))
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def pydoc_sentences() -> list[str]:
+    """The sentences of :func:`pydoc_text`, whitespace collapsed, 40-300 characters."""
     sentences = []
-    for paragraph in re.split(r"\n\s*\n", text):
+    for paragraph in re.split(r"\n\s*\n", pydoc_text()):
         flat = " ".join(paragraph.split())
         sentences += [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", flat) if 40 <= len(s) <= 300]
     return sentences

@@ -4,10 +4,11 @@
 # interpreter tests and the pure-Python configuration.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/venv.sh
 
-python -m pip install --quiet "torch<=2.14.1"
-python -m pip install --quiet ninja pytest pytest-benchmark
-# A CUDA toolkit means the extension must build (a compile error fails here); without one, pure Python.
+python -m pip install --quiet "torch<=2.14.1" setuptools wheel ninja
+# A CUDA toolkit means the CUDA kernels must build (a compile error fails here); the C++ CPU kernels are
+# built either way.
 if command -v nvcc >/dev/null 2>&1 || [ -n "${CUDA_HOME:-}" ]; then
   export RESERVED_KERNELS_BUILD_CUDA="${RESERVED_KERNELS_BUILD_CUDA:-1}"
 else

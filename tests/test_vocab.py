@@ -32,15 +32,16 @@ def test_embedded_tokenizer_has_gemma_layout(vocab):
 
 def test_round_trip_of_every_term_and_other_ids_unchanged(vocab, tmp_path):
     plan = vocab.assign(TERMS)
-    assert plan.ids == list(range(7, 7 + len(TERMS)))
+    assert plan.ids == list(range(7, 7 + 2 * len(TERMS)))  # each term and its spaced form
+    assert plan.terms == [form for term in TERMS for form in (term, " " + term)]
     tok_path, plan_path = vocab.save(tmp_path)
     renamed = spm.SentencePieceProcessor(model_file=tok_path)
     original = spm.SentencePieceProcessor(model_file=default_tokenizer_path())
     assert renamed.vocab_size() == original.vocab_size()
     for entry in plan.entries:
         assert renamed.encode(entry.term) == [entry.id]
-        assert renamed.decode([entry.id]) == entry.term
-        text = f"Before {entry.term} after."
+        assert renamed.decode([entry.id]) in (entry.term, entry.term.lstrip())  # a first piece's space is dropped
+        text = f"Before{entry.term} after."
         assert entry.id in renamed.encode(text) and renamed.decode(renamed.encode(text)) == text
     assert renamed.encode(SAMPLE) == original.encode(SAMPLE)
     for i in range(renamed.vocab_size()):
@@ -48,13 +49,14 @@ def test_round_trip_of_every_term_and_other_ids_unchanged(vocab, tmp_path):
             assert renamed.id_to_piece(i) == original.id_to_piece(i)
     saved = json.loads(open(plan_path, encoding="utf-8").read())
     assert saved["format_version"] == 1 and saved["tokenizer_sha256"] == vocab.sha256
-    assert [e["term"] for e in saved["entries"]] == list(TERMS)
+    assert [e["term"] for e in saved["entries"]] == plan.terms
 
 
 def test_sources_come_from_the_original_tokenizer_without_special_ids(vocab):
     plan = vocab.assign({"[summary]": "a short summary", "<unused5> only": None})
     summary = plan["[summary]"]
     assert summary.source_ids == tuple(vocab.encode("a short summary"))
+    assert plan[" [summary]"].source_ids == tuple(vocab.encode(" a short summary"))  # the in-sentence pieces
     assert all(i not in vocab.reserved_ids and i > 107 for e in plan.entries for i in e.source_ids)
     offsets, ids = plan.sources_csr()
     assert offsets.tolist()[0] == 0 and offsets.tolist()[-1] == ids.numel()
@@ -72,22 +74,23 @@ def test_sources_initialise_reserved_embedding_rows(vocab):
 
 def test_assign_is_idempotent(vocab):
     first = vocab.assign(["[summary]", "[translate]"])
-    again = vocab.assign({"[translate]": "ignored: already planned", "[summary]": None})
-    assert again == first and len(vocab.free_ids) == 97
+    again = vocab.assign({"[translate]": "ignored: already planned", " [summary] ": None})
+    assert again == first and len(vocab.free_ids) == 95
     more = vocab.assign(["[summary]", "[qa]"])
-    assert more.ids == [7, 8, 9]
+    assert more.ids == [7, 8, 9, 10, 11, 12]
 
 
 def test_exhaustion_is_refused_and_changes_nothing(vocab):
     vocab.assign(["[a]"])
     before = vocab.plan
-    with pytest.raises(PlanError, match="99 new terms asked for but only 98 reserved slots are free"):
-        vocab.assign([f"[term{i}]" for i in range(99)])
+    with pytest.raises(PlanError, match=r"98 new slots asked for \('\[term0\]', ' \[term0\]'.* but only 97 reserved "):
+        vocab.assign([f"[term{i}]" for i in range(49)])
     assert vocab.plan is before
 
 
 @pytest.mark.parametrize("bad, match", [("", "non-empty"), ("   ", "non-empty"), ("\t\n", "non-empty"),
-                                        ("▁the", "already pieces"), ("<unused3>", "already pieces")])
+                                        ("▁the", r"'▁the' is the piece '▁the' \(id 369\)"),
+                                        ("<unused3>", r"'<unused3>' is the piece '<unused3>' \(id 10\)")])
 def test_bad_terms_are_refused(vocab, bad, match):
     with pytest.raises(PlanError, match=match):
         vocab.assign([bad])
@@ -159,7 +162,7 @@ def test_tokenizer_json_round_trip(tmp_path):
     renamed = tokenizers.Tokenizer.from_file(tok_path)
     for entry in plan.entries:
         assert renamed.encode(entry.term, add_special_tokens=False).ids == [entry.id]
-        assert renamed.decode([entry.id]) == entry.term
+        assert renamed.decode([entry.id]) in (entry.term, entry.term.lstrip())
     assert renamed.get_vocab_size() == tok.get_vocab_size()
     assert renamed.encode(SAMPLE).ids == tok.encode(SAMPLE).ids
     assert all(i not in vocab.reserved_ids for e in plan.entries for i in e.source_ids)
@@ -170,13 +173,13 @@ def test_cli_plan_prints_the_table(tmp_path, capsys):
     terms.write_text("[summary]\ta short summary of the text\n# comment\n\nmachine learning\n", encoding="utf-8")
     cli_main(["plan", "--terms", str(terms), "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
-    assert "[summary]" in out and "<unused0>" in out and "▁summary" in out and "97 of 99" in out
+    assert "[summary]" in out and "<unused0>" in out and "▁summary" in out and "95 of 99" in out
     assert (tmp_path / "out" / "tokenizer.model").exists()
 
 
 def test_cli_plan_reports_errors_cleanly(tmp_path):
     terms = tmp_path / "terms.txt"
-    terms.write_text("".join(f"[t{i}]\n" for i in range(100)))
+    terms.write_text("".join(f"[t{i}]\n" for i in range(50)))
     with pytest.raises(SystemExit, match="only 99 reserved slots are free"):
         cli_main(["plan", "--terms", str(terms), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
@@ -232,10 +235,10 @@ def test_a_plan_repeating_an_id_is_refused(vocab, tmp_path):
     vocab.assign({"[summary]": "a short summary", "[qa]": "question and answer"})
     _, plan_path = vocab.save(tmp_path)
     raw = json.loads(open(plan_path, encoding="utf-8").read())
-    raw["entries"][1].update(id=7, piece="<unused0>")
+    raw["entries"][2].update(id=7, piece="<unused0>")
     with open(plan_path, "w", encoding="utf-8") as f:
         json.dump(raw, f)
-    with pytest.raises(PlanError, match=r"plan entry 1 \('\[qa\]'\): field 'id' repeats entry 0"):
+    with pytest.raises(PlanError, match=r"plan entry 2 \('\[qa\]'\): field 'id' repeats entry 0"):
         ReservedVocab.from_file(default_tokenizer_path(), plan=plan_path)
 
 
@@ -260,3 +263,57 @@ def test_cli_errors_are_one_line_without_a_traceback(tmp_path, make_args):
     assert len(lines) == 1 and lines[0].startswith("reserved-kernels ") and ": error: " in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+@pytest.fixture(params=["sentencepiece", "tokenizer.json"])
+def any_vocab(request, tmp_path) -> ReservedVocab:
+    """The embedded tokenizer as a SentencePiece model, and as the tokenizer.json transformers converts it to."""
+    if request.param == "sentencepiece":
+        return ReservedVocab.from_file(default_tokenizer_path())
+    pytest.importorskip("transformers", reason="the tokenizer.json is transformers' conversion of the model")
+    from reserved_kernels.vocab.hf_files import transformers_files
+
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(transformers_files(open(default_tokenizer_path(), "rb").read(), {}, {})["tokenizer.json"])
+    return ReservedVocab.from_file(path)
+
+
+# Where a user's text puts a term: the start of a text or a line, after a space (one or two), after punctuation or a
+# bracket, before punctuation, twice in a row.
+CONTEXTS = ["{t} first", "Set the {t} now", "one\n{t} two", "x  {t}.", "({t})", "a,{t};", "\"{t}\" and '{t}'",
+            "{t}{t} {t}"]
+
+
+def test_a_term_is_one_token_wherever_it_stands_and_decodes_as_written(any_vocab):
+    plan = any_vocab.assign({"[lr]": "learning rate", "machine learning": None, "東京タワー": "the tower"})
+    encode, decode = any_vocab.renamed_codec()
+    for term in ("[lr]", "machine learning", "東京タワー"):
+        bare, spaced = plan[term].id, plan[" " + term].id
+        for context in CONTEXTS:
+            text = context.format(t=term)
+            ids = encode(text)
+            assert ids.count(bare) + ids.count(spaced) == text.count(term), (text, ids)
+            assert ids.count(spaced) == text.count(" " + term), (text, ids)  # the space goes into the token
+            assert decode(ids) == text, (text, ids)  # no doubled or lost space
+
+
+def test_text_without_the_terms_encodes_exactly_as_before(any_vocab):
+    """Python's own documentation (pydoc_data, ~0.5 MB of real English and code) encodes to the same ids."""
+    from reserved_kernels.demo import pydoc_text
+
+    text = pydoc_text()
+    terms = {"[lr]": "learning rate", "[kwarg]": "keyword argument", "[summary]": None, "東京タワー": "the tower",
+             "z-score": "standard score"}
+    assert len(text) > 400_000 and not any(term in text for term in terms)
+    before = any_vocab.encode(text)
+    any_vocab.assign(terms)
+    assert any_vocab.renamed_encoder()(text) == before
+
+
+@pytest.mark.parametrize("term", [" the", "the", "▁the"])
+def test_a_term_that_would_take_over_a_token_is_refused(any_vocab, term):
+    any_vocab.assign(["[kept]"])
+    before = any_vocab.plan
+    with pytest.raises(PlanError, match=r"would take it over in ordinary text: .*'▁the' \(id 369\)"):
+        any_vocab.assign([term, "[new]"])
+    assert any_vocab.plan is before

@@ -121,6 +121,10 @@ class HFTokenizerBackend:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def piece_for(self, term: str) -> str:
+        # An added token is matched on the raw text, and named by it.
+        return term
+
     def renamed(self, renames: dict[int, str]) -> bytes:
         """The file with each ``id -> term`` renamed; ids past the tokenizer (a model's spare rows) become new
         added tokens, which the tokenizers library numbers in order from the tokenizer's size."""

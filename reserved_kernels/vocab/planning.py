@@ -274,15 +274,79 @@ class ReservedVocab:
                           f"mean of those byte pieces' rows ({pieces})", UserWarning, stacklevel=3)
         return byte_ids
 
-    def assign(self, terms: Mapping[str, str | None] | Iterable[str]) -> ReservedPlan:
-        """Give each new term the next free slot; returns the updated plan (and keeps it).
+    def surface_forms(self, term: str, description: str | None, spaced: bool = True) -> dict[str, str | None]:
+        """``{form: its description}``: ``term`` as it stands after a space too, each with the matching description.
 
-        ``terms`` maps each term to an optional description (its initialisation text), or is a
-        list of terms. A term already planned keeps its id. A term whose text is byte-fallback
-        pieces only (a script the tokenizer never saw) is initialised from those byte pieces, with a
-        warning. All-or-nothing: on any error (too few free slots, an empty term, a term the tokenizer
-        cannot make a single token of, a term with no initialisation sources) a :class:`PlanError`
-        says why and the plan is unchanged.
+        A tokenizer spells a word differently at the start of a text or after punctuation (``keyword``)
+        and after a space (``▁keyword``); a term is one token in both places only as two pieces. So a
+        term ``T`` planned with ``spaced=True`` takes two slots: ``T`` and ``" T"`` (the space is part
+        of the piece, as in the tokenizer's own word pieces). Each form starts from the description in
+        the same form: ``"[lr]"`` from the pieces of ``"learning rate"`` (``learning ▁rate``), ``" [lr]"``
+        from those of ``" learning rate"`` (``▁learning ▁rate``). Whitespace around the term and the
+        description is normalised away first.
+        """
+        term = term.strip()
+        description = description.strip() if description is not None else None
+        forms = {term: description}
+        if spaced:
+            forms[" " + term] = " " + description if description is not None else None
+        return forms
+
+    def _refuse_existing(self, forms: Iterable[str]) -> None:
+        """A form the tokenizer already has (as its piece, or encoded to one existing token) would take that
+        token over in ordinary text: refused, naming the piece and its id."""
+        existing = {p: i for i, p in enumerate(self._pieces)}
+        taken = {}
+        for form in forms:
+            piece = self.backend.piece_for(form)
+            if piece in existing:
+                taken[form] = (piece, existing[piece])
+                continue
+            ids = self.encode(form)
+            if len(ids) == 1:
+                taken[form] = (self._pieces[ids[0]], ids[0])
+        if taken:
+            listed = ", ".join(f"{form!r} is the piece {piece!r} (id {i})" for form, (piece, i) in taken.items())
+            raise PlanError(f"already in the vocabulary, and a plan would take it over in ordinary text: {listed}")
+
+    def _check_encoding(self, codec: Codec, slots: Mapping[str, int]) -> None:
+        """Each planned form is one token, the right one, alone, after the same term and after a space, and
+        decodes back to the text as written. (The probes are made of the term alone, so that they hold on any
+        vocabulary; the tests probe real text, lines and punctuation.)"""
+        problems = {}
+        for form, slot in slots.items():
+            term = form.strip()
+            spaced_slot = slots.get(" " + term) or (self.plan[" " + term].id if " " + term in self.plan else None)
+            bare_slot = slots.get(term) or (self.plan[term].id if term in self.plan else None)
+            probes = {form: [slot], term + term: [bare_slot] * 2}
+            if spaced_slot is not None:
+                probes[term + " " + term] = [bare_slot, spaced_slot]
+            for text, expected in probes.items():
+                if None in expected:
+                    continue
+                ids = codec.encode(text)
+                if ids != expected:
+                    problems[form] = f"{text!r} encodes to {ids}, not {expected}"
+                    break
+                decoded = codec.decode(ids)
+                if decoded not in (text, text.lstrip(" ")):  # SentencePiece drops a first piece's space
+                    problems[form] = f"{text!r} decodes to {decoded!r}"
+                    break
+        if problems:
+            raise PlanError(f"the tokenizer cannot make these terms single tokens: {problems}")
+
+    def assign(self, terms: Mapping[str, str | None] | Iterable[str], *, spaced: bool = True) -> ReservedPlan:
+        """Give each new term free slots, one per surface form; returns the updated plan (and keeps it).
+
+        ``terms`` maps each term to an optional description (its initialisation text), or is a list of
+        terms. With ``spaced`` (the default) each term takes two slots, ``T`` and ``" T"``, so that it is
+        one token wherever it stands (see :meth:`surface_forms`); ``spaced=False`` plans ``T`` alone, for
+        a control token that never follows a space. Every text without the terms encodes exactly as
+        before. A term already planned keeps its ids. A term whose text is byte-fallback pieces only (a
+        script the tokenizer never saw) is initialised from those byte pieces, with a warning.
+        All-or-nothing: on any error (too few free slots, an empty term, a form that is already a token
+        of the vocabulary, a term the tokenizer cannot make a single token of, a term with no
+        initialisation sources) a :class:`PlanError` says why and the plan is unchanged.
         """
         items = list(terms.items()) if isinstance(terms, Mapping) else [(t, None) for t in terms]
         new: dict[str, str | None] = {}
@@ -291,17 +355,16 @@ class ReservedVocab:
                 raise PlanError(f"terms must be non-empty strings, got {term!r}")
             if description is not None and not isinstance(description, str):
                 raise PlanError(f"the description of {term!r} must be a string or None, got {type(description).__name__}")
-            if term not in self.plan and term not in new:
-                new[term] = description
+            for form, form_description in self.surface_forms(term, description, spaced).items():
+                if form not in self.plan and form not in new:
+                    new[form] = form_description
         if not new:
             return self.plan
         free = self.free_ids
         if len(new) > len(free):
-            raise PlanError(f"{len(new)} new terms asked for but only {len(free)} reserved slots are free")
-        existing = {p: i for i, p in enumerate(self._pieces)}
-        clashes = {t: existing[t] for t in new if t in existing}
-        if clashes:
-            raise PlanError(f"already pieces of the vocabulary (need no reserved slot): {clashes}")
+            raise PlanError(f"{len(new)} new slots asked for ({', '.join(map(repr, new))}) but only {len(free)} "
+                            "reserved slots are free")
+        self._refuse_existing(new)
         slots = dict(zip(new, free))
         renames = {e.id: e.term for e in self.plan.entries} | {slots[t]: t for t in new}
         data = self.backend.renamed(renames)
@@ -309,15 +372,7 @@ class ReservedVocab:
             codec = self.backend.codec(data)
         except ValueError as exc:
             raise PlanError(f"the renamed tokenizer does not load: {exc}") from exc
-        problems = {}
-        for term in new:
-            ids = codec.encode(term)
-            if ids != [slots[term]]:
-                problems[term] = f"encodes to {ids}, not the single id {slots[term]}"
-            elif codec.decode(ids) not in (term, term.lstrip(" ")):  # SentencePiece drops a first piece's space
-                problems[term] = f"decodes to {codec.decode(ids)!r}"
-        if problems:
-            raise PlanError(f"the tokenizer cannot make these terms single tokens: {problems}")
+        self._check_encoding(codec, slots)
         entries = [PlanEntry(term=t, id=slots[t], piece=self._pieces[slots[t]], description=d,
                              source_ids=self._sources(t, d)) for t, d in new.items()]
         empty = [e.term for e in entries if not e.source_ids]
