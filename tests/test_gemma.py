@@ -165,9 +165,9 @@ def test_initialisation_choices_go_through_the_mean_op(init):
         expected = torch.stack([table[list(e.source_ids)].mean(0) for e in vocab.plan.entries])
     elif init == "mean":
         keep = [i for i in range(1024) if i not in vocab.plan.ids]
-        expected = table[keep].mean(0).expand(2, -1)
+        expected = table[keep].mean(0).expand(4, -1)  # two terms, each bare and after a space
     else:
-        expected = table[500].expand(2, -1)
+        expected = table[500].expand(4, -1)
     torch.testing.assert_close(rows, expected)
 
 

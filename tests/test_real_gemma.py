@@ -25,7 +25,8 @@ if OK:
 
     from reserved_kernels import demo
     from reserved_kernels.models import merge, patch_model, perplexity, untrained_rows
-    from reserved_kernels.vocab import ReservedVocab
+    from reserved_kernels.stories import pydoc_sentences, pydoc_text
+    from reserved_kernels.vocab import PlanError, ReservedVocab
     from tests.oracle import assert_same_table_logits, captured_input
 
 TERMS = demo.PYDOC.terms
@@ -48,7 +49,7 @@ def model(folder):
 @pytest.fixture(scope="module")
 def vocab(folder):
     v = ReservedVocab.from_folder(folder, model_vocab_size=262_144)
-    v.assign(TERMS)
+    v.assign(TERMS, spaced=demo.PYDOC.spaced)
     return v
 
 
@@ -72,13 +73,13 @@ def test_planning_finds_every_unused_slot_and_auto_tokenizer_round_trips(vocab, 
     assert len(vocab.reserved_ids) == 6242 and vocab.families == ("gemma",)
     assert vocab.reserved_ids[:99] == list(range(6, 105))
     assert [vocab.piece(i) for i in (6, 104)] == ["<unused0>", "<unused98>"]
-    assert [e.id for e in vocab.plan.entries] == [6, 7, 8, 9]
+    assert vocab.plan.ids == list(range(6, 14))  # [kwarg], " [kwarg]", [posarg], " [posarg]", ...
     vocab.save(tmp_path)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    sentence = "Pass a [posarg] and a [kwarg]; len() is a [builtin] and the body is a [codeblock]."
+    sentence = "Pass a [posarg] and a [kwarg]; len() is a [builtin] and the body is a [codeblock].\n[kwarg]s come last."
     ids = tok(sentence).input_ids
-    assert ids[0] == 2 and {6, 7, 8, 9} <= set(ids)  # <bos>, then each term (with its space) as its single id
-    assert not set(TERMS) & set(tok.all_special_tokens)
+    assert ids[0] == 2 and {7, 9, 11, 13, 6} <= set(ids)  # <bos>, each term after a space, and one opening a line
+    assert not set(vocab.plan.terms) & set(tok.all_special_tokens)
     assert tok.decode(ids, skip_special_tokens=True) == sentence
     plain = "The capital of France is Paris; Python's len() returns 4096 for a list of 4096 items — twice!"
     assert tok(plain).input_ids == [2] + vocab.encode(plain)  # text without terms: the original ids
@@ -93,7 +94,7 @@ def test_untrained_row_detection_finds_the_unused_rows_and_spares_ordinary_engli
     found = untrained_rows(table, reference_ids=vocab.reserved_ids[99:])
     assert not found.low_norm and not found.duplicated and found.direction_skipped is None
     assert sum(i in found for i in range(6, 105)) >= 90
-    english = {i for sentence in demo.pydoc_sentences() for i in vocab.encode(sentence)}
+    english = {i for sentence in pydoc_sentences() for i in vocab.encode(sentence)}
     flagged = [i for i in english if i in found]
     assert len(flagged) <= 0.001 * len(english), [vocab.piece(i) for i in flagged][:20]
     assert "unused direction" in found.tests_of(7)[0]
@@ -136,9 +137,20 @@ def test_merge_and_save_give_a_plain_model_with_the_trained_rows(model, vocab, t
     rows = patched.get_input_embeddings().reserved_weight.detach().clone()
     patched.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)  # a plain model
-    assert torch.equal(loaded.get_input_embeddings().weight[[6, 7, 8, 9]], rows)
+    assert torch.equal(loaded.get_input_embeddings().weight[vocab.plan.ids], rows)
     with torch.no_grad():  # the reserved columns come from the V-column GEMM now: within its rounding
-        assert_same_table_logits(loaded(input_ids=ids).logits, trained, hidden, table, [6, 7, 8, 9])
+        assert_same_table_logits(loaded(input_ids=ids).logits, trained, hidden, table, vocab.plan.ids)
     merge(patched)
     assert torch.equal(patched.get_input_embeddings().weight, table)
-    assert not torch.equal(model.get_input_embeddings().weight[[6, 7, 8, 9]], rows)  # the original is untouched
+    assert not torch.equal(model.get_input_embeddings().weight[vocab.plan.ids], rows)  # the original is untouched
+
+
+def test_the_real_tokenizer_encodes_text_without_the_terms_as_before_and_refuses_a_takeover(folder, vocab):
+    """All of Python's documentation (~0.5 MB) keeps its ids; planning " hello" would take over ▁hello."""
+    text = pydoc_text()
+    assert not any(term in text for term in vocab.plan.terms)
+    assert vocab.renamed_encoder()(text) == vocab.encode(text)
+    fresh = ReservedVocab.from_folder(folder, model_vocab_size=262_144)
+    with pytest.raises(PlanError, match=r"' hello' is the piece '▁hello' \(id 29104\)"):
+        fresh.assign([" hello"])
+    assert len(fresh.plan) == 0

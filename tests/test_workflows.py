@@ -319,7 +319,7 @@ def test_auto_tokenizer_on_a_saved_plan_behaves_like_gemmas(tmp_path):
     ids = tok(text).input_ids
     assert ids[0] == 2  # <bos>, as Gemma's tokenizer adds it
     assert ids[1:] == spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model")).encode(text)
-    assert vocab.plan["[summary]"].id in ids and vocab.plan["machine learning"].id in ids
+    assert vocab.plan["[summary]"].id in ids and vocab.plan[" machine learning"].id in ids  # after "of"
     assert not {"[summary]", "machine learning"} & set(tok.all_special_tokens)  # ordinary tokens
     assert tok.decode(ids, skip_special_tokens=True) == text
     plain = "Le réseau mesure 4096 tokens; 東京 data — twice!"  # text without terms: the original tokenizer's ids

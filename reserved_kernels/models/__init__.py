@@ -5,10 +5,11 @@ gemma_pytorch-layout models.
 """
 
 from reserved_kernels.models.gemma_pytorch import causal_lm_logits, causal_lm_loss, is_gemma_pytorch
-from reserved_kernels.models.patch import freeze_rows, load_reserved, merge, patch_model, save_reserved
+from reserved_kernels.models.patch import (freeze_rows, load_reserved, merge, patch_model, save_pretrained,
+                                          save_reserved)
 from reserved_kernels.models.perplexity import perplexity, perplexity_change
 from reserved_kernels.models.untrained import UntrainedRows, untrained_rows
 
-__all__ = ["patch_model", "merge", "save_reserved", "load_reserved", "freeze_rows", "perplexity",
+__all__ = ["patch_model", "merge", "save_pretrained", "save_reserved", "load_reserved", "freeze_rows", "perplexity",
            "perplexity_change", "untrained_rows", "UntrainedRows", "causal_lm_logits", "causal_lm_loss",
            "is_gemma_pytorch"]

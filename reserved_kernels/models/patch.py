@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from reserved_kernels._io import atomic_write_many
+from reserved_kernels._progress import announced
 from reserved_kernels.models import causal_lm
 from reserved_kernels.models.gemma_pytorch import embedder_name
 from reserved_kernels.models.untrained import untrained_rows
@@ -140,15 +141,18 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
     scale = float(embedding.embed_scale) if isinstance(getattr(embedding, "embed_scale", None), Tensor) else None
     head = _output_head(model)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    new_embedding = ReservedEmbedding.from_embedding(embedding, ids, scale=scale, reserved_dtype=reserved_dtype)
-    new_head = None
-    if isinstance(head, nn.Linear):
-        if head.weight is new_embedding.weight:
-            new_head = ReservedLMHead.tied_to(new_embedding)
-        else:
-            new_head = ReservedLMHead.from_linear(head, ids, reserved_dtype=reserved_dtype)
-    _initialise(new_embedding, new_head, init, plan, noise_std, generator, copy_from, exclude,
-                reference if exclude_untrained else False)
+    with announced(f"converting the embedding{'' if head is None else ' and the output head'} "
+                   f"({len(ids)} trainable rows)"):
+        new_embedding = ReservedEmbedding.from_embedding(embedding, ids, scale=scale, reserved_dtype=reserved_dtype)
+        new_head = None
+        if isinstance(head, nn.Linear):
+            if head.weight is new_embedding.weight:
+                new_head = ReservedLMHead.tied_to(new_embedding)
+            else:
+                new_head = ReservedLMHead.from_linear(head, ids, reserved_dtype=reserved_dtype)
+    with announced(f"initialising {len(ids)} rows ({init})"):
+        _initialise(new_embedding, new_head, init, plan, noise_std, generator, copy_from, exclude,
+                    reference if exclude_untrained else False)
     _set_input_embedding(model, new_embedding)
     if new_head is not None:
         base.set_output_embeddings(new_head)
@@ -164,7 +168,8 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
     guard = base.register_forward_pre_hook(_training_guard)
     # Kept outside the module tree (a plain dict), so state_dict and .parameters() do not see them.
     new_embedding.__dict__["_patch_record"] = dict(embedding=embedding, head=head, requires_grad=requires_grad,
-                                                   guard=guard, rows_frozen_on_purpose=False)
+                                                   guard=guard, rows_frozen_on_purpose=False,
+                                                   vocab=reserved if isinstance(reserved, ReservedVocab) else None)
     return model
 
 
@@ -206,7 +211,8 @@ def _sources(weight: Tensor, weight_scaler: Tensor | None, reserved_ids: list[in
         return [[int(copy_from)]], None
     skip = set(exclude or ()) | set(reserved_ids)
     if untrained is not False:
-        skip |= set(untrained_rows(weight, weight_scaler=weight_scaler, reference_ids=untrained).ids)
+        with announced(f"looking for untrained rows in the {weight.shape[0]:,} x {weight.shape[1]} table"):
+            skip |= set(untrained_rows(weight, weight_scaler=weight_scaler, reference_ids=untrained).ids)
     trained = [i for i in range(weight.shape[0]) if i not in skip]
     if init == "mean":
         return [trained], None
@@ -269,6 +275,31 @@ def merge(model: nn.Module) -> nn.Module:
     for name, p in model.named_parameters():
         p.requires_grad_(record["requires_grad"].get(name, p.requires_grad))
     return model
+
+
+def save_pretrained(model: nn.Module, folder: str | os.PathLike, vocab: ReservedVocab | None = None,
+                    **kwargs) -> str:
+    """A checkpoint that loads as a plain model *with its tokenizer*, in one call; returns the folder.
+
+    ``model.save_pretrained(folder, **kwargs)`` (the vanilla layout, rows merged, plus the fp32 master rows
+    that :func:`load_reserved` reads), then the planned tokenizer beside it (:meth:`ReservedVocab.save`:
+    ``tokenizer.json``, ``tokenizer_config.json`` and ``reserved_plan.json``, and ``tokenizer.model`` for a
+    SentencePiece plan). Afterwards ``AutoTokenizer.from_pretrained(folder)`` makes each planned term one
+    token and ``AutoModelForCausalLM.from_pretrained(folder)`` gives the trained rows. ``vocab`` defaults to
+    the :class:`ReservedVocab` the model was patched with; a model patched with bare ids or a plan needs it.
+    """
+    embedding = _patched_embedding(model)
+    vocab = vocab if vocab is not None else embedding.__dict__["_patch_record"]["vocab"]
+    if not isinstance(vocab, ReservedVocab):
+        raise ValueError("save_pretrained needs the ReservedVocab whose tokenizer to write: the model was patched "
+                         "with ids or a plan, so pass vocab=")
+    if not hasattr(model, "save_pretrained"):
+        raise TypeError(f"{type(model).__name__} has no save_pretrained (a Hugging Face model does); "
+                        "use save_reserved for the rows alone")
+    folder = os.fspath(folder)
+    model.save_pretrained(folder, **kwargs)
+    vocab.save(folder)
+    return folder
 
 
 def save_reserved(model: nn.Module, path: str | os.PathLike, plan: ReservedPlan | ReservedVocab | None = None) -> None:
