@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as TF
 from torch import Tensor
 
 from reserved_kernels import ops
+from reserved_kernels._table import softcapped
 
 
 def check_reserved_ids(reserved_ids: Tensor | Sequence[int], num_embeddings: int,
@@ -235,3 +237,51 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
     if return_stats:
         return CrossEntropyStats(loss, entropy.view(targets.shape), is_top1.view(targets.shape))
     return loss
+
+
+class _ReservedLogits(torch.autograd.Function):
+    """``hidden @ merged_weightᵀ`` from the frozen table and the K rows, with no V×D copy and no write into the table.
+
+    Forward: one GEMM over the table, then the K reserved columns become ``hidden @ rowsᵀ`` — for the
+    rows that differ from the table's own; columns of rows still equal to the table's keep the big GEMM's
+    bits, so an untrained patched head is bit-identical to the original. Backward, the merged table's
+    gradient: ``hidden`` gets ``g @ table + g[..., ids] @ (rows - table[ids])``, the rows get
+    ``g[..., ids]ᵀ @ hidden`` (K×D), the table nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, rows: Tensor, ids: Tensor) -> Tensor:
+        logits = TF.linear(hidden, weight)
+        own = TF.linear(hidden, rows)
+        changed = (rows != weight.index_select(0, ids)).any(dim=1)
+        logits.index_copy_(-1, ids, torch.where(changed, own, logits.index_select(-1, ids)))
+        ctx.save_for_backward(hidden, weight, rows, ids)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hidden, weight, rows, ids = ctx.saved_tensors
+        grad_res = grad.index_select(-1, ids)
+        grad_hidden = grad_rows = None
+        if ctx.needs_input_grad[0]:
+            delta = (rows - weight.index_select(0, ids)).to(grad.dtype)
+            grad_hidden = (grad @ weight.to(grad.dtype) + grad_res @ delta).to(hidden.dtype)
+        if ctx.needs_input_grad[2]:
+            flat = grad_res.reshape(-1, grad_res.shape[-1])
+            grad_rows = (flat.t() @ hidden.reshape(-1, hidden.shape[-1]).to(grad.dtype)).to(rows.dtype)
+        return grad_hidden, None, grad_rows, None
+
+
+def reserved_logits(hidden: Tensor, weight: Tensor, reserved_weight: Tensor, reserved_ids: Tensor, *,
+                    softcap: float | None = None) -> Tensor:
+    """The logits ``(..., V)`` of the merged table (``weight`` with rows ``reserved_ids`` replaced by
+    ``reserved_weight``, rounded to the table dtype), optionally soft-capped — without a V×D copy.
+
+    Differentiable in ``hidden`` and ``reserved_weight`` (see :class:`_ReservedLogits`); the table gets no
+    gradient. With no reserved ids it is ``hidden @ weightᵀ``.
+    """
+    if reserved_ids.numel():
+        logits = _ReservedLogits.apply(hidden, weight, reserved_weight.to(weight.dtype), reserved_ids)
+    else:
+        logits = TF.linear(hidden, weight)
+    return softcapped(logits, softcap) if softcap is not None else logits

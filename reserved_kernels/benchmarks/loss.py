@@ -57,15 +57,15 @@ def _setup(args):
 def _loss_fn(args, torch, head, hidden, targets):
     import torch.nn.functional as F
 
+    from reserved_kernels._table import softcapped
+
     cap = args.softcap
     if args.impl == "fused":
         return lambda: head(hidden, targets, softcap=cap)
     if args.impl == "unfused":
         def unfused():
             logits = head(hidden)
-            if cap is not None:
-                logits = torch.tanh(logits / cap) * cap
-            return F.cross_entropy(logits.float(), targets)
+            return F.cross_entropy((softcapped(logits, cap) if cap is not None else logits).float(), targets)
 
         return unfused
     if args.impl == "liger":

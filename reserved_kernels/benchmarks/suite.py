@@ -25,6 +25,7 @@ from torch import nn
 
 import reserved_kernels as rk
 from reserved_kernels import _backend, ops, recipes, reference
+from reserved_kernels._table import dequantised
 from reserved_kernels.benchmarks import train_step
 from reserved_kernels.benchmarks.harness import (
     copy_bandwidth_gbs,
@@ -137,7 +138,7 @@ def int8_workload(run: Runner, vocab: int, dim: int, dtype: torch.dtype, tokens:
         with ops.forced(backend):
             run.record("int8 forward", backend, case, run.time(lambda: emb(ids)))
     run.record("int8 forward", "dequantise table", case,
-               run.time(lambda: F.embedding(ids, weight * scaler.unsqueeze(-1)), heavy=True))
+               run.time(lambda: F.embedding(ids, dequantised(weight, scaler)), heavy=True))
 
 
 def mean_init_workload(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slots: int, with_resize: bool) -> None:

@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reserved_kernels._table import dequantised
+from reserved_kernels.functional import reserved_logits
+
 EMBEDDER_NAMES = ("embedder", "text_token_embedder")
 # gemma_pytorch's additive mask value (its generate() fills masked positions with this).
 MASKED = -2.3819763e38
@@ -97,7 +100,7 @@ def _tied_table(model: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     table = embedder.weight.detach()
     scaler = getattr(embedder, "weight_scaler", None)
     if scaler is not None and not table.is_floating_point():
-        table = table.to(scaler.dtype) * scaler.detach().unsqueeze(-1)
+        table = dequantised(table, scaler.detach())
     if isinstance(embedder, ReservedEmbedding):
         return table, embedder.reserved_weight, embedder.reserved_ids, embedder._slot_map
     ids = torch.empty(0, dtype=torch.int64, device=table.device)
@@ -111,18 +114,9 @@ def causal_lm_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
     the input side through the fused gather, the tied output head through the merged-table logits.
     To train, prefer :func:`causal_lm_loss`, which never builds these logits.
     """
-    from reserved_kernels.modules.lm_head import _ReservedLogits
-
     hidden = _decoder_states(model, input_ids)
     table, rows, ids, _ = _tied_table(model)
-    if ids.numel():
-        logits = _ReservedLogits.apply(hidden, table, rows.to(table.dtype), ids)
-    else:
-        logits = F.linear(hidden, table)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return reserved_logits(hidden, table, rows, ids, softcap=getattr(model.config, "final_logit_softcapping", None))
 
 
 def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from reserved_kernels._table import dequantised
+
 NORM_FRACTION = 0.1  # a row is "near zero" below this fraction of the median row norm
 # The reference rows must share a direction to be one: their median cosine with their mean direction.
 COHERENCE = 0.5
@@ -79,7 +81,7 @@ class UntrainedRows:
 def _float_rows(weight: Tensor, weight_scaler: Tensor | None, start: int) -> Tensor:
     rows = weight[start:start + _CHUNK_ROWS].float()
     if weight_scaler is not None:
-        rows = rows * weight_scaler[start:start + _CHUNK_ROWS].float().unsqueeze(-1)
+        rows = dequantised(rows, weight_scaler[start:start + _CHUNK_ROWS].float())
     return rows
 
 
@@ -179,8 +181,7 @@ def untrained_rows(weight: Tensor, *, weight_scaler: Tensor | None = None, norm_
     median = float(norms.median())
     threshold = norm_fraction * median
     low = norms < threshold
-    duplicated = _duplicated(weight if weight_scaler is None else weight.to(weight_scaler.dtype)
-                             * weight_scaler.detach().unsqueeze(-1))
+    duplicated = _duplicated(weight if weight_scaler is None else dequantised(weight, weight_scaler.detach()))
     found = dict(low_norm=tuple(low.nonzero().squeeze(-1).tolist()),
                  duplicated=tuple(duplicated.nonzero().squeeze(-1).tolist()), median_norm=median,
                  norm_threshold=threshold)

@@ -9,13 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from reserved_kernels import functional as F
-
-_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
-
+from reserved_kernels._table import SIXTEEN_BIT, dequantised, table_dtype
 
 def default_reserved_dtype(table_dtype: torch.dtype) -> torch.dtype:
     """float32 master rows for a 16-bit table (a small update is not rounded away), else the table's dtype."""
-    return torch.float32 if table_dtype in _SIXTEEN_BIT else table_dtype
+    return torch.float32 if table_dtype in SIXTEEN_BIT else table_dtype
 
 
 def quantize_rows(rows: Tensor, scaler_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -135,13 +133,13 @@ class ReservedEmbedding(nn.Embedding):
         """``weight[ids]`` as the forward pass reads it (dequantised), as a new ``dtype`` tensor."""
         rows = weight.detach().index_select(0, ids.to(weight.device))
         if weight_scaler is not None:
-            rows = rows.to(weight_scaler.dtype) * weight_scaler.detach().index_select(0, ids).unsqueeze(-1)
+            rows = dequantised(rows, weight_scaler.detach().index_select(0, ids))
         return rows.to(dtype, copy=True)
 
     @property
     def table_dtype(self) -> torch.dtype:
         """The dtype of the output rows: the table's, or the per-row scales' for an int8 table."""
-        return self.weight_scaler.dtype if self.weight_scaler is not None else self.weight.dtype
+        return table_dtype(self.weight, self.weight_scaler)
 
     @property
     def num_reserved(self) -> int:
@@ -166,7 +164,7 @@ class ReservedEmbedding(nn.Embedding):
     def merged_weight(self) -> Tensor:
         """A (V, D) copy of the table as the forward pass sees it (dequantised, reserved rows in place)."""
         if self.weight_scaler is not None:
-            merged = self.weight.to(self.weight_scaler.dtype) * self.weight_scaler.unsqueeze(-1)
+            merged = dequantised(self.weight, self.weight_scaler)
         else:
             merged = self.weight.detach().clone()
         return merged.index_copy_(0, self.reserved_ids, self.reserved_weight.to(merged.dtype))

@@ -5,44 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from reserved_kernels import functional as F
 from reserved_kernels.modules.embedding import ReservedEmbedding, default_reserved_dtype
-
-
-class _ReservedLogits(torch.autograd.Function):
-    """``hidden @ merged_weightᵀ`` from the frozen table and the K rows, with no V×D copy and no write into the table.
-
-    Forward: one GEMM over the table, then the K reserved columns become ``hidden @ rowsᵀ`` — for the
-    rows that differ from the table's own; columns of rows still equal to the table's keep the big GEMM's
-    bits, so an untrained patched head is bit-identical to the original. Backward, the merged table's
-    gradient: ``hidden`` gets ``g @ table + g[..., ids] @ (rows - table[ids])``, the rows get
-    ``g[..., ids]ᵀ @ hidden`` (K×D), the table nothing.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, rows: Tensor, ids: Tensor) -> Tensor:
-        logits = TF.linear(hidden, weight)
-        own = TF.linear(hidden, rows)
-        changed = (rows != weight.index_select(0, ids)).any(dim=1)
-        logits.index_copy_(-1, ids, torch.where(changed, own, logits.index_select(-1, ids)))
-        ctx.save_for_backward(hidden, weight, rows, ids)
-        return logits
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        hidden, weight, rows, ids = ctx.saved_tensors
-        grad_res = grad.index_select(-1, ids)
-        grad_hidden = grad_rows = None
-        if ctx.needs_input_grad[0]:
-            delta = (rows - weight.index_select(0, ids)).to(grad.dtype)
-            grad_hidden = (grad @ weight.to(grad.dtype) + grad_res @ delta).to(hidden.dtype)
-        if ctx.needs_input_grad[2]:
-            flat = grad_res.reshape(-1, grad_res.shape[-1])
-            grad_rows = (flat.t() @ hidden.reshape(-1, hidden.shape[-1]).to(grad.dtype)).to(rows.dtype)
-        return grad_hidden, None, grad_rows, None
 
 
 class ReservedLMHead(nn.Linear):
@@ -138,15 +104,8 @@ class ReservedLMHead(nn.Linear):
                                           ignore_index=ignore_index, softcap=softcap if softcap is not None else cap,
                                           reduction=reduction, num_items_in_batch=num_items_in_batch,
                                           tile_bytes=tile_bytes, return_stats=return_stats)
-        rows, ids = self.reserved_weight, self.reserved_ids
-        if ids.numel():
-            logits = _ReservedLogits.apply(hidden, self.weight, rows.to(self.weight.dtype), ids)
-        else:
-            logits = TF.linear(hidden, self.weight)
-        if self.final_logit_softcapping is not None:
-            cap = self.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return F.reserved_logits(hidden, self.weight, self.reserved_weight, self.reserved_ids,
+                                 softcap=self.final_logit_softcapping)
 
     @torch.no_grad()
     def init_reserved_(self, sources, *, targets: Tensor | Sequence[int] | None = None, exclude=None,

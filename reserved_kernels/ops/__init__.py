@@ -9,7 +9,7 @@
   ``out[k] = mean(row(src_ids[offsets[k]:offsets[k+1]]))``, (K, D) in float32 (float64 for a float64 table).
 * ``reserved_kernels::linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index,
   softcap, tile_bytes, compute_grad, stats)`` — each token's cross-entropy over the merged table's
-  (soft-capped) logits, never building them (see :mod:`reserved_kernels.reference.cross_entropy`), with
+  (soft-capped) logits, never building them (see :mod:`reserved_kernels.fused_loss`), with
   its entropy and whether the target is the top token (``stats``) and, when ``compute_grad``, each
   token's gradients, computed in the forward pass; differentiable in ``hidden`` and ``reserved_weight``.
 
@@ -43,6 +43,7 @@ from torch import Tensor
 
 from reserved_kernels import _backend
 from reserved_kernels import reference as _reference
+from reserved_kernels._table import acc_dtype, table_dtype
 
 NAMESPACE = "reserved_kernels"
 SCHEMAS = {
@@ -81,16 +82,6 @@ linear_cross_entropy = torch.ops.reserved_kernels.linear_cross_entropy.default
 
 # ------------------------------------------------------------------------------------------------ checks
 # The same checks, with the same messages, as csrc/common.h: shapes and dtypes only, never device memory.
-
-def table_dtype(weight: Tensor, weight_scaler: Tensor | None) -> torch.dtype:
-    """The dtype of the rows the forward pass produces: the table's, or the per-row scales' for an int8 table."""
-    return weight_scaler.dtype if weight_scaler is not None else weight.dtype
-
-
-def sum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype of sums over rows of ``dtype``: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _check_same_device(**tensors: Tensor | None) -> None:
     present = {k: t for k, t in tensors.items() if t is not None}
@@ -205,7 +196,7 @@ def _scatter_grad_fake(grad_out, ids, slot_map, num_slots, scale, out_dtype):
 @torch.library.register_fake("reserved_kernels::segment_mean", lib=_DEF)
 def _segment_mean_fake(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids):
     check_segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)
-    dtype = sum_dtype(table_dtype(weight, weight_scaler))
+    dtype = acc_dtype(table_dtype(weight, weight_scaler))
     return weight.new_empty((offsets.shape[0] - 1, weight.shape[1]), dtype=dtype)
 
 
@@ -214,7 +205,7 @@ def _linear_cross_entropy_fake(hidden, weight, reserved_weight, slot_map, target
                                compute_grad, stats):
     check_linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes,
                                compute_grad, stats)
-    n, acc = hidden.shape[0], sum_dtype(weight.dtype)
+    n, acc = hidden.shape[0], acc_dtype(weight.dtype)
     stat = n if stats else 0
     grad = n if compute_grad else 0
     return (hidden.new_empty(n, dtype=acc), hidden.new_empty(stat, dtype=acc), hidden.new_empty(stat, dtype=torch.bool),

@@ -15,6 +15,10 @@ import struct
 import torch
 from torch import Tensor
 
+from reserved_kernels import fused_loss
+from reserved_kernels._table import acc_dtype, dequantised, table_dtype
+from reserved_kernels.reference import cross_entropy
+
 
 @functools.lru_cache(maxsize=256)
 def rounded_scale(scale: float, dtype: torch.dtype) -> float:
@@ -30,10 +34,6 @@ def rounded_scale(scale: float, dtype: torch.dtype) -> float:
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round the low 16 bits to nearest even
         return struct.unpack("f", struct.pack("I", bits))[0]
     return single
-
-
-def _output_dtype(weight: Tensor, weight_scaler: Tensor | None) -> torch.dtype:
-    return weight_scaler.dtype if weight_scaler is not None else weight.dtype
 
 
 def check_id_values(ids: Tensor, slot_map: Tensor, num_slots: int, name: str = "ids") -> None:
@@ -58,11 +58,10 @@ def check_id_values(ids: Tensor, slot_map: Tensor, num_slots: int, name: str = "
 def gather_rows(ids: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor,
                 weight_scaler: Tensor | None) -> Tensor:
     """``row(ids[n])`` for flat ``ids``: the reserved row (rounded to the table dtype) or the (dequantised) base row."""
-    dtype = _output_dtype(weight, weight_scaler)
+    dtype = table_dtype(weight, weight_scaler)
     rows = weight.index_select(0, ids)
     if weight_scaler is not None:
-        # gemma_pytorch: ``weight * weight_scaler.unsqueeze(-1)``; int8 converts exactly to the float dtype.
-        rows = rows.to(dtype) * weight_scaler.index_select(0, ids).unsqueeze(-1)
+        rows = dequantised(rows, weight_scaler.index_select(0, ids))
     if reserved_weight.shape[0] == 0:
         return rows
     slot = slot_map.index_select(0, ids)
@@ -79,7 +78,7 @@ def gather(ids: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tenso
     """``out[n] = cast(scale * row(ids[n]))``, bit-identical to ``F.embedding(ids, merged) * tensor(scale, dtype)``."""
     check_id_values(ids, slot_map, reserved_weight.shape[0])
     return scaled_rows(ids, weight, reserved_weight, slot_map, weight_scaler,
-                       rounded_scale(scale, _output_dtype(weight, weight_scaler)))
+                       rounded_scale(scale, table_dtype(weight, weight_scaler)))
 
 
 def scaled_rows(ids: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor,
@@ -102,7 +101,7 @@ def scatter_grad(grad_out: Tensor, ids: Tensor, slot_map: Tensor, num_slots: int
     [0, V) and slots outside [0, K) are simply not hits: the backward does not re-validate.
     """
     dim = grad_out.shape[-1]
-    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(grad_out.dtype)
     grad = grad_out.reshape(-1, dim)
     flat = ids.reshape(-1).long()
     vocab = slot_map.shape[0]
@@ -140,7 +139,7 @@ def segment_mean(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, weig
     else:
         torch._assert_async((counts > 0).all() & (offsets[0] == 0), "every destination needs at least one source id")
     check_id_values(src_ids, slot_map, reserved_weight.shape[0], name="src_ids")
-    acc = torch.float64 if _output_dtype(weight, weight_scaler) == torch.float64 else torch.float32
+    acc = acc_dtype(table_dtype(weight, weight_scaler))
     rows = gather_rows(src_ids.long(), weight, reserved_weight, slot_map, weight_scaler).to(acc)
     segment = torch.repeat_interleave(torch.arange(num_segments, device=offsets.device), counts.clamp_min(0),
                                       output_size=src_ids.shape[0])
@@ -149,5 +148,5 @@ def segment_mean(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, weig
     return out / counts.clamp_min(1).unsqueeze(-1).to(acc)
 
 
-# The fused loss's reference: the same tiled algorithm every backend runs (the Triton one swaps in its tile step).
-from reserved_kernels.reference.cross_entropy import linear_cross_entropy  # noqa: E402, F401
+# The fused loss: the driver every backend shares, with the PyTorch tile step.
+linear_cross_entropy = functools.partial(fused_loss.linear_cross_entropy, tile_step=cross_entropy.lse_tile)

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from reserved_kernels import reference
+from reserved_kernels import fused_loss, reference
+from reserved_kernels._table import table_dtype
 from reserved_kernels.reference import cross_entropy as _ce
 from reserved_kernels.triton.kernels import (
     _count_kernel,
@@ -45,12 +46,8 @@ def _device_guard(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _table_type(weight: Tensor, weight_scaler: Tensor | None) -> torch.dtype:
-    return weight_scaler.dtype if weight_scaler is not None else weight.dtype
-
-
 def gather(ids, weight, reserved_weight, slot_map, weight_scaler, scale):
-    dtype = _table_type(weight, weight_scaler)
+    dtype = table_dtype(weight, weight_scaler)
     if dtype not in _TRITON_DTYPES:
         return reference.gather(ids, weight, reserved_weight, slot_map, weight_scaler, scale)
     ids = ids.contiguous()
@@ -109,7 +106,7 @@ def scatter_grad(grad_out, ids, slot_map, num_slots, scale, out_dtype):
 
 
 def segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids):
-    dtype = _table_type(weight, weight_scaler)
+    dtype = table_dtype(weight, weight_scaler)
     if dtype not in _TRITON_DTYPES:
         return reference.segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)
     num_segments, dim = offsets.shape[0] - 1, weight.shape[1]
@@ -149,7 +146,8 @@ def lse_tile(z, masked, target_col, softcap, m, s, a, zt, p_out, scratch=None):
 
 def linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes,
                          compute_grad, stats):
-    """The reference's tiled algorithm with the tile step as a Triton kernel (the GEMMs stay cuBLAS's)."""
-    return reference.linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap,
-                                          tile_bytes, compute_grad, stats, tile_step=lse_tile,
-                                          tile_step_needs_scratch=False)
+    """The shared driver (:mod:`reserved_kernels.fused_loss`) with the tile step as a Triton kernel (the GEMMs stay
+    cuBLAS's)."""
+    return fused_loss.linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap,
+                                           tile_bytes, compute_grad, stats, tile_step=lse_tile,
+                                           tile_step_needs_scratch=False)
