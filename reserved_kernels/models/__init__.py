@@ -4,7 +4,8 @@ Hugging Face Gemma 1/2/3, Llama 3 and Qwen2 (tied or untied heads, PEFT models a
 gemma_pytorch-layout models.
 """
 
-from reserved_kernels.models.gemma_pytorch import causal_lm_logits, causal_lm_loss, is_gemma_pytorch
+from reserved_kernels.models.gemma_pytorch import causal_lm_logits, causal_lm_loss
+from reserved_kernels.models.layout import is_gemma_pytorch
 from reserved_kernels.models.patch import (freeze_rows, load_reserved, merge, patch_model, save_pretrained,
                                           save_reserved)
 from reserved_kernels.models.perplexity import perplexity, perplexity_change

@@ -28,19 +28,20 @@ import types
 import torch.nn.functional as F
 from torch import nn
 
-RECORD = "_reserved_forward"
+from reserved_kernels.models.state import ForwardSwap, PatchState, patch_state
+
 _MARK = "_reserved_patched_forward"
 # Keyword arguments of the loss, not of the backbone.
 _LOSS_ONLY = ("num_items_in_batch", "shift_labels", "ignore_index", "logits_to_keep")
 
 
-def install(model: nn.Module, fused_loss: bool) -> None:
-    """Make :func:`patched_forward` ``model.forward`` (the previous instance forward, if any, is kept).
+def install(model: nn.Module, state: PatchState, fused_loss: bool) -> None:
+    """Make :func:`patched_forward` ``model.forward`` (the previous instance forward, if any, kept in ``state``).
 
     It shows the class forward's signature, as the model's own would: Trainer keeps only the dataset
     columns that signature names, and ``generate`` checks its keyword arguments against it.
     """
-    model.__dict__[RECORD] = dict(previous=model.__dict__.get("forward"), fused_loss=fused_loss)
+    state.forward = ForwardSwap(previous=model.__dict__.get("forward"), fused_loss=fused_loss)
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, **kwargs):
@@ -50,13 +51,13 @@ def install(model: nn.Module, fused_loss: bool) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def uninstall(model: nn.Module) -> None:
+def uninstall(model: nn.Module, state: PatchState) -> None:
     """Put back the forward :func:`install` replaced."""
-    record = model.__dict__.pop(RECORD, None)
-    if record is None:
+    swap, state.forward = state.forward, None
+    if swap is None:
         return
-    if record["previous"] is not None:
-        model.forward = record["previous"]
+    if swap.previous is not None:
+        model.forward = swap.previous
     else:
         model.__dict__.pop("forward", None)
 
@@ -83,15 +84,15 @@ def _parameter_names(cls: type) -> tuple[str, ...]:
 def patched_forward(self, *args, labels=None, return_logits: bool | None = None, fused_lm_head: bool = False,
                     **kwargs):
     """The patched model's forward (see the module docstring)."""
-    record = self.__dict__[RECORD]
+    swap = patch_state(self).forward
     if args:  # named, so that the backbone and the model's own forward both get them right
         kwargs.update(zip(_parameter_names(type(self)), args))
     labels = kwargs.pop("labels", labels)
     if fused_lm_head:
         return _token_statistics(self, labels, kwargs)
     want_logits = (not self.training) if return_logits is None else return_logits
-    if labels is None or want_logits or not record["fused_loss"]:
-        own = record["previous"] or functools.partial(type(self).forward, self)
+    if labels is None or want_logits or not swap.fused_loss:
+        own = swap.previous or functools.partial(type(self).forward, self)
         return own(labels=labels, **kwargs)
     shift_labels, num_items, ignore_index = (kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"),
                                              kwargs.get("ignore_index", -100))

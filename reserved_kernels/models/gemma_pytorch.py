@@ -23,24 +23,10 @@ from torch import Tensor, nn
 
 from reserved_kernels._table import dequantised
 from reserved_kernels.functional import reserved_logits
+from reserved_kernels.models.layout import embedder_name, is_gemma_pytorch
 
-EMBEDDER_NAMES = ("embedder", "text_token_embedder")
 # gemma_pytorch's additive mask value (its generate() fills masked positions with this).
 MASKED = -2.3819763e38
-
-
-def embedder_name(model: nn.Module) -> str | None:
-    """The attribute holding a gemma_pytorch-layout model's token table, or None for another layout."""
-    for name in EMBEDDER_NAMES:
-        if isinstance(getattr(getattr(model, name, None), "weight", None), Tensor):
-            return name
-    return None
-
-
-def is_gemma_pytorch(model: nn.Module) -> bool:
-    """A gemma_pytorch-layout causal LM: a token embedder, ``model.layers`` and a ``config``."""
-    return (embedder_name(model) is not None and hasattr(getattr(model, "model", None), "layers")
-            and hasattr(model, "config"))
 
 
 def _rotary_tables(model: nn.Module, positions: Tensor) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import warnings
 from collections.abc import Sequence
 
@@ -19,7 +18,9 @@ from torch import Tensor, nn
 from reserved_kernels._io import atomic_write_many
 from reserved_kernels._progress import announced
 from reserved_kernels.models import causal_lm
-from reserved_kernels.models.gemma_pytorch import embedder_name
+from reserved_kernels.models.layout import (base_model, has_peft_layers, input_embedding, output_head,
+                                           set_input_embedding)
+from reserved_kernels.models.state import PatchState, attach, patch_state
 from reserved_kernels.models.untrained import untrained_rows
 from reserved_kernels.modules.embedding import ReservedEmbedding
 from reserved_kernels.modules.lm_head import ReservedLMHead
@@ -36,45 +37,6 @@ FORWARD_REPLACED_MESSAGE = (
     "the patched model's forward was replaced after patch_model (TRL's SFTTrainer does so with its fused LM head, "
     "which reads lm_head.weight, the frozen table without the trained rows): create the trainer first, then "
     "patch_model(trainer.model, plan) — the patched forward serves TRL's fused_lm_head=True calls itself.")
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The model a PEFT wrapper holds (PeftModel -> LoraModel -> the transformers model), else ``model``."""
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        return model.get_base_model()
-    return model
-
-
-def _input_embedding(model: nn.Module) -> nn.Module:
-    base = _base_model(model)
-    if hasattr(base, "get_input_embeddings"):  # Hugging Face
-        return base.get_input_embeddings()
-    name = embedder_name(base)
-    if name is not None:  # gemma_pytorch: `embedder`, or `text_token_embedder` (Gemma 3 multimodal)
-        return getattr(base, name)
-    raise TypeError(f"{type(model).__name__} has neither get_input_embeddings() (Hugging Face) nor an "
-                    "`embedder` / `text_token_embedder` with a weight (gemma_pytorch)")
-
-
-def _set_input_embedding(model: nn.Module, module: nn.Module) -> None:
-    base = _base_model(model)
-    if hasattr(base, "set_input_embeddings"):
-        base.set_input_embeddings(module)
-    else:
-        setattr(base, embedder_name(base), module)
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    base = _base_model(model)
-    return base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-
-
-def _has_peft_layers(model: nn.Module) -> bool:
-    if "peft" not in sys.modules:
-        return False
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
 def _reserved_ids(reserved) -> tuple[list[int], ReservedPlan | None]:
@@ -127,19 +89,19 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
     reference = reserved.reserved_ids if isinstance(reserved, ReservedVocab) else (
         reserved.ids if isinstance(reserved, ReservedPlan) else None)
     ids, plan = _reserved_ids(reserved)
-    embedding = _input_embedding(model)
+    embedding = input_embedding(model)
     if isinstance(embedding, ReservedEmbedding):
         raise ValueError("the model is already patched; merge() it first")
     if hasattr(embedding, "original_module"):
         raise ValueError(f"the embedding is wrapped by PEFT's {type(embedding).__name__} (modules_to_save or "
                          "trainable tokens), a trainable V x D copy of the table: leave the embedding out of "
                          "modules_to_save / trainable_token_indices; patch_model trains and saves the rows itself")
-    base = _base_model(model)
+    base = base_model(model)
     peft = base is not model
     # Newer transformers keep the √D scale in the module (an fp32 buffer rounded to the table dtype in
     # forward); older ones and gemma_pytorch apply it in the model's forward.
     scale = float(embedding.embed_scale) if isinstance(getattr(embedding, "embed_scale", None), Tensor) else None
-    head = _output_head(model)
+    head = output_head(model)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     with announced(f"converting the embedding{'' if head is None else ' and the output head'} "
                    f"({len(ids)} trainable rows)"):
@@ -153,7 +115,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
     with announced(f"initialising {len(ids)} rows ({init})"):
         _initialise(new_embedding, new_head, init, plan, noise_std, generator, copy_from, exclude,
                     reference if exclude_untrained else False)
-    _set_input_embedding(model, new_embedding)
+    set_input_embedding(model, new_embedding)
     if new_head is not None:
         base.set_output_embeddings(new_head)
     if not (train_others or peft):
@@ -163,13 +125,12 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
         if module is not None:
             module.weight.requires_grad_(False)
             module.reserved_weight.requires_grad_(True)
+    state = PatchState(embedding=embedding, head=head, requires_grad=requires_grad,
+                       guard=base.register_forward_pre_hook(_training_guard),
+                       vocab=reserved if isinstance(reserved, ReservedVocab) else None)
+    attach(model, state)
     if isinstance(new_head, ReservedLMHead) and hasattr(base, "base_model_prefix") and hasattr(base, "config"):
-        causal_lm.install(base, fused_loss)  # a transformers model: its labels= path, and TRL's fused head
-    guard = base.register_forward_pre_hook(_training_guard)
-    # Kept outside the module tree (a plain dict), so state_dict and .parameters() do not see them.
-    new_embedding.__dict__["_patch_record"] = dict(embedding=embedding, head=head, requires_grad=requires_grad,
-                                                   guard=guard, rows_frozen_on_purpose=False,
-                                                   vocab=reserved if isinstance(reserved, ReservedVocab) else None)
+        causal_lm.install(base, state, fused_loss)  # a transformers model: its labels= path, and TRL's fused head
     return model
 
 
@@ -178,20 +139,22 @@ def _training_guard(module: nn.Module, args) -> None:
     last; a patched forward no longer reached means something replaced it (TRL's fused head)."""
     if not (module.training and torch.is_grad_enabled()):
         return
-    if causal_lm.RECORD in module.__dict__ and not causal_lm.is_reached(module):
+    state = patch_state(module)
+    if state is None:
+        return
+    if state.forward is not None and not causal_lm.is_reached(module):
         raise RuntimeError(FORWARD_REPLACED_MESSAGE)
-    embedding = _input_embedding(module)
-    if (isinstance(embedding, ReservedEmbedding) and not embedding.reserved_weight.requires_grad
-            and not embedding.__dict__["_patch_record"]["rows_frozen_on_purpose"] and _has_peft_layers(module)):
+    embedding = input_embedding(module)
+    if not (embedding.reserved_weight.requires_grad or state.rows_frozen_on_purpose) and has_peft_layers(module):
         raise RuntimeError(PEFT_ORDER_MESSAGE)
 
 
 def freeze_rows(model: nn.Module) -> nn.Module:
     """Freeze a patched model's reserved rows on purpose (e.g. to train only a PEFT adapter next)."""
     embedding = _patched_embedding(model)
-    embedding.__dict__["_patch_record"]["rows_frozen_on_purpose"] = True
+    patch_state(model).rows_frozen_on_purpose = True
     embedding.reserved_weight.requires_grad_(False)
-    head = _output_head(model)
+    head = output_head(model)
     if isinstance(head, ReservedLMHead):
         head.reserved_weight.requires_grad_(False)
     return model
@@ -245,7 +208,7 @@ def _initialise(embedding: ReservedEmbedding, head: ReservedLMHead | None, init,
 
 
 def _patched_embedding(model: nn.Module) -> ReservedEmbedding:
-    embedding = _input_embedding(model)
+    embedding = input_embedding(model)
     if not isinstance(embedding, ReservedEmbedding):
         raise ValueError("the model is not patched (its input embedding is not a ReservedEmbedding)")
     return embedding
@@ -261,19 +224,19 @@ def merge(model: nn.Module) -> nn.Module:
     ``requires_grad`` is restored to what it was before :func:`patch_model`.
     """
     embedding = _patched_embedding(model)
-    record = embedding.__dict__["_patch_record"]
-    head = _output_head(model)
+    state = patch_state(model)
+    head = output_head(model)
     embedding.merge_()  # in place, into the Parameter the original module still holds
-    original = record["embedding"]
-    _set_input_embedding(model, original)
+    set_input_embedding(model, state.embedding)
     if isinstance(head, ReservedLMHead):
         if head.tied is None:
             head.merge_()
-        _base_model(model).set_output_embeddings(record["head"])
-    record["guard"].remove()
-    causal_lm.uninstall(_base_model(model))
+        base_model(model).set_output_embeddings(state.head)
+    state.guard.remove()
+    causal_lm.uninstall(base_model(model), state)
+    attach(model, None)
     for name, p in model.named_parameters():
-        p.requires_grad_(record["requires_grad"].get(name, p.requires_grad))
+        p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
     return model
 
 
@@ -289,7 +252,7 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, vocab: Reserved
     the :class:`ReservedVocab` the model was patched with; a model patched with bare ids or a plan needs it.
     """
     embedding = _patched_embedding(model)
-    vocab = vocab if vocab is not None else embedding.__dict__["_patch_record"]["vocab"]
+    vocab = vocab if vocab is not None else patch_state(model).vocab
     if not isinstance(vocab, ReservedVocab):
         raise ValueError("save_pretrained needs the ReservedVocab whose tokenizer to write: the model was patched "
                          "with ids or a plan, so pass vocab=")
@@ -309,7 +272,7 @@ def save_reserved(model: nn.Module, path: str | os.PathLike, plan: ReservedPlan 
     from the file exactly; the logits after :func:`load_reserved` are those of the saved model.
     """
     embedding = _patched_embedding(model)
-    head = _output_head(model)
+    head = output_head(model)
     untied = isinstance(head, ReservedLMHead) and head.tied is None
     if isinstance(plan, ReservedVocab):
         plan = plan.plan
@@ -342,10 +305,10 @@ def _rows_from_checkpoint(folder: str, embedding_name: str, head_name: str | Non
 
 def _read_rows(path: str, model: nn.Module) -> dict:
     if os.path.isdir(path):
-        base = _base_model(model)
+        base = base_model(model)
         names = {id(m): n for n, m in base.named_modules()}
-        head = _output_head(model)
-        return _rows_from_checkpoint(path, names[id(_input_embedding(model))],
+        head = output_head(model)
+        return _rows_from_checkpoint(path, names[id(input_embedding(model))],
                                      names.get(id(head)) if head is not None else None)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format_version") != ARTIFACT_FORMAT_VERSION:
@@ -364,7 +327,7 @@ def load_reserved(model: nn.Module, path: str | os.PathLike, **patch_kwargs) -> 
     """
     path = os.fspath(path)
     state = _read_rows(path, model)
-    embedding = _input_embedding(model)
+    embedding = input_embedding(model)
     ids, rows = state["reserved_ids"], state["reserved_weight"]
     if "num_embeddings" in state:
         shape = (embedding.weight.shape[0], embedding.weight.shape[1])
@@ -380,7 +343,7 @@ def load_reserved(model: nn.Module, path: str | os.PathLike, **patch_kwargs) -> 
         patch_model(model, ids.tolist(), reserved_dtype=rows.dtype, **patch_kwargs)
         embedding = _patched_embedding(model)
     embedding.reserved_weight.copy_(rows)
-    head = _output_head(model)
+    head = output_head(model)
     if state["head_reserved_weight"] is not None and isinstance(head, ReservedLMHead) and head.tied is None:
         head.reserved_weight.copy_(state["head_reserved_weight"])
     return ReservedPlan.from_json(state["plan"])[0] if state["plan"] is not None else None

@@ -16,9 +16,9 @@ def _summed_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
     (B, T, V) logits. An unpatched Hugging Face model computes its own (``num_items_in_batch=1`` turns its
     mean into the sum); a gemma_pytorch-layout model goes through ``causal_lm_loss``.
     """
-    from reserved_kernels.models.causal_lm import RECORD
-    from reserved_kernels.models.gemma_pytorch import causal_lm_loss, is_gemma_pytorch
-    from reserved_kernels.models.patch import _base_model
+    from reserved_kernels.models.gemma_pytorch import causal_lm_loss
+    from reserved_kernels.models.layout import is_gemma_pytorch
+    from reserved_kernels.models.state import patch_state
 
     if is_gemma_pytorch(model):  # its own forward samples one token; score every position instead
         if labels is not None:
@@ -26,7 +26,8 @@ def _summed_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
         return causal_lm_loss(model, input_ids, attention_mask, reduction="sum")
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
-    fused = {"return_logits": False} if RECORD in _base_model(model).__dict__ else {}
+    state = patch_state(model)
+    fused = {"return_logits": False} if state is not None and state.forward is not None else {}
     return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=1,
                  **fused).loss
 
