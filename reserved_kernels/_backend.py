@@ -30,7 +30,7 @@ class BackendUnavailableError(RuntimeError):
 
 
 @functools.cache
-def cuda_extension_status() -> tuple[bool, str]:
+def extension_status() -> tuple[bool, str]:
     """Load ``reserved_kernels._C`` (kernels registered with TORCH_LIBRARY_IMPL); never raise."""
     import torch
 
@@ -72,7 +72,7 @@ def extension_kernels() -> frozenset[tuple[str, str]]:
     """
     import torch
 
-    if not cuda_extension_status()[0]:
+    if not extension_status()[0]:
         return frozenset()
     prefix = "reserved_kernels::"
     return frozenset((name.removeprefix(prefix), key) for key in ("CPU", "CUDA", "Autograd")
@@ -80,7 +80,7 @@ def extension_kernels() -> frozenset[tuple[str, str]]:
                      if name.startswith(prefix))
 
 
-def extension_serves(device_type: str) -> bool:
+def extension_has_kernels_for(device_type: str) -> bool:
     """Whether the compiled extension registered kernels for ``device_type`` ("cpu" or "cuda") tensors."""
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
     return any(k == key for _, k in extension_kernels())
@@ -100,10 +100,10 @@ def availability(backend: str, device_type: str) -> tuple[bool, str]:
             return True, why + " (interpreter)"
         return False, f"Triton runs on CUDA tensors, or on CPU tensors only with TRITON_INTERPRET=1 (got {device_type})"
     if backend == "compiled":
-        ok, why = cuda_extension_status()
+        ok, why = extension_status()
         if not ok:
             return False, why
-        if not extension_serves(device_type):
+        if not extension_has_kernels_for(device_type):
             return False, f"the compiled extension has no {device_type} kernels (built without a CUDA toolkit?)"
         return True, f"compiled extension ({why})"
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")

@@ -37,7 +37,7 @@ def info() -> str:
         f"{_backend.ENV_VAR}={os.environ.get(_backend.ENV_VAR) or '(unset: automatic)'}",
         "backends (* serves the device):",
     ]
-    ext_ok, ext_why = _backend.cuda_extension_status()
+    ext_ok, ext_why = _backend.extension_status()
     lines.append(f"  compiled extension built: {'yes, ' + ext_why if ext_ok else 'no: ' + ext_why}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:

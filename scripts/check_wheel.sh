@@ -20,7 +20,7 @@ import reserved_kernels
 from reserved_kernels import _backend
 
 assert "site-packages" in reserved_kernels.__file__, reserved_kernels.__file__
-built, why = _backend.cuda_extension_status()
+built, why = _backend.extension_status()
 print(f"wheel: {reserved_kernels.__file__}; CUDA extension built: {built} ({why})")
 if sys.argv[1] == "1" and not built:
     sys.exit("the wheel was built with the CUDA extension but it does not load")

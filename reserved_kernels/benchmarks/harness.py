@@ -33,7 +33,7 @@ def environment() -> dict:
                python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                triton=triton_version, reserved_kernels=reserved_kernels.__version__, commit=commit,
                cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-               cuda_extension=_backend.cuda_extension_status()[0])
+               cuda_extension=_backend.extension_status()[0])
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
         try:

@@ -18,7 +18,6 @@ an ``attn_type`` (an enum with ``GLOBAL`` / ``LOCAL_SLIDING`` members) and ``mod
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reserved_kernels._table import dequantised

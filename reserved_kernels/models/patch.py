@@ -251,7 +251,7 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, vocab: Reserved
     token and ``AutoModelForCausalLM.from_pretrained(folder)`` gives the trained rows. ``vocab`` defaults to
     the :class:`ReservedVocab` the model was patched with; a model patched with bare ids or a plan needs it.
     """
-    embedding = _patched_embedding(model)
+    _patched_embedding(model)  # raises unless the model is patched
     vocab = vocab if vocab is not None else patch_state(model).vocab
     if not isinstance(vocab, ReservedVocab):
         raise ValueError("save_pretrained needs the ReservedVocab whose tokenizer to write: the model was patched "
