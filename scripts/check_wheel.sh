@@ -3,6 +3,7 @@
 # environment, and check that it imports and reports the extension as built. CI runs this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/venv.sh  # the build needs torch: the project's environment (scripts/test.sh installed it)
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 build_cuda=0
