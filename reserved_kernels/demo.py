@@ -12,7 +12,11 @@ Two stories, one procedure:
   learns domain terms of Python's documentation (``pydoc_data``, which ships with Python) — ``[kwarg]``
   for "keyword argument", ``[posarg]`` for "positional argument", ``[builtin]`` for "built-in function",
   ``[codeblock]`` for "code block" — from sentences of that documentation where each term replaces its
-  phrase; every position is a target.
+  phrase; every position is a target. Each term is planned bare and after a space (two slots).
+
+The stories (terms, defaults, text) are :mod:`reserved_kernels.stories`; the training loop and its measures
+:mod:`reserved_kernels.demo_training`; the closing table and the plot :mod:`reserved_kernels.demo_report`.
+This module loads the model, runs the procedure and returns its summary (the command line exits on it).
 
 The procedure:
 
@@ -23,8 +27,8 @@ The procedure:
 3. train only the new rows (AdamW, a small learning rate), every initialisation on the small model, ours
    on a real one (``--train-all`` trains each there too);
 4. check the held-out perplexity of ordinary text (±1%), that every frozen parameter is bit-identical, what
-   gradients and optimizer state cost against the dense recipe, and show a greedy continuation of a
-   prompt that uses a term, before and after training.
+   gradients and optimizer state cost against the dense recipe, and (on the real model) show a greedy
+   continuation of a prompt that uses a term, before and after training.
 
 Every loss goes through the fused linear cross-entropy: no (B, T, V) logits, in evaluation or training.
 """
@@ -42,10 +46,13 @@ from collections.abc import Callable
 
 import torch
 
+from reserved_kernels.demo_report import closing_lines, write_plot
+from reserved_kernels.demo_training import (continuation, dense_recipe_state_bytes, initialised, mean_loss,
+                                            state_bytes, train_rows)
 from reserved_kernels.stories import (INIT_LABELS, INITS, PYDOC, REGISTERS, Story, pydoc_lines, register_lines,
                                       story_named)
 
-BASE_TOLERANCE = 0.01
+
 def default_model_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo_gemma")
 
@@ -79,140 +86,6 @@ def story_data(story: Story, encode_terms, encode_plain, rng: random.Random, **s
         for key in ("train", "heldout"):
             data[key][1][:, 1] = -100
     return data
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-
-def mean_loss(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, batch: int = 16) -> float:
-    """Mean next-token negative log-likelihood over every target of (ids, labels), through the loss path
-    (a patched model's fused loss: no (B, T, V) logits), in batches of lines of similar length."""
-    from reserved_kernels.models import perplexity
-
-    order = mask.sum(1).argsort()
-    chunks = []
-    for i in range(0, ids.shape[0], batch):
-        rows = order[i:i + batch]
-        width = int(mask[rows].sum(1).max())
-        chunks.append(dict(input_ids=ids[rows, :width], labels=labels[rows, :width], attention_mask=mask[rows, :width]))
-    return math.log(perplexity(model, chunks))
-
-
-def _state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held by every parameter gradient and every optimizer-state tensor."""
-    tensors = [p.grad for p in model.parameters()]
-    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-def _dense_recipe_state_bytes(model: torch.nn.Module, reserved_ids: list[int], ids, labels, mask) -> int:
-    """One step of the usual recipe on ``model``: the whole table trainable, a hook zeroing other rows, AdamW."""
-    from reserved_kernels.recipes import keep_gradient_rows
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    weight = model.get_input_embeddings().weight
-    keep_gradient_rows(weight, reserved_ids)
-    optimizer = torch.optim.AdamW([weight], lr=1e-3, weight_decay=0.01)
-    model.train()
-    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-    optimizer.step()
-    return _state_bytes(model, optimizer)
-
-
-# ------------------------------------------------------------------------------------------------ training
-
-def _sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model``'s modules that shares every parameter and buffer with it (no memory): patching the
-    copy swaps only the copy's modules, and only its new rows train — the base model is left as it is."""
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return copy.deepcopy(model, memo)
-
-
-def initialised(base_model, vocab, init: str, seed: int) -> torch.nn.Module:
-    """A patched copy of ``base_model`` whose new rows start as ``init`` says (see :data:`INIT_LABELS`)."""
-    from reserved_kernels.models import patch_model
-
-    model = _sharing_copy(base_model)
-    if init in ("description", "mean"):
-        return patch_model(model, vocab, init=init)
-    patch_model(model, vocab)  # untouched: the reserved rows as the checkpoint has them
-    if init == "random":
-        embedding = model.get_input_embeddings()
-        std = embedding.weight.float().std().item()  # a normal row at the table's own scale
-        noise = torch.randn(embedding.reserved_weight.shape, generator=torch.Generator().manual_seed(seed)) * std
-        with torch.no_grad():
-            embedding.reserved_weight.copy_(noise.to(embedding.reserved_weight))
-    return model
-
-
-def train_rows(model, data: dict, *, steps: int, lr: float, seed: int, batch: int, evals: int = 6,
-               log: Callable[[str], None] = print) -> dict:
-    """Train ``model``'s trainable parameters (its new rows) on ``data["train"]``; the held-out curve."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    train_ids, train_labels, train_mask = data["train"]
-    generator = torch.Generator().manual_seed(seed)
-    curve = [(0, mean_loss(model, *data["heldout"]))]
-    every = max(1, steps // evals)
-    start = time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
-        rows = torch.randint(0, train_ids.shape[0], (batch,), generator=generator).to(train_ids.device)
-        width = int(train_mask[rows].sum(1).max())
-        loss = model(input_ids=train_ids[rows, :width], attention_mask=train_mask[rows, :width],
-                     labels=train_labels[rows, :width]).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % every == 0 or step == steps:
-            curve.append((step, mean_loss(model, *data["heldout"])))
-            log(f"    step {step}/{steps}: batch loss {loss.item():.3f}, held-out term loss {curve[-1][1]:.3f} "
-                f"({(time.perf_counter() - start) / step:.2g} s per step with evaluations)")
-    return dict(model=model, optimizer=optimizer, curve=curve)
-
-
-def train_init(base_model, vocab, init: str, data: dict, *, steps: int, lr: float, seed: int, batch: int = 16,
-               evals: int = 10, log=print) -> dict:
-    """:func:`initialised`, then :func:`train_rows`."""
-    model = initialised(base_model, vocab, init, seed)
-    return train_rows(model, data, steps=steps, lr=lr, seed=seed, batch=batch, evals=evals, log=log)
-
-
-@torch.no_grad()
-def continuation(model, encode, decode, prompt: str, bos: int, tokens: int = 16) -> str:
-    """The greedy continuation of ``prompt`` (encoded with the renamed tokenizer, so its terms are single tokens)."""
-    ids = torch.tensor([[bos] + encode(prompt)], device=next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
-                         pad_token_id=model.config.pad_token_id)
-    model.train(was_training)
-    return decode(out[0, ids.shape[1]:].tolist())
-
-
-def _plot(curves: dict, story: Story, path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for init, curve in curves.items():
-        steps, losses = zip(*curve)
-        ax.plot(steps, losses, marker="o", markersize=3, label=INIT_LABELS[init])
-    rows = len(story.terms) * (2 if story.spaced else 1)
-    ax.set_xlabel(f"training step (only the {rows} new rows train)")
-    ax.set_ylabel("held-out loss on text with the new tokens")
-    ax.set_title(story.title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -327,41 +200,23 @@ def run(args: argparse.Namespace) -> dict:
     moved = [name for name, p in trained.named_parameters()
              if not name.endswith("reserved_weight") and not torch.equal(p, snapshot[name])]
     moved += [name for name, p in model.named_parameters() if not torch.equal(p, snapshot[name])]
-    state = _state_bytes(trained, ours["optimizer"])
+    state = state_bytes(trained, ours["optimizer"])
     rows_total, dim = embedding.weight.shape
     if args.model:  # a real checkpoint: computed, not measured on a second copy of it
         dense = rows_total * dim * 4 * 3
         dense_how = "computed: V x D fp32 gradient + 2 AdamW moments"
     else:
-        dense = _dense_recipe_state_bytes(copy.deepcopy(model), plan.ids, *(t[:16] for t in data["train"]))
+        dense = dense_recipe_state_bytes(copy.deepcopy(model), plan.ids, *(t[:16] for t in data["train"]))
         dense_how = "measured after one step of the whole table trainable with a gradient hook"
 
     term_before, term_after = math.exp(ours["curve"][0][1]), math.exp(ours["curve"][-1][1])
-    log("")
-    log(f"{'initialisation':28s} {'term loss at step 0':>20s} {'after':>8s}   perplexity")
-    for init, r in results.items():
-        l0, l1 = r["curve"][0][1], r["curve"][-1][1]
-        trained_here = len(r["curve"]) > 1
-        log(f"{INIT_LABELS[init]:28s} {l0:20.3f} " + (f"{l1:8.3f}   {math.exp(l0):6.2f} -> {math.exp(l1):5.2f} "
-                                                       f"({100 * (math.exp(l1 - l0) - 1):+.0f}%)" if trained_here
-                                                       else f"{'':8s}   {math.exp(l0):6.2f}"))
-    change = base_after / base_before - 1
-    log(f"ordinary-text perplexity (no new terms): {base_before:.4f} before, {base_after:.4f} after "
-        f"({100 * change:+.2f}%; {'within' if abs(change) <= BASE_TOLERANCE else 'OUTSIDE'} ±1%)")
-    if story.prompt is not None:
-        log(f"greedy continuation of {story.prompt!r}:")
-        if "random" in texts:
-            log(f"  a random normal row, untrained:    {texts['random']!r}")
-        log(f"  the description mean, untrained:  {texts['description']!r}")
-        log(f"  the description mean, {steps} steps: {texts['trained']!r}")
-    log(f"frozen parameters bit-identical: {not moved}" + (f" (moved: {moved})" if moved else ""))
-    log(f"gradients + AdamW state: {state:,} bytes; dense recipe {dense:,} bytes ({dense_how}): "
-        f"{dense / state:,.0f}x more")
+    for line in closing_lines(results, base_before, base_after, story, steps, texts, moved, state, dense, dense_how):
+        log(line)
 
     from reserved_kernels.models import save_reserved
 
     plot = args.plot or os.path.join(args.out, "loss_curves.png")
-    log(f"plot: {plot}" if _plot({k: r["curve"] for k, r in results.items()}, story, plot)
+    log(f"plot: {plot}" if write_plot({k: r["curve"] for k, r in results.items()}, story, plot)
         else "plot: none (matplotlib is not installed: pip install matplotlib)")
     vocab.save(args.out)
     save_reserved(trained, os.path.join(args.out, "reserved_rows.pt"), plan=vocab)

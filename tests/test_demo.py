@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the demo needs transformers")
 
-from reserved_kernels import demo  # noqa: E402
+from reserved_kernels import demo, demo_training  # noqa: E402
 from reserved_kernels.cli import add_demo_arguments  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,15 +35,15 @@ def test_demo_training_shows_every_claim(seed):
     args = _args(seed)
     model, vocab, plan, data, story = demo.prepare(args, log=lambda line: None)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-    base_before = math.exp(demo.mean_loss(model, *data["ordinary"]))
-    start = {init: demo.train_init(model, vocab, init, data, steps=0, lr=story.lr, seed=seed)["curve"][0][1]
+    base_before = math.exp(demo_training.mean_loss(model, *data["ordinary"]))
+    start = {init: demo_training.train_init(model, vocab, init, data, steps=0, lr=story.lr, seed=seed)["curve"][0][1]
              for init in ("mean", "random", "untouched")}
-    ours = demo.train_init(model, vocab, "description", data, steps=story.steps, lr=story.lr, seed=seed,
+    ours = demo_training.train_init(model, vocab, "description", data, steps=story.steps, lr=story.lr, seed=seed,
                            log=lambda line: None)
     (_, before), (_, after) = ours["curve"][0], ours["curve"][-1]
     assert before < start["random"] and before < start["mean"], (before, start)
     assert math.exp(after) <= 0.7 * math.exp(before), (before, after)
-    base_after = math.exp(demo.mean_loss(ours["model"], *data["ordinary"]))
+    base_after = math.exp(demo_training.mean_loss(ours["model"], *data["ordinary"]))
     assert abs(base_after / base_before - 1) <= 0.01, (base_before, base_after)
     for name, p in ours["model"].named_parameters():
         if not name.endswith("reserved_weight"):

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not OK, reason=WHY or "")
 if OK:
     import transformers
 
-    from reserved_kernels import demo
+    from reserved_kernels import demo, demo_training
     from reserved_kernels.models import merge, patch_model, perplexity, untrained_rows
     from reserved_kernels.stories import pydoc_sentences, pydoc_text
     from reserved_kernels.vocab import PlanError, ReservedVocab
@@ -106,13 +106,13 @@ def test_a_term_from_its_description_starts_ahead_trains_and_leaves_english_alon
     """The description mean starts below a random row's held-out loss; a few steps at the story's small learning
     rate lower it further; ordinary-text perplexity stays within ±1%; frozen parameters stay bit-identical."""
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
-    base_before = math.exp(demo.mean_loss(model, *text["ordinary"]))
-    random_start = demo.mean_loss(demo.initialised(model, vocab, "random", 0), *text["heldout"])
-    ours = demo.train_init(model, vocab, "description", text, steps=4, lr=demo.PYDOC.lr, seed=0, batch=6, evals=1,
+    base_before = math.exp(demo_training.mean_loss(model, *text["ordinary"]))
+    random_start = demo_training.mean_loss(demo_training.initialised(model, vocab, "random", 0), *text["heldout"])
+    ours = demo_training.train_init(model, vocab, "description", text, steps=4, lr=demo.PYDOC.lr, seed=0, batch=6, evals=1,
                            log=lambda line: None)
     (_, start), (_, end) = ours["curve"][0], ours["curve"][-1]
     assert start < random_start and end < start, (start, end, random_start)
-    base_after = math.exp(demo.mean_loss(ours["model"], *text["ordinary"]))
+    base_after = math.exp(demo_training.mean_loss(ours["model"], *text["ordinary"]))
     assert abs(base_after / base_before - 1) <= 0.01, (base_before, base_after)
     for name, p in ours["model"].named_parameters():
         if not name.endswith("reserved_weight"):
@@ -121,7 +121,7 @@ def test_a_term_from_its_description_starts_ahead_trains_and_leaves_english_alon
 
 def test_the_fused_loss_is_the_real_models_own_loss(model, vocab, text):
     ids, labels, mask = (t[:4] for t in text["heldout"])
-    patched = patch_model(demo._sharing_copy(model), vocab, init="description")
+    patched = patch_model(demo_training.sharing_copy(model), vocab, init="description")
     with torch.no_grad():
         own = patched(input_ids=ids, attention_mask=mask, labels=labels).loss  # evaluation: logits, then the loss
         fused = patched(input_ids=ids, attention_mask=mask, labels=labels, return_logits=False).loss

@@ -1,0 +1,61 @@
+"""The main job's report: the closing table and the loss-curve plot."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from reserved_kernels.stories import INIT_LABELS, Story
+
+BASE_TOLERANCE = 0.01  # ordinary-text perplexity may move by at most 1%
+
+
+def closing_lines(results: dict, base_before: float, base_after: float, story: Story, steps: int, texts: dict,
+                  moved: list[str], state: int, dense: int, dense_how: str) -> list[str]:
+    """The table of initialisations, the ordinary-text check, the continuations, the frozen check, the state."""
+    lines = ["", f"{'initialisation':28s} {'term loss at step 0':>20s} {'after':>8s}   perplexity"]
+    for init, r in results.items():
+        l0, l1 = r["curve"][0][1], r["curve"][-1][1]
+        trained_here = len(r["curve"]) > 1
+        lines.append(f"{INIT_LABELS[init]:28s} {l0:20.3f} " + (
+            f"{l1:8.3f}   {math.exp(l0):6.2f} -> {math.exp(l1):5.2f} ({100 * (math.exp(l1 - l0) - 1):+.0f}%)"
+            if trained_here else f"{'':8s}   {math.exp(l0):6.2f}"))
+    change = base_after / base_before - 1
+    lines.append(f"ordinary-text perplexity (no new terms): {base_before:.4f} before, {base_after:.4f} after "
+                 f"({100 * change:+.2f}%; {'within' if abs(change) <= BASE_TOLERANCE else 'OUTSIDE'} ±1%)")
+    if story.prompt is not None:
+        lines.append(f"greedy continuation of {story.prompt!r}:")
+        if "random" in texts:
+            lines.append(f"  a random normal row, untrained:    {texts['random']!r}")
+        lines.append(f"  the description mean, untrained:  {texts['description']!r}")
+        lines.append(f"  the description mean, {steps} steps: {texts['trained']!r}")
+    lines.append(f"frozen parameters bit-identical: {not moved}" + (f" (moved: {moved})" if moved else ""))
+    lines.append(f"gradients + AdamW state: {state:,} bytes; dense recipe {dense:,} bytes ({dense_how}): "
+                 f"{dense / state:,.0f}x more")
+    return lines
+
+
+def write_plot(curves: dict, story: Story, path: str) -> bool:
+    """The held-out loss curve of each initialisation, as a PNG at ``path``; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for init, curve in curves.items():
+        steps, losses = zip(*curve)
+        ax.plot(steps, losses, marker="o", markersize=3, label=INIT_LABELS[init])
+    rows = len(story.terms) * (2 if story.spaced else 1)
+    ax.set_xlabel(f"training step (only the {rows} new rows train)")
+    ax.set_ylabel("held-out loss on text with the new tokens")
+    ax.set_title(story.title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

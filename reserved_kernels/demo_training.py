@@ -1,0 +1,114 @@
+"""The main job's training loop and its measures: initialise new rows, train only them, measure held-out loss."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+def mean_loss(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, batch: int = 16) -> float:
+    """Mean next-token negative log-likelihood over every target of (ids, labels), through the loss path
+    (a patched model's fused loss: no (B, T, V) logits), in batches of lines of similar length."""
+    from reserved_kernels.models import perplexity
+
+    order = mask.sum(1).argsort()
+    chunks = []
+    for i in range(0, ids.shape[0], batch):
+        rows = order[i:i + batch]
+        width = int(mask[rows].sum(1).max())
+        chunks.append(dict(input_ids=ids[rows, :width], labels=labels[rows, :width], attention_mask=mask[rows, :width]))
+    return math.log(perplexity(model, chunks))
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by every parameter gradient and every optimizer-state tensor."""
+    tensors = [p.grad for p in model.parameters()]
+    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def dense_recipe_state_bytes(model: torch.nn.Module, reserved_ids: list[int], ids, labels, mask) -> int:
+    """One step of the usual recipe on ``model``: the whole table trainable, a hook zeroing other rows, AdamW."""
+    from reserved_kernels.recipes import keep_gradient_rows
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weight = model.get_input_embeddings().weight
+    keep_gradient_rows(weight, reserved_ids)
+    optimizer = torch.optim.AdamW([weight], lr=1e-3, weight_decay=0.01)
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    optimizer.step()
+    return state_bytes(model, optimizer)
+
+
+def sharing_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s modules that shares every parameter and buffer with it (no memory): patching the
+    copy swaps only the copy's modules, and only its new rows train — the base model is left as it is."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def initialised(base_model, vocab, init: str, seed: int) -> torch.nn.Module:
+    """A patched copy of ``base_model`` whose new rows start as ``init`` says (see :data:`INIT_LABELS`)."""
+    from reserved_kernels.models import patch_model
+
+    model = sharing_copy(base_model)
+    if init in ("description", "mean"):
+        return patch_model(model, vocab, init=init)
+    patch_model(model, vocab)  # untouched: the reserved rows as the checkpoint has them
+    if init == "random":
+        embedding = model.get_input_embeddings()
+        std = embedding.weight.float().std().item()  # a normal row at the table's own scale
+        noise = torch.randn(embedding.reserved_weight.shape, generator=torch.Generator().manual_seed(seed)) * std
+        with torch.no_grad():
+            embedding.reserved_weight.copy_(noise.to(embedding.reserved_weight))
+    return model
+
+
+def train_rows(model, data: dict, *, steps: int, lr: float, seed: int, batch: int, evals: int = 6,
+               log: Callable[[str], None] = print) -> dict:
+    """Train ``model``'s trainable parameters (its new rows) on ``data["train"]``; the held-out curve."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    train_ids, train_labels, train_mask = data["train"]
+    generator = torch.Generator().manual_seed(seed)
+    curve = [(0, mean_loss(model, *data["heldout"]))]
+    every = max(1, steps // evals)
+    start = time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        rows = torch.randint(0, train_ids.shape[0], (batch,), generator=generator).to(train_ids.device)
+        width = int(train_mask[rows].sum(1).max())
+        loss = model(input_ids=train_ids[rows, :width], attention_mask=train_mask[rows, :width],
+                     labels=train_labels[rows, :width]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % every == 0 or step == steps:
+            curve.append((step, mean_loss(model, *data["heldout"])))
+            log(f"    step {step}/{steps}: batch loss {loss.item():.3f}, held-out term loss {curve[-1][1]:.3f} "
+                f"({(time.perf_counter() - start) / step:.2g} s per step with evaluations)")
+    return dict(model=model, optimizer=optimizer, curve=curve)
+
+
+def train_init(base_model, vocab, init: str, data: dict, *, steps: int, lr: float, seed: int, batch: int = 16,
+               evals: int = 10, log=print) -> dict:
+    """:func:`initialised`, then :func:`train_rows`."""
+    model = initialised(base_model, vocab, init, seed)
+    return train_rows(model, data, steps=steps, lr=lr, seed=seed, batch=batch, evals=evals, log=log)
+
+
+@torch.no_grad()
+def continuation(model, encode, decode, prompt: str, bos: int, tokens: int = 16) -> str:
+    """The greedy continuation of ``prompt`` (encoded with the renamed tokenizer, so its terms are single tokens)."""
+    ids = torch.tensor([[bos] + encode(prompt)], device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False,
+                         pad_token_id=model.config.pad_token_id)
+    model.train(was_training)
+    return decode(out[0, ids.shape[1]:].tolist())
