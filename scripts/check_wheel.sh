@@ -22,9 +22,9 @@ from reserved_kernels import _backend
 
 assert "site-packages" in reserved_kernels.__file__, reserved_kernels.__file__
 built, why = _backend.extension_status()
-print(f"wheel: {reserved_kernels.__file__}; CUDA extension built: {built} ({why})")
+print(f"wheel: {reserved_kernels.__file__}; compiled extension built: {built} ({why})")
 if sys.argv[1] == "1" and not built:
-    sys.exit("the wheel was built with the CUDA extension but it does not load")
+    sys.exit("the wheel was built with the CUDA kernels but its extension does not load")
 emb = reserved_kernels.ReservedEmbedding(10, 4, reserved_ids=[1, 2])
 import os
 

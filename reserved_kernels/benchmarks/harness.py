@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -103,6 +104,32 @@ def run_measured(cmd: list[str], device_type: str, memory_runs: int = 3) -> dict
             for _ in range(memory_runs)]
     timed = _child_json(cmd + ["--measure=time"], dict(os.environ))
     return {**timed, "extra_bytes": int(statistics.median(runs)), "extra_bytes_runs": runs}
+
+
+def child_command(module: str, config: dict, keys, **fixed) -> list[str]:
+    """``python -m module --child`` with ``fixed`` options and each configuration key in ``keys`` as its
+    option: a True value as a bare flag, None and False left out (the child's default)."""
+    cmd = [sys.executable, "-m", module, "--child"] + [f"--{k}={v}" for k, v in fixed.items()]
+    for key in keys:
+        value = config.get(key)
+        if value is True:
+            cmd.append(f"--{key}")
+        elif value is not None and value is not False:
+            cmd.append(f"--{key}={value}")
+    return cmd
+
+
+def machine_phrase(env: dict) -> str:
+    """The GPU, or the CPU and its cores, from :func:`environment`'s record."""
+    return env.get("gpu") or f"CPU {env.get('cpu')}, {env.get('cpu_count')} cores"
+
+
+def write_report(path: str, payload: dict, caption: str, table: str) -> None:
+    """The results as JSON at ``path`` and, beside it, the caption and table as Markdown (``.md``)."""
+    write_results(path, payload)
+    with open(path.removesuffix(".json") + ".md", "w") as f:
+        f.write(caption + "\n\n" + table + "\n")
+    print(f"wrote {path} and its .md", file=sys.stderr)
 
 
 def processes_phrase(config: dict) -> str:

@@ -26,7 +26,6 @@ import datetime
 import importlib.util
 import json
 import os
-import sys
 
 IMPLS = ("fused", "unfused", "liger", "cce")
 CONFIG_KEYS = ("device", "vocab", "dim", "tokens", "slots", "dtype", "softcap", "repeat")
@@ -94,12 +93,9 @@ def child(args) -> None:
 
 def run_one(impl: str, memory_runs: int = 3, **config) -> dict:
     """One implementation in fresh subprocesses: memory (on a CPU the median of ``memory_runs`` processes) and time."""
-    from reserved_kernels.benchmarks.harness import run_measured
+    from reserved_kernels.benchmarks.harness import child_command, run_measured
 
-    cmd = [sys.executable, "-m", "reserved_kernels.benchmarks.loss", "--child", "--impl", impl]
-    for key in CONFIG_KEYS:
-        if config.get(key) is not None:
-            cmd.append(f"--{key}={config[key]}")
+    cmd = child_command("reserved_kernels.benchmarks.loss", config, CONFIG_KEYS, impl=impl)
     return run_measured(cmd, config.get("device", "cpu"), memory_runs)
 
 
@@ -119,10 +115,10 @@ def table(payload: dict) -> str:
 
 
 def caption(payload: dict) -> str:
-    from reserved_kernels.benchmarks.harness import processes_phrase
+    from reserved_kernels.benchmarks.harness import machine_phrase, processes_phrase
 
     c, env = payload["config"], payload["environment"]
-    where = env.get("gpu") or f"CPU {env.get('cpu')}, {env.get('cpu_count')} cores"
+    where = machine_phrase(env)
     cap = f", soft-cap {c['softcap']:g}" if c.get("softcap") else ""
     return (f"{where}; {c['dtype']}, V={c['vocab']:,}, D={c['dim']:,}, N={c['tokens']:,}, K={c['slots']}{cap}; "
             f"forward + backward; {processes_phrase(c)}; torch {env['torch']}; {env['date']}, commit {env.get('commit')}")
@@ -151,7 +147,7 @@ def main(argv=None) -> dict:
     if args.child:
         child(args)
         return {}
-    from reserved_kernels.benchmarks.harness import environment, write_results
+    from reserved_kernels.benchmarks.harness import environment, write_report
 
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     results = []
@@ -163,10 +159,7 @@ def main(argv=None) -> dict:
     payload = dict(environment=environment(), config={**config, "memory_runs": args.memory_runs}, results=results)
     if args.out:
         path = os.path.join(args.out, f"loss-{args.device}-{datetime.date.today().isoformat()}.json")
-        write_results(path, payload)
-        with open(path.removesuffix(".json") + ".md", "w") as f:
-            f.write(caption(payload) + "\n\n" + table(payload) + "\n")
-        print(f"wrote {path} and its .md", file=sys.stderr)
+        write_report(path, payload, caption(payload), table(payload))
     print(table(payload))
     return payload
 

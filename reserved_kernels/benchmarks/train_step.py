@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 
 RECIPES = ("reserved", "hook", "peft", "body")
 CONFIG_KEYS = ("device", "vocab", "dim", "slots", "tokens", "dtype", "repeat", "head", "model")
@@ -144,17 +143,9 @@ def child(args) -> None:
 def run_one(recipe: str, memory_runs: int = 3, **config) -> dict:
     """One recipe in fresh subprocesses (no allocator state or peak carries over): memory (on a CPU the
     median of ``memory_runs`` processes) and time."""
-    from reserved_kernels.benchmarks.harness import run_measured
+    from reserved_kernels.benchmarks.harness import child_command, run_measured
 
-    cmd = [sys.executable, "-m", "reserved_kernels.benchmarks.train_step", "--child", "--recipe", recipe]
-    for key in CONFIG_KEYS:
-        value = config.get(key)
-        if key == "head":
-            cmd += ["--head"] if value else []
-        elif key == "model":
-            cmd += [f"--model={value}"] if value else []
-        else:
-            cmd.append(f"--{key}={value}")
+    cmd = child_command("reserved_kernels.benchmarks.train_step", config, CONFIG_KEYS, recipe=recipe)
     return run_measured(cmd, config.get("device", "cpu"), memory_runs)
 
 
@@ -183,10 +174,10 @@ def table(payload: dict) -> str:
 
 
 def caption(payload: dict) -> str:
-    from reserved_kernels.benchmarks.harness import processes_phrase
+    from reserved_kernels.benchmarks.harness import machine_phrase, processes_phrase
 
     c, env = payload["config"], payload["environment"]
-    where = env.get("gpu") or f"CPU {env.get('cpu')}, {env.get('cpu_count')} cores"
+    where = machine_phrase(env)
     shape = f"{c['tokens'] // min(c['tokens'], 512)} x {min(c['tokens'], 512)} tokens" if c["head"] else f"{c['tokens']} tokens"
     return (f"{c.get('model_name') or c.get('model') or 'random table'}: one AdamW step, {where}, {c['dtype']}, {shape}, "
             f"{c['slots']} reserved ids, {processes_phrase(c)}; torch {env['torch']}; {env['date']}, "
@@ -231,7 +222,7 @@ def main(argv=None):
     if args.child:
         child(args)
         return
-    from reserved_kernels.benchmarks.harness import environment, write_results
+    from reserved_kernels.benchmarks.harness import environment, write_report
     from reserved_kernels.pretrained import is_named, resolve
 
     name = args.model if is_named(args.model) else None
@@ -248,10 +239,7 @@ def main(argv=None):
 
         label = name or (os.path.basename(os.path.normpath(args.model)) if args.model else "random")
         path = os.path.join(args.out, f"step-{label}-{args.device}-{datetime.date.today().isoformat()}.json")
-        write_results(path, payload)
-        with open(path.removesuffix(".json") + ".md", "w") as f:
-            f.write(caption(payload) + "\n\n" + table(payload) + "\n")
-        print(f"wrote {path} and its .md", file=sys.stderr)
+        write_report(path, payload, caption(payload), table(payload))
 
 
 if __name__ == "__main__":
