@@ -26,14 +26,20 @@ class Codec(NamedTuple):
 
 
 class TokenizerBackend(Protocol):
-    kind: str
-    filename: str
+    """What planning asks of a tokenizer file, whatever its format (:func:`open_backend` picks one)."""
+
+    kind: str  # "sentencepiece" or "tokenizer.json"
+    filename: str  # the file name a saved plan writes
 
     def pieces(self) -> list[str]: ...
 
     def special_ids(self) -> set[int]: ...
 
     def encode(self, text: str) -> list[int]: ...
+
+    def piece_for(self, term: str) -> str:
+        """The piece a renamed slot gets for ``term`` (how the file spells its text)."""
+        ...
 
     def renamed(self, renames: dict[int, str]) -> bytes: ...
 
@@ -166,7 +172,7 @@ class HFTokenizerBackend:
                      lambda ids: tok.decode(list(ids), skip_special_tokens=False))
 
 
-def open_backend(data: bytes, path: str) -> SentencePieceBackend | HFTokenizerBackend:
+def open_backend(data: bytes, path: str) -> TokenizerBackend:
     """Pick the backend from the file's content (JSON or a SentencePiece protobuf)."""
     if data.lstrip()[:1] == b"{":
         return HFTokenizerBackend(data)

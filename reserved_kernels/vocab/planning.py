@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from reserved_kernels._io import atomic_write_many
-from reserved_kernels.vocab.backends import BYTE_PIECE, RESERVED_PIECES, Codec, open_backend
+from reserved_kernels.vocab.backends import BYTE_PIECE, RESERVED_PIECES, Codec, TokenizerBackend, open_backend
 from reserved_kernels.vocab.hf_files import renamed_config, transformers_files
 
 PLAN_FILENAME = "reserved_plan.json"
@@ -144,7 +144,7 @@ class ReservedVocab:
     def __init__(self, data: bytes, path: str, plan: ReservedPlan | None = None, model_vocab_size: int | None = None):
         self._data = data
         self.path = path
-        self.backend = open_backend(data, path)
+        self.backend: TokenizerBackend = open_backend(data, path)
         self.sha256 = hashlib.sha256(data).hexdigest()
         pieces = self.backend.pieces()
         self.tokenizer_size = len(pieces)  # tokens the tokenizer has (vocab_size also counts spare model rows)
