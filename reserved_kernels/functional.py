@@ -219,11 +219,14 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
     if hidden.dtype != weight.dtype:  # autocast hands over 16-bit hidden states for a float32 table
         hidden = hidden.to(weight.dtype)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    compute_grad = torch.is_grad_enabled() and (flat.requires_grad or reserved_weight.requires_grad)
+    # Each gradient is computed only when it is wanted: a detached hidden (frozen positions) costs one GEMM per tile.
+    grad_enabled = torch.is_grad_enabled()
     budget = tile_bytes if tile_bytes is not None else DEFAULT_TILE_BYTES.get(hidden.device.type, 64 << 20)
     loss, entropy, is_top1, _, _ = ops.linear_cross_entropy(flat, weight, reserved_weight, slot_map,
                                                             targets.reshape(-1), ignore_index, softcap, budget,
-                                                            compute_grad, return_stats)
+                                                            grad_enabled and flat.requires_grad,
+                                                            grad_enabled and reserved_weight.requires_grad,
+                                                            return_stats)
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):
             num_items_in_batch = num_items_in_batch.to(loss.device)

@@ -60,14 +60,14 @@ def tile_shape(num_tokens: int, vocab: int, tile_bytes: int, bytes_per_element: 
     return rows, cols
 
 
-def bytes_per_tile_element(dtype: torch.dtype, device_type: str, scratch: bool, compute_grad: bool) -> int:
+def bytes_per_tile_element(dtype: torch.dtype, device_type: str, scratch: bool, grad_hidden: bool) -> int:
     """Bytes each tile element costs: the logits in the accumulation dtype, a ``scratch`` buffer where the
     tile step keeps the logits beside their exponentials, and on CUDA with 16-bit inputs the GEMM's fp32
     output and a 16-bit copy of the softmax for the tensor cores."""
     acc = torch.finfo(acc_dtype(dtype)).bits // 8
     total = acc * (2 if scratch else 1)
     if device_type == "cuda" and dtype in SIXTEEN_BIT:
-        total += acc + (2 if compute_grad else 0)
+        total += acc + (2 if grad_hidden else 0)
     return total
 
 
@@ -140,15 +140,15 @@ class _Block:
     s: Tensor  # Σ exp(z − m)
     a: Tensor | None  # Σ exp(z − m)·z, for the entropy
     zt: Tensor  # the target's logit
-    acc_h: Tensor | None  # Σ exp(z − m)·cap'·M_j, for grad_hidden
+    acc_h: Tensor | None  # Σ exp(z − m)·cap'·M_j, for grad_hidden (None when it is not asked for)
 
     @classmethod
-    def empty(cls, n: int, dim: int, dtype: torch.dtype, device, stats: bool, compute_grad: bool) -> _Block:
+    def empty(cls, n: int, dim: int, dtype: torch.dtype, device, stats: bool, grad_hidden: bool) -> _Block:
         return cls(m=torch.full((n,), float("-inf"), dtype=dtype, device=device),
                    s=torch.zeros(n, dtype=dtype, device=device),
                    a=torch.zeros(n, dtype=dtype, device=device) if stats else None,
                    zt=torch.zeros(n, dtype=dtype, device=device),
-                   acc_h=torch.zeros((n, dim), dtype=dtype, device=device) if compute_grad else None)
+                   acc_h=torch.zeros((n, dim), dtype=dtype, device=device) if grad_hidden else None)
 
 
 def _reserved_tile(block: _Block, h: Tensor, rows: Tensor, target_col: Tensor, softcap: float | None,
@@ -190,35 +190,45 @@ def _table_tiles(block: _Block, h: Tensor, weight: Tensor, reserved_cols: Tensor
             gemms.accumulate(block.acc_h, alpha, p, w)
 
 
-def _gradients(block: _Block, lse: Tensor, z_res: Tensor | None, weight: Tensor, rows: Tensor, targets: _Targets,
-               softcap: float | None, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(grad_hidden, grad_logits_reserved) of one block, 0 for ignored tokens, in the accumulation dtype."""
-    ok = targets.valid.unsqueeze(1)
-    slope = cap_slope(block.zt, softcap) if softcap is not None else torch.ones_like(block.zt)
+def _target_slope(block: _Block, softcap: float | None) -> Tensor:
+    """``cap'`` at each token's target logit (1 without a soft-cap)."""
+    return cap_slope(block.zt, softcap) if softcap is not None else torch.ones_like(block.zt)
+
+
+def _grad_hidden(block: _Block, weight: Tensor, rows: Tensor, targets: _Targets, softcap: float | None,
+                 acc: torch.dtype) -> Tensor:
+    """``grad_hidden`` of one block, 0 for ignored tokens, in the accumulation dtype: ``acc / s − cap'_t·M_t``."""
     target_rows = weight.index_select(0, targets.ids).to(acc)
-    grad_reserved = None
-    if z_res is not None:
+    if rows.shape[0]:
         slot = targets.slot.clamp_min(0)
         target_rows = torch.where(targets.reserved.unsqueeze(1), rows.index_select(0, slot).to(acc), target_rows)
-        g = torch.exp(z_res - lse.unsqueeze(1))
-        if softcap is not None:
-            g.mul_(cap_slope(z_res, softcap))
-        g.scatter_add_(1, slot.unsqueeze(1), torch.where(targets.reserved, -slope, 0).unsqueeze(1))
-        grad_reserved = g * ok
-    dh = block.acc_h.div_(block.s.unsqueeze(1)).sub_(slope.unsqueeze(1) * target_rows)
-    return dh * ok, grad_reserved
+    dh = block.acc_h.div_(block.s.unsqueeze(1)).sub_(_target_slope(block, softcap).unsqueeze(1) * target_rows)
+    return dh * targets.valid.unsqueeze(1)
+
+
+def _grad_logits_reserved(block: _Block, lse: Tensor, z_res: Tensor, targets: _Targets,
+                          softcap: float | None) -> Tensor:
+    """The K reserved columns' ``(p − onehot)·cap'`` of one block, 0 for ignored tokens: N·K work, no table."""
+    slot = targets.slot.clamp_min(0)
+    g = torch.exp(z_res - lse.unsqueeze(1))
+    if softcap is not None:
+        g.mul_(cap_slope(z_res, softcap))
+    g.scatter_add_(1, slot.unsqueeze(1), torch.where(targets.reserved, -_target_slope(block, softcap), 0).unsqueeze(1))
+    return g * targets.valid.unsqueeze(1)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, targets: Tensor,
-                         ignore_index: int, softcap: float | None, tile_bytes: int, compute_grad: bool, stats: bool,
-                         tile_step: Callable, tile_step_needs_scratch: bool = True,
+                         ignore_index: int, softcap: float | None, tile_bytes: int, grad_hidden: bool, grad_rows: bool,
+                         stats: bool, tile_step: Callable, tile_step_needs_scratch: bool = True,
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, entropy, is_top1, grad_hidden, grad_logits_reserved)`` for flat ``hidden`` (N, D) and ``targets`` (N,).
 
     ``loss`` (N,) in the accumulation dtype, 0 where ignored. ``entropy`` (N,) and ``is_top1`` (N,) bool (the
-    target is the most likely token) when ``stats``, else empty. ``grad_hidden`` (N, D) in the hidden
-    dtype and ``grad_logits_reserved`` (N, K) in the accumulation dtype when ``compute_grad``, else
-    empty: each token's gradient of its own loss (see the module docstring). Arguments arrive checked.
+    target is the most likely token) when ``stats``, else empty. ``grad_hidden`` (N, D) in the hidden dtype
+    when ``grad_hidden``, and ``grad_logits_reserved`` (N, K) in the accumulation dtype when ``grad_rows``,
+    else empty: each token's gradient of its own loss (see the module docstring). The two are independent:
+    without ``grad_hidden`` there is no accumulator, no accumulator GEMM and no softmax copy — one GEMM per
+    tile, what a forward pass costs — while the rows' gradient costs N·K more. Arguments arrive checked.
     ``tile_step`` is :func:`reserved_kernels.reference.cross_entropy.lse_tile` or a kernel with its
     signature; one that computes the exponentials without a second buffer says so with
     ``tile_step_needs_scratch=False``.
@@ -234,23 +244,23 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
     loss = torch.zeros(num_tokens, dtype=acc, device=device)
     entropy = torch.zeros(num_tokens if stats else 0, dtype=acc, device=device)
     is_top1 = torch.zeros(num_tokens if stats else 0, dtype=torch.bool, device=device)
-    grad_hidden = torch.zeros((num_tokens if compute_grad else 0, dim), dtype=hidden.dtype, device=device)
-    grad_reserved = torch.zeros((num_tokens if compute_grad else 0, num_slots), dtype=acc, device=device)
+    d_hidden = torch.zeros((num_tokens if grad_hidden else 0, dim), dtype=hidden.dtype, device=device)
+    grad_reserved = torch.zeros((num_tokens if grad_rows else 0, num_slots), dtype=acc, device=device)
     if num_tokens == 0:
-        return loss, entropy, is_top1, grad_hidden, grad_reserved
+        return loss, entropy, is_top1, d_hidden, grad_reserved
 
-    scratch = tile_step_needs_scratch and (stats or (softcap is not None and compute_grad))
+    scratch = tile_step_needs_scratch and (stats or (softcap is not None and grad_hidden))
     block_rows, cols = tile_shape(num_tokens, vocab, tile_bytes,
-                                  bytes_per_tile_element(dtype, device.type, scratch, compute_grad))
+                                  bytes_per_tile_element(dtype, device.type, scratch, grad_hidden))
     reserved_cols = (slot_map >= 0) if num_slots else None
     z_buf = torch.empty(block_rows * cols, dtype=acc, device=device)
     buffers = (z_buf, torch.empty_like(z_buf) if scratch else None,
-               torch.empty_like(z_buf, dtype=gemms.operand) if compute_grad and gemms.operand != acc else None)
+               torch.empty_like(z_buf, dtype=gemms.operand) if grad_hidden and gemms.operand != acc else None)
     for r0 in range(0, num_tokens, block_rows):
         r1 = min(r0 + block_rows, num_tokens)
         part = _Targets(*(getattr(target, f.name)[r0:r1] for f in dataclasses.fields(_Targets)))
         h = hidden[r0:r1].to(gemms.operand)
-        block = _Block.empty(r1 - r0, dim, acc, device, stats, compute_grad)
+        block = _Block.empty(r1 - r0, dim, acc, device, stats, grad_hidden)
         z_res = None
         if num_slots:
             z_res = _reserved_tile(block, h, rows, torch.where(part.reserved, part.slot, -1), softcap, gemms,
@@ -261,9 +271,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
         if stats:
             entropy[r0:r1] = torch.where(part.valid, lse - block.a / block.s, 0)
             is_top1[r0:r1] = part.valid & (block.zt >= block.m)
-        if compute_grad:
-            dh, g_res = _gradients(block, lse, z_res, weight, rows, part, softcap, acc)
-            grad_hidden[r0:r1] = dh.to(hidden.dtype)
-            if g_res is not None:
-                grad_reserved[r0:r1] = g_res
-    return loss, entropy, is_top1, grad_hidden, grad_reserved
+        if grad_hidden:
+            d_hidden[r0:r1] = _grad_hidden(block, weight, rows, part, softcap, acc).to(hidden.dtype)
+        if grad_rows and z_res is not None:
+            grad_reserved[r0:r1] = _grad_logits_reserved(block, lse, z_res, part, softcap)
+    return loss, entropy, is_top1, d_hidden, grad_reserved

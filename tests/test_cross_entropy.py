@@ -170,7 +170,12 @@ def test_opcheck():
     targets[0], targets[1] = 7, -100
     for stats in (False, True):
         torch.library.opcheck(ops.linear_cross_entropy, (hidden, emb.weight, rows, emb._slot_map, targets, -100, 4.0,
-                                                         4096, True, stats))
+                                                         4096, True, True, stats))
+    # Only the rows' gradient (a frozen position's hidden state needs none), only hidden's, neither.
+    for grad_hidden, grad_rows in ((False, True), (True, False), (False, False)):
+        torch.library.opcheck(ops.linear_cross_entropy, (hidden.detach().requires_grad_(grad_hidden), emb.weight,
+                                                         rows.detach().requires_grad_(grad_rows), emb._slot_map, targets,
+                                                         -100, 4.0, 4096, grad_hidden, grad_rows, False))
 
 
 def test_compiled_fullgraph_matches_eager():
@@ -256,3 +261,38 @@ def test_forcing_the_compiled_backend_names_the_backends_that_run_the_loss():
     with ops.forced("compiled"):
         with pytest.raises(rk._backend.BackendUnavailableError, match="runs on 'torch' or 'triton'"):
             head(hidden, targets)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_a_detached_hidden_costs_no_accumulator_and_gives_the_rows_the_same_gradient(softcap, monkeypatch):
+    """Frozen positions: hidden needs no gradient, so the loss runs one GEMM per tile (no accumulator GEMM, no
+    (N, D) gradient buffer) and the rows' gradient is what the full computation gives them, bit for bit (the
+    same K-column formula from the same statistics)."""
+    from reserved_kernels import fused_loss
+
+    _, head = _head()
+    hidden, targets = _batch()
+    rows = head.reserved_weight
+    full = head(hidden, targets, softcap=softcap)
+    full.backward()
+    expected = rows.grad.clone()
+    rows.grad = None
+    calls = []
+    accumulate = fused_loss.TileGemms.accumulate
+    monkeypatch.setattr(fused_loss.TileGemms, "accumulate", lambda *a: (calls.append(1), accumulate(*a))[1])
+    seen = []
+    original = ops.linear_cross_entropy
+
+    def spy(*args):
+        out = original(*args)
+        seen.append(out[3].shape)
+        return out
+
+    monkeypatch.setattr(ops, "linear_cross_entropy", spy)
+    frozen = head(hidden.detach(), targets, softcap=softcap)
+    frozen.backward()
+    assert torch.equal(frozen, full.detach()) and torch.equal(rows.grad, expected)
+    assert calls == [] and seen == [torch.Size([0, 16])]  # no accumulator GEMM, no grad_hidden buffer
+    calls.clear()
+    head(hidden, targets, softcap=softcap)  # hidden needs a gradient again: the accumulator is back
+    assert calls

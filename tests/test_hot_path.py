@@ -202,7 +202,7 @@ def test_the_fused_loss_host_code_never_synchronises(backend, dtype, monkeypatch
         detector = _SyncDetector()
         with detector, torch.no_grad():  # as inside the op, below autograd
             loss, entropy, top1, grad_hidden, grad_rows = impl.linear_cross_entropy(
-                hidden, emb.weight, emb.reserved_weight, emb._slot_map, targets, -100, 30.0, 1 << 20, True, True)
+                hidden, emb.weight, emb.reserved_weight, emb._slot_map, targets, -100, 30.0, 1 << 20, True, True, True)
         assert loss.shape == (1024,) and grad_hidden.shape == (1024, 256) and grad_rows.shape == (1024, 99)
     assert not detector.syncs, detector.syncs
     if backend == "triton":

@@ -8,10 +8,11 @@
 * ``reserved_kernels::segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_ids)`` —
   ``out[k] = mean(row(src_ids[offsets[k]:offsets[k+1]]))``, (K, D) in float32 (float64 for a float64 table).
 * ``reserved_kernels::linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index,
-  softcap, tile_bytes, compute_grad, stats)`` — each token's cross-entropy over the merged table's
+  softcap, tile_bytes, grad_hidden, grad_rows, stats)`` — each token's cross-entropy over the merged table's
   (soft-capped) logits, never building them (see :mod:`reserved_kernels.fused_loss`), with
-  its entropy and whether the target is the top token (``stats``) and, when ``compute_grad``, each
-  token's gradients, computed in the forward pass; differentiable in ``hidden`` and ``reserved_weight``.
+  its entropy and whether the target is the top token (``stats``) and each token's gradients, computed in
+  the forward pass: for ``hidden`` when ``grad_hidden``, for the K reserved columns when ``grad_rows`` (each
+  costs only when asked); differentiable in ``hidden`` and ``reserved_weight``.
 
 ``row(i)`` is ``reserved_weight[slot_map[i]]`` rounded to the table dtype when ``slot_map[i] >= 0``,
 else ``weight[i]`` (times ``weight_scaler[i]`` for an int8 table, gemma_pytorch's layout). The table

@@ -91,7 +91,7 @@ def check_segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets
 
 
 def check_linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes,
-                               compute_grad, stats) -> None:
+                               grad_hidden, grad_rows, stats) -> None:
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D (N, D), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.dtype not in _FLOAT_DTYPES:

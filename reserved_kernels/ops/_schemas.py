@@ -18,7 +18,7 @@ SCHEMAS = {
     "segment_mean": "(Tensor weight, Tensor reserved_weight, Tensor slot_map, Tensor? weight_scaler, "
                     "Tensor offsets, Tensor src_ids) -> Tensor",
     "linear_cross_entropy": "(Tensor hidden, Tensor weight, Tensor reserved_weight, Tensor slot_map, Tensor targets, "
-                            "int ignore_index, float? softcap, int tile_bytes, bool compute_grad, bool stats) "
+                            "int ignore_index, float? softcap, int tile_bytes, bool grad_hidden, bool grad_rows, bool stats) "
                             "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 # The ops csrc/ implements. The fused loss is GEMMs (cuBLAS, MKL) around a per-tile step (Triton, or PyTorch):
@@ -63,14 +63,14 @@ def _segment_mean_fake(weight, reserved_weight, slot_map, weight_scaler, offsets
 
 @torch.library.register_fake("reserved_kernels::linear_cross_entropy", lib=_DEF)
 def _linear_cross_entropy_fake(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes,
-                               compute_grad, stats):
+                               grad_hidden, grad_rows, stats):
     check_linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes,
-                               compute_grad, stats)
+                               grad_hidden, grad_rows, stats)
     n, acc = hidden.shape[0], acc_dtype(weight.dtype)
     stat = n if stats else 0
-    grad = n if compute_grad else 0
     return (hidden.new_empty(n, dtype=acc), hidden.new_empty(stat, dtype=acc), hidden.new_empty(stat, dtype=torch.bool),
-            hidden.new_empty((grad, hidden.shape[1])), hidden.new_empty((grad, reserved_weight.shape[0]), dtype=acc))
+            hidden.new_empty((n if grad_hidden else 0, hidden.shape[1])),
+            hidden.new_empty((n if grad_rows else 0, reserved_weight.shape[0]), dtype=acc))
 
 
 # ----------------------------------------------------------------------------------------------- autograd
@@ -95,12 +95,16 @@ def gather_backward(ctx, grad):
 
 
 def linear_cross_entropy_setup_context(ctx, inputs, output):
-    hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes, compute_grad, stats = inputs
+    (hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes, grad_hidden, grad_rows,
+     stats) = inputs
     if weight.requires_grad:
         raise RuntimeError(FROZEN_TABLE_MESSAGE)
-    if not compute_grad:
-        raise RuntimeError("linear_cross_entropy was called with compute_grad=False, but hidden or reserved_weight "
-                           "requires grad: the gradients are computed in the forward pass, so ask for them there")
+    for name, wanted, asked in (("hidden", hidden.requires_grad, grad_hidden),
+                                ("reserved_weight", reserved_weight.requires_grad, grad_rows)):
+        if wanted and not asked:
+            raise RuntimeError(f"linear_cross_entropy was called with grad_{'hidden' if name == 'hidden' else 'rows'}"
+                               f"=False, but {name} requires grad: the gradients are computed in the forward pass, "
+                               "so ask for them there")
     _loss, entropy, is_top1, grad_hidden, grad_reserved = output
     ctx.mark_non_differentiable(entropy, is_top1, grad_hidden, grad_reserved)
     ctx.save_for_backward(hidden, targets, grad_hidden, grad_reserved)
@@ -121,6 +125,6 @@ def linear_cross_entropy_backward(ctx, grad_loss, *_):
         d_hidden = (grad_hidden.to(g.dtype) * g).to(hidden.dtype)
     if ctx.needs_input_grad[2]:
         d_rows = ((grad_reserved * g).t() @ hidden.to(g.dtype)).to(ctx.rows_dtype)
-    return d_hidden, None, d_rows, None, None, None, None, None, None, None
+    return d_hidden, None, d_rows, None, None, None, None, None, None, None, None
 
 

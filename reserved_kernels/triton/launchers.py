@@ -145,9 +145,9 @@ def lse_tile(z, masked, target_col, softcap, m, s, a, zt, p_out, scratch=None):
 
 
 def linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes,
-                         compute_grad, stats):
+                         grad_hidden, grad_rows, stats):
     """The shared driver (:mod:`reserved_kernels.fused_loss`) with the tile step as a Triton kernel (the GEMMs stay
     cuBLAS's)."""
     return fused_loss.linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap,
-                                           tile_bytes, compute_grad, stats, tile_step=lse_tile,
+                                           tile_bytes, grad_hidden, grad_rows, stats, tile_step=lse_tile,
                                            tile_step_needs_scratch=False)
