@@ -9,7 +9,9 @@ previous one back. What it does, by call:
   the patched head's fused loss (:func:`reserved_kernels.linear_cross_entropy`) — the model's own label
   shift (or ``shift_labels``), ``ignore_index=-100``, ``num_items_in_batch`` (Trainer's normaliser under
   gradient accumulation) and the config's ``final_logit_softcapping``. No (B, T, V) logits are built, in
-  the forward or the backward; the output's ``logits`` is None, as with Liger-Kernel.
+  the forward or the backward; the output's ``logits`` is None, as with Liger-Kernel. Positions no
+  reserved id can reach run without a backward (:mod:`reserved_kernels.models.frozen`); the output then
+  carries the loss alone.
 * **labels, evaluation** (``model.eval()``): the model's own forward, logits and loss as unpatched — so a
   Trainer's ``compute_metrics`` still gets its logits. ``return_logits=False`` asks for the fused loss
   there too (what :func:`~reserved_kernels.models.perplexity` does); ``return_logits=True`` asks for the
@@ -28,6 +30,7 @@ import types
 import torch.nn.functional as F
 from torch import nn
 
+from reserved_kernels.models import frozen
 from reserved_kernels.models.state import ForwardSwap, PatchState, patch_state
 
 _MARK = "_reserved_patched_forward"
@@ -35,13 +38,13 @@ _MARK = "_reserved_patched_forward"
 _LOSS_ONLY = ("num_items_in_batch", "shift_labels", "ignore_index", "logits_to_keep")
 
 
-def install(model: nn.Module, state: PatchState, fused_loss: bool) -> None:
+def install(model: nn.Module, state: PatchState, fused_loss: bool, skip_frozen: bool) -> None:
     """Make :func:`patched_forward` ``model.forward`` (the previous instance forward, if any, kept in ``state``).
 
     It shows the class forward's signature, as the model's own would: Trainer keeps only the dataset
     columns that signature names, and ``generate`` checks its keyword arguments against it.
     """
-    state.forward = ForwardSwap(previous=model.__dict__.get("forward"), fused_loss=fused_loss)
+    state.forward = ForwardSwap(previous=model.__dict__.get("forward"), fused_loss=fused_loss, skip_frozen=skip_frozen)
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, **kwargs):
@@ -96,13 +99,20 @@ def patched_forward(self, *args, labels=None, return_logits: bool | None = None,
         return own(labels=labels, **kwargs)
     shift_labels, num_items, ignore_index = (kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"),
                                              kwargs.get("ignore_index", -100))
-    outputs = self.base_model(**{k: v for k, v in kwargs.items() if k not in _LOSS_ONLY})
-    hidden = outputs.last_hidden_state
     if shift_labels is None:  # the model's own shift: position t predicts label t + 1; the last predicts nothing
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    body_kwargs = {k: v for k, v in kwargs.items() if k not in _LOSS_ONLY}
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    if swap.skip_frozen and frozen.frozen_split_unsupported(self, body_kwargs) is None:
+        loss = frozen.split_loss(self, body_kwargs, shift_labels, ignore_index=ignore_index, num_items_in_batch=num_items,
+                                 softcap=_softcap(self))
+        if loss is not None:
+            return CausalLMOutputWithPast(loss=loss, logits=None)
+    outputs = self.base_model(**body_kwargs)
+    hidden = outputs.last_hidden_state
     loss = self.get_output_embeddings()(hidden, shift_labels.to(hidden.device), ignore_index=ignore_index,
                                         num_items_in_batch=num_items, softcap=_softcap(self))
-    from transformers.modeling_outputs import CausalLMOutputWithPast
 
     carried = {k: getattr(outputs, k) for k in CausalLMOutputWithPast.__dataclass_fields__
                if k not in ("loss", "logits") and hasattr(outputs, k)}

@@ -53,7 +53,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
                 init: str | None = None, noise_std: float = 0.0, generator: torch.Generator | None = None,
                 copy_from: int | None = None, exclude: Sequence[int] | None = None, exclude_untrained: bool = True,
                 train_others: bool = False, reserved_dtype: torch.dtype | None = None,
-                fused_loss: bool = True) -> nn.Module:
+                fused_loss: bool = True, skip_frozen: bool = True) -> nn.Module:
     """Make only the rows ``reserved`` of ``model``'s embedding (and tied output head) trainable.
 
     Works on Hugging Face ``GemmaForCausalLM`` / ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` (a
@@ -78,6 +78,16 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
         fused_loss: a Hugging Face model's ``labels=`` loss in training goes through the fused linear
             cross-entropy, without the (B, T, V) logits (:mod:`reserved_kernels.models.causal_lm`); False keeps
             the model's own loss from logits.
+        skip_frozen: with the fused loss, positions that no reserved id can reach (before a row's first
+            reserved id, and rows without one) run without a backward through the body, and only their K
+            head columns' gradient is computed (:mod:`reserved_kernels.models.frozen`); the same loss and
+            gradients up to floating-point summation order. It reads the batch's ids on the host once a
+            step. It turns itself off — the usual path runs — whenever a parameter other than the rows
+            trains (a LoRA adapter beside them), under gradient checkpointing, with dropout, with
+            ``inputs_embeds``, a KV cache passed in, or inputs it does not slice (anything but
+            ``input_ids``, a (B, T) ``attention_mask`` and ``position_ids``), and for TRL's
+            ``fused_lm_head`` statistics and gemma_pytorch models. False (or
+            ``RESERVED_KERNELS_SKIP_FROZEN=0``) turns it off.
 
     With PEFT, apply the adapter first (``get_peft_model``), then patch the PEFT model: the adapter and
     the rows train together. Patching first and then calling ``get_peft_model`` freezes the rows (PEFT
@@ -130,7 +140,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
                        vocab=reserved if isinstance(reserved, ReservedVocab) else None)
     attach(model, state)
     if isinstance(new_head, ReservedLMHead) and hasattr(base, "base_model_prefix") and hasattr(base, "config"):
-        causal_lm.install(base, state, fused_loss)  # a transformers model: its labels= path, and TRL's fused head
+        causal_lm.install(base, state, fused_loss, skip_frozen)  # a transformers model: its labels= path, and TRL's fused head
     return model
 
 

@@ -25,6 +25,7 @@ class ForwardSwap:
 
     previous: Callable | None  # the instance forward before, or None for the class's own
     fused_loss: bool  # labels= in training goes through the fused loss
+    skip_frozen: bool = True  # positions no reserved id reaches run without a backward (models.frozen)
 
 
 @dataclasses.dataclass

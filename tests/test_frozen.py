@@ -1,0 +1,201 @@
+"""Frozen positions: the patched training forward runs what no reserved id can reach without a backward, and
+gives the dense reference's loss and row gradients.
+
+The dense reference is the unpatched model with its whole table trainable and its own loss from logits; its
+table gradient at the reserved ids is what the rows must get. Tolerance: the same loss summed in other orders
+(the fused loss's tiles; rows of the batch and runs of positions in other GEMM shapes; the models' eager
+attention takes its softmax in float32 over rows of other lengths): each of the V + D + T terms of a sum
+contributes at most one rounding of eps32 relative, so ``(V + D + T)·eps32`` relative bounds the difference of
+the loss, and the rows' gradients carry the same relative difference back through the body.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the frozen-position split is for transformers models")
+
+from reserved_kernels.models import frozen, patch_model  # noqa: E402
+from tests.families import tiny_gemma, tiny_llama, tiny_qwen2  # noqa: E402
+
+RESERVED = [7, 8, 9, 10, 11]
+LENGTH = 100  # longer than Gemma 2/3's tiny sliding window (64): a cached prefix crosses it
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _model(kind: str):
+    """(a tiny model of ``kind``, whether its head is tied)."""
+    if kind in ("gemma", "gemma2", "gemma3"):
+        return tiny_gemma(kind), True
+    if kind == "llama-untied":
+        return tiny_llama(1024, tied=False), False
+    return tiny_qwen2(1024, 1000, tied=True), True
+
+
+def _batch(length: int = LENGTH):
+    """Rows as a real batch mixes them: ordinary text, a term at position 0, a term mid-row (and a second one
+    later), a term near the end, a left-padded row; -100 on padding."""
+    ids = torch.randint(108, 1000, (5, length), generator=torch.Generator().manual_seed(0))
+    ids[1, 0] = 7
+    ids[2, 30], ids[2, 80] = 8, 11
+    ids[3, 90] = 9
+    ids[4, 50] = 10
+    mask = torch.ones_like(ids)
+    mask[4, :12] = 0  # left padding
+    mask[1, -9:] = 0  # right padding
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def _dense_reference(model, tied: bool, **batch):
+    """The unpatched model with its whole table (and untied head) trainable: its loss and the table gradients
+    at the reserved ids."""
+    model = copy.deepcopy(model).train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tables = [model.get_input_embeddings().weight] + ([] if tied else [model.get_output_embeddings().weight])
+    for t in tables:
+        t.requires_grad_(True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), [t.grad[RESERVED] for t in tables]
+
+
+def _ours(model, tied: bool, skip: bool = True, **batch):
+    patched = patch_model(copy.deepcopy(model), RESERVED, skip_frozen=skip).train()
+    loss = patched(**batch).loss
+    loss.backward()
+    rows = [patched.get_input_embeddings().reserved_weight] + (
+        [] if tied else [patched.get_output_embeddings().reserved_weight])
+    return loss.detach(), [r.grad for r in rows]
+
+
+def _assert_close(ours, reference, vocab=1024, dim=64, length=LENGTH):
+    tol = (vocab + dim + length) * EPS32
+    (loss, grads), (ref_loss, ref_grads) = ours, reference
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=0)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol * r.abs().max().item())
+
+
+@contextlib.contextmanager
+def _split_calls():
+    """Record what split_loss returned on each call (None: nothing was frozen)."""
+    calls = []
+    original = frozen.split_loss
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    frozen.split_loss = spy
+    try:
+        yield calls
+    finally:
+        frozen.split_loss = original
+
+
+@pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3", "llama-untied", "qwen2"])
+def test_the_split_step_gives_the_dense_references_loss_and_gradients(kind):
+    model, tied = _model(kind)
+    ids, mask, labels = _batch()
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    with _split_calls() as calls:
+        ours = _ours(model, tied, **batch)
+    assert calls == [True]
+    _assert_close(ours, _dense_reference(model, tied, **batch))
+
+
+def test_only_the_live_positions_run_with_gradients():
+    """The body sees, with gradients on, exactly the positions at or after each row's first reserved id."""
+    model, tied = _model("gemma3")
+    ids, mask, labels = _batch()
+    patched = patch_model(copy.deepcopy(model), RESERVED).train()
+    seen = []
+    hook = patched.model.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append((torch.is_grad_enabled(), args[0].shape[0] * args[0].shape[1])))
+    patched(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    hook.remove()
+    # Row 4's term is at 50, but the row is left-padded: its padding queries see the whole row, so it is not split.
+    live = sum(LENGTH - f for f in (LENGTH, 0, 30, 90, 0))
+    assert sum(n for grad, n in seen if grad) == live
+    assert sum(n for grad, n in seen if not grad) == 5 * LENGTH - live
+
+
+def test_packed_rows_shift_labels_and_the_trainer_normaliser():
+    """position_ids restarting inside a row (packing), the labels shifted by the caller, num_items_in_batch."""
+    model, tied = _model("gemma3")
+    ids, mask, labels = _batch()
+    position_ids = torch.cat([torch.arange(40), torch.arange(LENGTH - 40)]).expand(5, -1).contiguous()
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    batch = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels, shift_labels=shift,
+                 num_items_in_batch=123)
+    with _split_calls() as calls:
+        ours = _ours(model, tied, **batch)
+    assert calls == [True]
+    _assert_close(ours, _ours(model, tied, skip=False, **batch))
+    reference = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels,
+                     num_items_in_batch=123)
+    _assert_close(ours, _dense_reference(model, tied, **reference))
+
+
+def test_a_batch_without_reserved_ids_still_gives_the_rows_their_head_gradient_and_zeros_at_the_input():
+    """Ordinary text alone: the body runs without gradients; the tied head's K columns still train the rows; an
+    untied model's input rows get the zero gradient the usual path gives them (an optimizer decays them)."""
+    for kind in ("gemma", "llama-untied"):
+        model, tied = _model(kind)
+        ids = torch.randint(108, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
+        batch = dict(input_ids=ids, labels=ids)
+        with _split_calls() as calls:
+            ours = _ours(model, tied, **batch)
+        assert calls == [True]
+        _assert_close(ours, _dense_reference(model, tied, **batch), length=40)
+        if not tied:
+            assert torch.equal(ours[1][0], torch.zeros_like(ours[1][0]))
+
+
+def test_the_skip_turns_itself_off_where_it_cannot_be_exact(monkeypatch):
+    model, tied = _model("gemma3")
+    ids, mask, labels = _batch()
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    reference = _dense_reference(model, tied, **batch)
+
+    def checkpointed(m):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def lora_beside(m):  # any other trainable parameter: every position depends on it
+        m.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
+
+    for prepare in (checkpointed, lora_beside):
+        patched = patch_model(copy.deepcopy(model), RESERVED).train()
+        prepare(patched)
+        with _split_calls() as calls:
+            patched(**batch).loss.backward()
+        assert calls == [], prepare.__name__
+    with _split_calls() as calls:
+        _assert_close(_ours(model, tied, skip=False, **batch), reference)
+    assert calls == []
+    monkeypatch.setenv(frozen.SKIP_ENV_VAR, "0")
+    with _split_calls() as calls:
+        _ours(model, tied, **batch)
+    assert calls == []
+
+
+def test_autocast_gives_the_same_step_as_without_the_skip():
+    """bf16 autocast on the CPU: the split runs the same autocast regions, so both paths agree to bf16's
+    rounding (8 bits of mantissa, eps 2^-7, over the same (V + D + T) terms)."""
+    model, tied = _model("gemma")
+    ids, mask, labels = _batch()
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    results = []
+    for skip in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_ours(model, tied, skip=skip, **batch))
+    (loss, grads), (ref_loss, ref_grads) = results
+    tol = 2 ** -7 * 8
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=0)
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=tol, atol=tol * ref_grads[0].abs().max().item())
