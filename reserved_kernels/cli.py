@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--model", help="only the training step (2 x 512 tokens, 16 rows) of 'gemma-3-270m' or a "
                                          "Hugging Face checkpoint folder (any family): ours, PEFT, the hook recipe and "
                                          "the body alone, each in a fresh process")
+    p_bench.add_argument("--frozen-only", action="store_true",
+                         help="with --model: only the frozen-position skip on and off (ordinary text, a term at a "
+                              "random position, a term at position 0), not the peers")
     p_bench.add_argument("--out", default="bench/results", help="folder for <device>-<date>.json/.md/.png")
     p_bench.add_argument("--readme", metavar="README", nargs="?", const="README.md",
                          help="only regenerate README's Results section from the files in --out")
@@ -233,8 +236,11 @@ def _run(args: argparse.Namespace) -> None:
         elif args.model:
             from reserved_kernels.benchmarks.train_step import main as step_main
 
-            step_main(["--device", args.device, "--model", args.model, "--head", "--slots", "16", "--tokens", "1024",
-                       "--repeat", "3", "--out", args.out])
+            step = ["--device", args.device, "--model", args.model, "--head", "--slots", "16", "--tokens", "1024",
+                    "--repeat", "3", "--out", args.out]
+            if not args.frozen_only:
+                step_main(step)  # ours beside PEFT, the hook recipe and the body alone
+            step_main(step + ["--frozen"])  # the frozen-position skip on and off, three kinds of text
         else:
             from reserved_kernels.benchmarks.suite import main as bench_main
 

@@ -26,8 +26,12 @@ import argparse
 import importlib.util
 import json
 
-RECIPES = ("reserved", "hook", "peft", "body")
-CONFIG_KEYS = ("device", "vocab", "dim", "slots", "tokens", "dtype", "repeat", "head", "model")
+RECIPES = ("reserved", "noskip", "hook", "peft", "body")
+CONFIG_KEYS = ("device", "vocab", "dim", "slots", "tokens", "dtype", "repeat", "head", "model", "text")
+# Where the batch's reserved ids stand (with --head, per sequence of 512): "mixed" — the first sequence opens
+# with every slot, the rest is random text; "ordinary" — none; "random" — one term per sequence at a uniformly
+# random position; "start" — a term at position 0 of every sequence.
+TEXTS = ("mixed", "ordinary", "random", "start")
 
 
 def _checkpoint(args):
@@ -79,8 +83,8 @@ def _build(args, weight, reserved_ids, model=None):
             return ((lambda ids: model.base_model(input_ids=ids).last_hidden_state.float().pow(2).mean()),
                     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                                       weight_decay=0.01), None)
-        if args.recipe == "reserved":
-            patch_model(model, reserved_ids.tolist())
+        if args.recipe in ("reserved", "noskip"):  # noskip: frozen positions pay the whole backward, as before
+            patch_model(model, reserved_ids.tolist(), skip_frozen=args.recipe == "reserved")
             return loss_of(model), torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                                      lr=1e-3, weight_decay=0.01), None
         if args.recipe == "hook":
@@ -110,6 +114,25 @@ def _build(args, weight, reserved_ids, model=None):
             torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01), None)
 
 
+def _text(kind: str, ids, reserved_ids, width: int):
+    """The batch (sequences of ``width``) with its reserved ids where ``kind`` (see :data:`TEXTS`) puts them."""
+    import torch
+
+    if kind == "mixed":
+        ids[: len(reserved_ids)] = reserved_ids  # every reserved row gets a gradient
+        return ids.view(-1, width)
+    hit = torch.isin(ids, reserved_ids)  # random text may draw a reserved id: ordinary text has none
+    ids = torch.where(hit, ids.new_tensor(int(ids[~hit][0])), ids).view(-1, width)
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.arange(ids.shape[0])
+    terms = reserved_ids[torch.randint(0, len(reserved_ids), (ids.shape[0],), generator=gen).to(reserved_ids.device)]
+    if kind == "random":
+        ids[rows, torch.randint(0, width, (ids.shape[0],), generator=gen)] = terms
+    elif kind == "start":
+        ids[:, 0] = terms
+    return ids
+
+
 def child(args) -> None:
     import torch
 
@@ -124,10 +147,8 @@ def child(args) -> None:
     else:
         weight = torch.randn(args.vocab, args.dim, device=dev, dtype=dtype)
         reserved_ids, tokens = torch.arange(7, 7 + args.slots, device=dev), args.vocab
-    ids = torch.randint(0, tokens, (args.tokens,), device=dev)
-    ids[: args.slots] = reserved_ids  # every reserved row gets a gradient
-    if args.head:
-        ids = ids.view(-1, min(args.tokens, 512))
+    ids = _text(args.text, torch.randint(0, tokens, (args.tokens,), device=dev), reserved_ids,
+                min(args.tokens, 512) if args.head else args.tokens)
     loss_fn, opt, after_step = _build(args, weight, reserved_ids, model)
 
     def step():
@@ -149,9 +170,12 @@ def run_one(recipe: str, memory_runs: int = 3, **config) -> dict:
     return run_measured(cmd, config.get("device", "cpu"), memory_runs)
 
 
-def available_recipes(head: bool = True) -> list[str]:
-    """The recipes that run here: PEFT's where installed, the body-alone floor for whole-model steps."""
-    return [r for r in RECIPES if (r != "peft" or importlib.util.find_spec("peft") is not None)
+def available_recipes(head: bool = True, frozen: bool = False) -> list[str]:
+    """The recipes that run here: PEFT's where installed, the body-alone floor for whole-model steps; with
+    ``frozen``, ours with the frozen-position skip on and off beside the body alone."""
+    if frozen:
+        return ["reserved", "noskip", "body"]
+    return [r for r in RECIPES if r != "noskip" and (r != "peft" or importlib.util.find_spec("peft") is not None)
             and (r != "body" or head)]
 
 
@@ -161,7 +185,8 @@ def table(payload: dict) -> str:
     ours, floor = rows["reserved"], rows.get("body")
     lines = ["| recipe | memory beyond the model | step, median s (p20–p80) | ÷ ours: memory, time |", "|---|---|---|---|"]
     for recipe, r in rows.items():
-        label = {"reserved": "**reserved-kernels**", "hook": "gradient hook", "peft": "PEFT trainable tokens",
+        label = {"reserved": "**reserved-kernels**", "noskip": "reserved-kernels, frozen positions not skipped",
+                 "hook": "gradient hook", "peft": "PEFT trainable tokens",
                  "body": "the body alone (no head, no loss)"}[recipe]
         vs = "" if recipe == "reserved" else (f"{r['extra_bytes'] / max(ours['extra_bytes'], 1):.2f}×, "
                                               f"{r['median_ms'] / ours['median_ms']:.2f}×")
@@ -179,20 +204,40 @@ def caption(payload: dict) -> str:
     c, env = payload["config"], payload["environment"]
     where = machine_phrase(env)
     shape = f"{c['tokens'] // min(c['tokens'], 512)} x {min(c['tokens'], 512)} tokens" if c["head"] else f"{c['tokens']} tokens"
+    text = {"mixed": "the first sequence opening with every reserved id", "ordinary": "ordinary text (no reserved id)",
+            "random": "one term per sequence at a random position",
+            "start": "a term at position 0 of every sequence"}[c.get("text", "mixed")]
     return (f"{c.get('model_name') or c.get('model') or 'random table'}: one AdamW step, {where}, {c['dtype']}, {shape}, "
-            f"{c['slots']} reserved ids, {processes_phrase(c)}; torch {env['torch']}; {env['date']}, "
+            f"{c['slots']} reserved ids, {text}, {processes_phrase(c)}; torch {env['torch']}; {env['date']}, "
             f"commit {env.get('commit')}")
 
 
-def run_all(args) -> dict:
+def frozen_table(payloads: dict) -> str:
+    """Markdown: per kind of text, ours with the frozen-position skip and without, beside the body alone."""
+    lines = ["| text | skip on: step s, memory | skip off: step s, memory | body alone: step s, memory | "
+             "off ÷ on: time | on ÷ body: time, memory |", "|---|---|---|---|---|---|"]
+    for text, payload in payloads.items():
+        rows = payload["results"]
+        on, off, body = rows["reserved"], rows["noskip"], rows["body"]
+
+        def cell(r):
+            return f"{r['median_ms'] / 1e3:.2f} ({r['p20_ms'] / 1e3:.2f}–{r['p80_ms'] / 1e3:.2f}), " \
+                   f"{r['extra_bytes'] / 2**20:,.0f} MiB"
+
+        lines.append(f"| {text} | {cell(on)} | {cell(off)} | {cell(body)} | {off['median_ms'] / on['median_ms']:.2f}× | "
+                     f"{on['median_ms'] / body['median_ms']:.2f}×, {on['extra_bytes'] / body['extra_bytes']:.2f}× |")
+    return "\n".join(lines)
+
+
+def run_all(args, frozen: bool = False) -> dict:
     results = {}
-    for recipe in available_recipes(args.head):
+    for recipe in available_recipes(args.head, frozen):
         results[recipe] = r = run_one(recipe, args.memory_runs, **{k: getattr(args, k) for k in CONFIG_KEYS})
         print(f"{recipe:9s} extra memory {r['extra_bytes'] / 2**20:9.1f} MiB   step {r['median_ms']:9.1f} ms "
               f"(p20 {r['p20_ms']:.1f}, p80 {r['p80_ms']:.1f})", flush=True)
     ours = results["reserved"]
     for recipe, r in results.items():
-        if recipe not in ("reserved", "body"):
+        if recipe not in ("reserved", "noskip", "body"):
             print(f"vs {recipe}: {r['extra_bytes'] / max(ours['extra_bytes'], 1):.1f}x less memory, "
                   f"{r['median_ms'] / ours['median_ms']:.1f}x faster")
     return results
@@ -208,6 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--head", action="store_true", help="a whole step with the tied output head")
     parser.add_argument("--model", help="a Hugging Face checkpoint folder (with its tokenizer) instead of a random table")
+    parser.add_argument("--text", default="mixed", choices=TEXTS, help="where the reserved ids stand in the batch")
     parser.add_argument("--memory-runs", type=int, default=3, help="CPU: memory processes per recipe (the median counts)")
 
 
@@ -216,6 +262,9 @@ def main(argv=None):
     add_arguments(parser)
     parser.add_argument("--out", default=None, help="write JSON results here")
     parser.add_argument("--recipe", choices=RECIPES)
+    parser.add_argument("--frozen", action="store_true",
+                        help="ours with the frozen-position skip on and off beside the body alone, on ordinary text, "
+                             "a term at a random position and a term at position 0 (ignores --text)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--measure", default="both", choices=["memory", "time", "both"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -228,18 +277,34 @@ def main(argv=None):
     name = args.model if is_named(args.model) else None
     if args.model:
         args.model = resolve(args.model)  # a named checkpoint is converted (once) before the children start
-    results = run_all(args)
-    payload = dict(environment=environment(), config={**{k: getattr(args, k) for k in CONFIG_KEYS}, "model_name": name,
-                                                       "memory_runs": args.memory_runs},
-                   results=results)
-    print(table(payload))
-    if args.out:
-        import datetime
-        import os
+    import datetime
+    import os
 
-        label = name or (os.path.basename(os.path.normpath(args.model)) if args.model else "random")
-        path = os.path.join(args.out, f"step-{label}-{args.device}-{datetime.date.today().isoformat()}.json")
-        write_report(path, payload, caption(payload), table(payload))
+    label = name or (os.path.basename(os.path.normpath(args.model)) if args.model else "random")
+    stamp = f"{args.device}-{datetime.date.today().isoformat()}.json"
+
+    def payload_of(results):
+        return dict(environment=environment(), config={**{k: getattr(args, k) for k in CONFIG_KEYS},
+                                                       "model_name": name, "memory_runs": args.memory_runs},
+                    results=results)
+
+    if not args.frozen:
+        payload = payload_of(run_all(args))
+        print(table(payload))
+        if args.out:
+            write_report(os.path.join(args.out, f"step-{label}-{stamp}"), payload, caption(payload), table(payload))
+        return
+    payloads = {}
+    for text in ("ordinary", "random", "start"):
+        args.text = text
+        print(f"-- {text}", flush=True)
+        payloads[text] = payload_of(run_all(args, frozen=True))
+    frozen = dict(environment=environment(), texts=payloads)
+    print(frozen_table(payloads))
+    if args.out:
+        any_payload = payloads["ordinary"]
+        write_report(os.path.join(args.out, f"frozen-{label}-{stamp}"), frozen,
+                     caption(any_payload).replace(", ordinary text (no reserved id)", ""), frozen_table(payloads))
 
 
 if __name__ == "__main__":
