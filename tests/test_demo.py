@@ -57,6 +57,8 @@ def test_demo_command_prints_a_json_summary_and_writes_its_files(tmp_path):
                            "random", "--device", "cpu", "--json", "--out", str(out)],
                           capture_output=True, text=True, check=True, cwd=REPO)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert f"plot: {out / 'loss_curves.png'}" in proc.stdout and (out / "loss_curves.png").exists()
+    assert "greedy continuation" not in proc.stdout  # the toy model continues every row alike: no line for it
     assert {"base_ppl_before", "base_ppl_after", "term_ppl_before", "term_ppl_after", "init_loss",
             "frozen_identical", "state_bytes", "dense_state_bytes"} <= set(summary)
     assert set(summary["init_loss"]) == {"description", "random"} and summary["frozen_identical"] is True

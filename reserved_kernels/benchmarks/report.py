@@ -148,6 +148,14 @@ def _loss_and_step_lines(results_dir: str, device: str) -> list[str]:
             with open(path) as f:
                 payload = json.load(f)
             lines += [f"*{what}* — {module.caption(payload)}. Reproduce: `{command}`.", "", module.table(payload), ""]
+    path = latest(results_dir, f"frozen-gemma-3-270m-{device}")
+    if path:
+        with open(path) as f:
+            payload = json.load(f)
+        caption = train_step.caption(payload["texts"]["ordinary"]).replace(", ordinary text (no reserved id)", "")
+        lines += [f"*the real Gemma 3 270M step, frozen positions skipped and not* — {caption}. Reproduce: "
+                  f"`reserved-kernels bench --model gemma-3-270m --frozen-only --device {device}`.", "",
+                  train_step.frozen_table(payload["texts"]), ""]
     return lines
 
 
