@@ -199,3 +199,21 @@ def test_autocast_gives_the_same_step_as_without_the_skip():
     tol = 2 ** -7 * 8
     torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=0)
     torch.testing.assert_close(grads[0], ref_grads[0], rtol=tol, atol=tol * ref_grads[0].abs().max().item())
+
+
+def test_rows_split_together_at_one_position_and_a_short_prefix_is_not_split():
+    """Rows whose first term stands at the same position share one prefix call and one suffix call; a row whose
+    frozen prefix is under 1/8 of it runs whole (its saved backward is worth less than a call)."""
+    model, tied = _model("gemma")
+    ids = torch.randint(108, 1000, (3, 64), generator=torch.Generator().manual_seed(2))
+    ids[0, 40], ids[1, 40], ids[2, 5] = 7, 8, 9
+    patched = patch_model(copy.deepcopy(model), RESERVED).train()
+    calls = []
+    hook = patched.model.layers[0].register_forward_pre_hook(
+        lambda module, args: calls.append((torch.is_grad_enabled(), tuple(args[0].shape[:2]))))
+    loss = patched(input_ids=ids, labels=ids).loss
+    loss.backward()
+    hook.remove()
+    assert sorted(calls) == [(False, (2, 40)), (True, (1, 64)), (True, (2, 24))]
+    _assert_close((loss.detach(), [patched.get_input_embeddings().reserved_weight.grad]),
+                  _dense_reference(model, tied, input_ids=ids, labels=ids), length=64)

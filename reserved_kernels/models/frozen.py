@@ -7,10 +7,11 @@ through the tied head's K reserved columns alone. The patched training forward
 (:mod:`reserved_kernels.models.causal_lm`) therefore runs
 
 * the rows without a reserved id through the body under ``no_grad``, batched;
-* each row whose first reserved id stands at position ``f > 0`` in two calls: positions ``[0, f)`` under
-  ``no_grad``, keeping the model's own KV cache, then ``[f, T)`` with gradients, reading that cache;
-* the rows with a reserved id at position 0, and left-padded rows with one (see :func:`split_points`), as
-  usual, batched;
+* each row whose first reserved id stands at position ``f >= T/8`` in two calls (rows with the same ``f``
+  together): positions ``[0, f)`` under ``no_grad``, keeping the model's own KV cache, then ``[f, T)`` with
+  gradients, reading that cache;
+* the other rows with a reserved id (an earlier one; left-padded rows, see :func:`split_points`) as usual,
+  batched;
 
 and asks the fused loss for the rows' gradient alone on the frozen positions (no accumulator GEMM there).
 The loss and the rows' gradients are today's path's up to the order of floating-point sums (different
@@ -33,6 +34,9 @@ SKIP_ENV_VAR = "RESERVED_KERNELS_SKIP_FROZEN"  # 0: never skip (benchmarks, debu
 # Keyword arguments the split knows how to slice by row (anything else with a value: the usual path).
 _ROW_ARGS = ("input_ids", "attention_mask", "position_ids")
 _HARMLESS = ("use_cache", "return_dict")
+# A row is split only where its frozen prefix holds at least 1/8 of it: below that the backward it saves costs
+# less than the extra call (measured on the shipped demo model, whose control token stands at position 1).
+MIN_PREFIX_FRACTION = 8
 # Dropout draws a random mask per call: split calls would draw other masks than one call.
 _DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
                  "hidden_dropout_prob", "attention_probs_dropout_prob")
@@ -121,25 +125,29 @@ def split_loss(model: nn.Module, body_kwargs: dict, shift_labels: Tensor, *, ign
         with torch.no_grad():
             hidden = body(**_rows(kwargs, none), use_cache=False).last_hidden_state
         keep(frozen_h, frozen_t, hidden, shift_labels[none])
-    at_start = [b for b, f in enumerate(first) if f == 0]
+    # A short frozen prefix saves less backward than its separate call costs (a small model's control token at
+    # position 1): such rows run whole. Rows whose prefixes end at the same position split together.
+    shortest = max(1, length // MIN_PREFIX_FRACTION)
+    at_start = [b for b, f in enumerate(first) if f < shortest]
+    groups: dict[int, list[int]] = {}
+    for b, f in enumerate(first):
+        if shortest <= f < length:
+            groups.setdefault(f, []).append(b)
     if at_start:
         keep(live_h, live_t, body(**_rows(kwargs, at_start), use_cache=False).last_hidden_state, shift_labels[at_start])
     cache_keyword = _cache_keyword(body)
-    for b, f in enumerate(first):
-        if not 0 < f < length:
-            continue
-        row = slice(b, b + 1)
+    for f, rows in groups.items():
         with torch.no_grad():
-            prefix = body(**_rows(kwargs, row, slice(0, f)), use_cache=True)
-        keep(frozen_h, frozen_t, prefix.last_hidden_state, shift_labels[row, :f])
-        suffix = _rows(kwargs, row, slice(f, length))
+            prefix = body(**_rows(kwargs, rows, slice(0, f)), use_cache=True)
+        keep(frozen_h, frozen_t, prefix.last_hidden_state, shift_labels[rows, :f])
+        suffix = _rows(kwargs, rows, slice(f, length))
         if "attention_mask" in kwargs:  # the mask covers the cached positions and the new ones
-            suffix["attention_mask"] = kwargs["attention_mask"][row]
+            suffix["attention_mask"] = kwargs["attention_mask"][rows]
         if "position_ids" not in kwargs:  # the positions the one call would give them
             suffix["position_ids"] = torch.arange(f, length, device=ids.device).unsqueeze(0)
         cache = getattr(prefix, cache_keyword, None) or getattr(prefix, "past_key_values", None)
         hidden = body(**suffix, use_cache=True, **{cache_keyword: cache}).last_hidden_state
-        keep(live_h, live_t, hidden, shift_labels[row, f:])
+        keep(live_h, live_t, hidden, shift_labels[rows, f:])
 
     def summed(hidden: list[Tensor], targets: list[Tensor]) -> Tensor:
         return head(torch.cat(hidden), torch.cat(targets).to(hidden[0].device), ignore_index=ignore_index,
