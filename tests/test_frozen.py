@@ -217,3 +217,9 @@ def test_rows_split_together_at_one_position_and_a_short_prefix_is_not_split():
     assert sorted(calls) == [(False, (2, 40)), (True, (1, 64)), (True, (2, 24))]
     _assert_close((loss.detach(), [patched.get_input_embeddings().reserved_weight.grad]),
                   _dense_reference(model, tied, input_ids=ids, labels=ids), length=64)
+    short = ids.clone()
+    short[:, 40] = short[2, 6]  # every row's first term now at 5 or earlier: nothing worth splitting
+    short[0, 3], short[1, 2] = 7, 8
+    with _split_calls() as split:
+        patched(input_ids=short, labels=short).loss.backward()
+    assert split == [False]  # the usual path ran

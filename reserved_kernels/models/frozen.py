@@ -57,7 +57,9 @@ def frozen_split_unsupported(model: nn.Module, body_kwargs: dict) -> str | None:
     rows = {id(m.reserved_weight) for m in (input_embedding(model), output_head(model)) if hasattr(m, "reserved_weight")}
     if any(p.requires_grad and id(p) not in rows for p in model.parameters()):
         return "a parameter other than the reserved rows trains"
-    if getattr(model, "is_gradient_checkpointing", False):
+    checkpointing = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
+                     else "is_gradient_checkpointing")  # renamed in transformers 5.x
+    if getattr(model, checkpointing, False):
         return "gradient checkpointing"
     config = getattr(model, "config", None)
     if any(float(getattr(config, key, 0) or 0) > 0 for key in _DROPOUT_KEYS):
@@ -110,8 +112,11 @@ def split_loss(model: nn.Module, body_kwargs: dict, shift_labels: Tensor, *, ign
     embedding, head = input_embedding(model), output_head(model)
     first = split_points(ids, embedding._slot_map, body_kwargs.get("attention_mask"))
     length = ids.shape[1]
-    if all(f == 0 for f in first):
-        return None
+    # A short frozen prefix saves less backward than its separate call costs (a small model's control token at
+    # position 1): such rows run whole. Rows whose prefixes end at the same position split together.
+    shortest = max(1, length // MIN_PREFIX_FRACTION)
+    if all(f < shortest for f in first):
+        return None  # nothing worth running apart: the usual path
     body = model.base_model
     kwargs = {k: v for k, v in body_kwargs.items() if v is not None and k != "use_cache"}
     frozen_h, frozen_t, live_h, live_t = [], [], [], []
@@ -125,9 +130,6 @@ def split_loss(model: nn.Module, body_kwargs: dict, shift_labels: Tensor, *, ign
         with torch.no_grad():
             hidden = body(**_rows(kwargs, none), use_cache=False).last_hidden_state
         keep(frozen_h, frozen_t, hidden, shift_labels[none])
-    # A short frozen prefix saves less backward than its separate call costs (a small model's control token at
-    # position 1): such rows run whole. Rows whose prefixes end at the same position split together.
-    shortest = max(1, length // MIN_PREFIX_FRACTION)
     at_start = [b for b, f in enumerate(first) if f < shortest]
     groups: dict[int, list[int]] = {}
     for b, f in enumerate(first):
