@@ -23,7 +23,7 @@ from reserved_kernels.models import frozen, patch_model  # noqa: E402
 from tests.families import tiny_gemma, tiny_llama, tiny_qwen2  # noqa: E402
 
 RESERVED = [7, 8, 9, 10, 11]
-LENGTH = 100  # longer than Gemma 2/3's tiny sliding window (64): a cached prefix crosses it
+LENGTH = 200  # longer than Gemma 2/3's tiny sliding window (64): a cached prefix crosses it
 EPS32 = torch.finfo(torch.float32).eps
 
 
@@ -41,9 +41,9 @@ def _batch(length: int = LENGTH):
     later), a term near the end, a left-padded row; -100 on padding."""
     ids = torch.randint(108, 1000, (5, length), generator=torch.Generator().manual_seed(0))
     ids[1, 0] = 7
-    ids[2, 30], ids[2, 80] = 8, 11
-    ids[3, 90] = 9
-    ids[4, 50] = 10
+    ids[2, 80], ids[2, 160] = 8, 11
+    ids[3, 180] = 9
+    ids[4, 100] = 10
     mask = torch.ones_like(ids)
     mask[4, :12] = 0  # left padding
     mask[1, -9:] = 0  # right padding
@@ -120,8 +120,8 @@ def test_only_the_live_positions_run_with_gradients():
         lambda module, args: seen.append((torch.is_grad_enabled(), args[0].shape[0] * args[0].shape[1])))
     patched(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     hook.remove()
-    # Row 4's term is at 50, but the row is left-padded: its padding queries see the whole row, so it is not split.
-    live = sum(LENGTH - f for f in (LENGTH, 0, 30, 90, 0))
+    # Row 4's term is at 100, but the row is left-padded: its padding queries see the whole row, so it is not split.
+    live = sum(LENGTH - f for f in (LENGTH, 0, 80, 180, 0))
     assert sum(n for grad, n in seen if grad) == live
     assert sum(n for grad, n in seen if not grad) == 5 * LENGTH - live
 
@@ -130,7 +130,7 @@ def test_packed_rows_shift_labels_and_the_trainer_normaliser():
     """position_ids restarting inside a row (packing), the labels shifted by the caller, num_items_in_batch."""
     model, tied = _model("gemma3")
     ids, mask, labels = _batch()
-    position_ids = torch.cat([torch.arange(40), torch.arange(LENGTH - 40)]).expand(5, -1).contiguous()
+    position_ids = torch.cat([torch.arange(90), torch.arange(LENGTH - 90)]).expand(5, -1).contiguous()
     shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     batch = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels, shift_labels=shift,
                  num_items_in_batch=123)
@@ -203,10 +203,10 @@ def test_autocast_gives_the_same_step_as_without_the_skip():
 
 def test_rows_split_together_at_one_position_and_a_short_prefix_is_not_split():
     """Rows whose first term stands at the same position share one prefix call and one suffix call; a row whose
-    frozen prefix is under 1/8 of it runs whole (its saved backward is worth less than a call)."""
+    frozen prefix is under 1/8 of it or 64 positions runs whole (its saved backward is worth less than a call)."""
     model, tied = _model("gemma")
-    ids = torch.randint(108, 1000, (3, 64), generator=torch.Generator().manual_seed(2))
-    ids[0, 40], ids[1, 40], ids[2, 5] = 7, 8, 9
+    ids = torch.randint(108, 1000, (3, 160), generator=torch.Generator().manual_seed(2))
+    ids[0, 100], ids[1, 100], ids[2, 50] = 7, 8, 9
     patched = patch_model(copy.deepcopy(model), RESERVED).train()
     calls = []
     hook = patched.model.layers[0].register_forward_pre_hook(
@@ -214,12 +214,12 @@ def test_rows_split_together_at_one_position_and_a_short_prefix_is_not_split():
     loss = patched(input_ids=ids, labels=ids).loss
     loss.backward()
     hook.remove()
-    assert sorted(calls) == [(False, (2, 40)), (True, (1, 64)), (True, (2, 24))]
+    assert sorted(calls) == [(False, (2, 100)), (True, (1, 160)), (True, (2, 60))]
     _assert_close((loss.detach(), [patched.get_input_embeddings().reserved_weight.grad]),
-                  _dense_reference(model, tied, input_ids=ids, labels=ids), length=64)
+                  _dense_reference(model, tied, input_ids=ids, labels=ids), length=160)
     short = ids.clone()
-    short[:, 40] = short[2, 6]  # every row's first term now at 5 or earlier: nothing worth splitting
-    short[0, 3], short[1, 2] = 7, 8
+    short[:, 100] = short[2, 6]  # every row's first term now before position 64: nothing worth splitting
+    short[0, 3], short[1, 63] = 7, 8
     with _split_calls() as split:
         patched(input_ids=short, labels=short).loss.backward()
     assert split == [False]  # the usual path ran

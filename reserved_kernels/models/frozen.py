@@ -7,8 +7,8 @@ through the tied head's K reserved columns alone. The patched training forward
 (:mod:`reserved_kernels.models.causal_lm`) therefore runs
 
 * the rows without a reserved id through the body under ``no_grad``, batched;
-* each row whose first reserved id stands at position ``f >= T/8`` in two calls (rows with the same ``f``
-  together): positions ``[0, f)`` under ``no_grad``, keeping the model's own KV cache, then ``[f, T)`` with
+* each row whose first reserved id stands at position ``f >= max(T/8, 64)`` in two calls (rows with the
+  same ``f`` together): positions ``[0, f)`` under ``no_grad``, keeping the model's own KV cache, then ``[f, T)`` with
   gradients, reading that cache;
 * the other rows with a reserved id (an earlier one; left-padded rows, see :func:`split_points`) as usual,
   batched;
@@ -34,9 +34,10 @@ SKIP_ENV_VAR = "RESERVED_KERNELS_SKIP_FROZEN"  # 0: never skip (benchmarks, debu
 # Keyword arguments the split knows how to slice by row (anything else with a value: the usual path).
 _ROW_ARGS = ("input_ids", "attention_mask", "position_ids")
 _HARMLESS = ("use_cache", "return_dict")
-# A row is split only where its frozen prefix holds at least 1/8 of it: below that the backward it saves costs
-# less than the extra call (measured on the shipped demo model, whose control token stands at position 1).
-MIN_PREFIX_FRACTION = 8
+# A row is split only where its frozen prefix holds at least 1/8 of it and 64 positions: below that the backward
+# it saves is worth less than the extra calls (measured: the shipped model's control token at position 1 made its
+# demo 3x slower, and Gemma 3 270M's 40-token lines with a term anywhere 1.3x slower, split one call pair a row).
+MIN_PREFIX_FRACTION, MIN_PREFIX_POSITIONS = 8, 64
 # Dropout draws a random mask per call: split calls would draw other masks than one call.
 _DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
                  "hidden_dropout_prob", "attention_probs_dropout_prob")
@@ -114,9 +115,9 @@ def split_loss(model: nn.Module, body_kwargs: dict, shift_labels: Tensor, *, ign
     length = ids.shape[1]
     # A short frozen prefix saves less backward than its separate call costs (a small model's control token at
     # position 1): such rows run whole. Rows whose prefixes end at the same position split together.
-    shortest = max(1, length // MIN_PREFIX_FRACTION)
-    if all(f < shortest for f in first):
-        return None  # nothing worth running apart: the usual path
+    shortest = max(MIN_PREFIX_POSITIONS, length // MIN_PREFIX_FRACTION)
+    if all(f < min(shortest, length) for f in first):
+        return None  # no row without a term, no prefix worth running apart: the usual path
     body = model.base_model
     kwargs = {k: v for k, v in body_kwargs.items() if v is not None and k != "use_cache"}
     frozen_h, frozen_t, live_h, live_t = [], [], [], []
@@ -130,10 +131,10 @@ def split_loss(model: nn.Module, body_kwargs: dict, shift_labels: Tensor, *, ign
         with torch.no_grad():
             hidden = body(**_rows(kwargs, none), use_cache=False).last_hidden_state
         keep(frozen_h, frozen_t, hidden, shift_labels[none])
-    at_start = [b for b, f in enumerate(first) if f < shortest]
+    at_start = [b for b, f in enumerate(first) if f < min(shortest, length)]
     groups: dict[int, list[int]] = {}
     for b, f in enumerate(first):
-        if shortest <= f < length:
+        if shortest <= f < length:  # (a row shorter than the threshold splits only when it has no term)
             groups.setdefault(f, []).append(b)
     if at_start:
         keep(live_h, live_t, body(**_rows(kwargs, at_start), use_cache=False).last_hidden_state, shift_labels[at_start])
