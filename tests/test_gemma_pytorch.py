@@ -166,3 +166,31 @@ def test_the_loss_is_the_fused_ops_and_matches_the_logits(architecture, quant):
     tol = (1024 + 32) * torch.finfo(torch.float32).eps  # one loss summed in two orders (see test_gemma)
     torch.testing.assert_close(losses[0], losses[1], rtol=tol, atol=0)
     torch.testing.assert_close(grads[0], grads[1], rtol=tol, atol=tol * grads[1].abs().max().item())
+
+
+@pytest.mark.parametrize("architecture, quant", [("gemma2", False), ("gemma3", True)])
+def test_rows_without_a_reserved_id_run_without_a_backward_and_the_loss_is_the_same(architecture, quant):
+    """A batch mixing ordinary text with text that uses the terms: the ordinary rows' body runs under no_grad
+    (they reach the rows through the tied head alone); loss and row gradients match the logits path."""
+    model = _model(architecture, quant)
+    patch_model(model, RESERVED)
+    rows = model.embedder.reserved_weight
+    with torch.no_grad():
+        rows.add_(torch.randn(3, 32, generator=torch.Generator().manual_seed(2)))
+    ids = _batch(seed=5, batch=3)
+    ids[1] = torch.randint(108, 1024, (20,), generator=torch.Generator().manual_seed(6))  # no reserved id
+    seen = []
+    hook = model.embedder.register_forward_pre_hook(lambda m, args: seen.append((torch.is_grad_enabled(),
+                                                                                 args[0].shape[0])))
+    loss = causal_lm_loss(model, ids)
+    hook.remove()
+    loss.backward()
+    assert sorted(seen) == [(False, 1), (True, 2)]
+    fused = (loss.detach(), rows.grad.clone())
+    rows.grad = None
+    logits = causal_lm_logits(model, ids)[:, :-1]
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, 1024), ids[:, 1:].reshape(-1))
+    reference.backward()
+    tol = (1024 + 32) * torch.finfo(torch.float32).eps  # one loss summed in other orders (see test_gemma)
+    torch.testing.assert_close(fused[0], reference.detach(), rtol=tol, atol=0)
+    torch.testing.assert_close(fused[1], rows.grad, rtol=tol, atol=tol * rows.grad.abs().max().item())

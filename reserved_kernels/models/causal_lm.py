@@ -38,13 +38,13 @@ _MARK = "_reserved_patched_forward"
 _LOSS_ONLY = ("num_items_in_batch", "shift_labels", "ignore_index", "logits_to_keep")
 
 
-def install(model: nn.Module, state: PatchState, fused_loss: bool, skip_frozen: bool) -> None:
+def install(model: nn.Module, state: PatchState, fused_loss: bool) -> None:
     """Make :func:`patched_forward` ``model.forward`` (the previous instance forward, if any, kept in ``state``).
 
     It shows the class forward's signature, as the model's own would: Trainer keeps only the dataset
     columns that signature names, and ``generate`` checks its keyword arguments against it.
     """
-    state.forward = ForwardSwap(previous=model.__dict__.get("forward"), fused_loss=fused_loss, skip_frozen=skip_frozen)
+    state.forward = ForwardSwap(previous=model.__dict__.get("forward"), fused_loss=fused_loss)
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, **kwargs):
@@ -87,7 +87,8 @@ def _parameter_names(cls: type) -> tuple[str, ...]:
 def patched_forward(self, *args, labels=None, return_logits: bool | None = None, fused_lm_head: bool = False,
                     **kwargs):
     """The patched model's forward (see the module docstring)."""
-    swap = patch_state(self).forward
+    state = patch_state(self)
+    swap = state.forward
     if args:  # named, so that the backbone and the model's own forward both get them right
         kwargs.update(zip(_parameter_names(type(self)), args))
     labels = kwargs.pop("labels", labels)
@@ -104,7 +105,7 @@ def patched_forward(self, *args, labels=None, return_logits: bool | None = None,
     body_kwargs = {k: v for k, v in kwargs.items() if k not in _LOSS_ONLY}
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    if swap.skip_frozen and frozen.frozen_split_unsupported(self, body_kwargs) is None:
+    if state.skip_frozen and frozen.frozen_split_unsupported(self, body_kwargs) is None:
         loss = frozen.split_loss(self, body_kwargs, shift_labels, ignore_index=ignore_index, num_items_in_batch=num_items,
                                  softcap=_softcap(self))
         if loss is not None:

@@ -18,6 +18,8 @@ The loss and the rows' gradients are today's path's up to the order of floating-
 GEMM shapes). Deciding the split reads the ids on the host once a step; nothing else synchronises.
 
 :func:`frozen_split_unsupported` says when this does not apply and the usual path runs instead.
+gemma_pytorch's :func:`~reserved_kernels.models.causal_lm_loss` uses :func:`skip_unavailable` and
+:func:`split_points` for whole rows only.
 """
 
 from __future__ import annotations
@@ -43,14 +45,15 @@ _DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop"
                  "hidden_dropout_prob", "attention_probs_dropout_prob")
 
 
-def frozen_split_unsupported(model: nn.Module, body_kwargs: dict) -> str | None:
-    """Why the frozen-position split cannot run for this call (None: it can).
+def skip_unavailable(model: nn.Module) -> str | None:
+    """Why no position of ``model`` can be frozen now (None: frozen positions exist wherever no reserved id
+    reaches): turned off, gradients off, or something besides the reserved rows trains (a LoRA adapter beside
+    them makes every position depend on it)."""
+    from reserved_kernels.models.state import patch_state
 
-    It cannot when anything but the reserved rows trains (a LoRA adapter beside them makes every position
-    depend on it), under gradient checkpointing (transformers turns the KV cache off in training there),
-    with dropout, with ``inputs_embeds``, a cache passed in, extra outputs or other inputs it does not slice,
-    or when turned off (``patch_model(..., skip_frozen=False)`` or ``RESERVED_KERNELS_SKIP_FROZEN=0``).
-    """
+    state = patch_state(model)
+    if state is None or not state.skip_frozen:
+        return "not patched with skip_frozen=True"
     if os.environ.get(SKIP_ENV_VAR, "1") == "0":
         return f"{SKIP_ENV_VAR}=0"
     if not torch.is_grad_enabled():
@@ -58,6 +61,19 @@ def frozen_split_unsupported(model: nn.Module, body_kwargs: dict) -> str | None:
     rows = {id(m.reserved_weight) for m in (input_embedding(model), output_head(model)) if hasattr(m, "reserved_weight")}
     if any(p.requires_grad and id(p) not in rows for p in model.parameters()):
         return "a parameter other than the reserved rows trains"
+    return None
+
+
+def frozen_split_unsupported(model: nn.Module, body_kwargs: dict) -> str | None:
+    """Why the frozen-position split of a Hugging Face model cannot run for this call (None: it can).
+
+    :func:`skip_unavailable`, and: under gradient checkpointing (transformers turns the KV cache off in
+    training there), with dropout, with ``inputs_embeds``, a cache passed in, extra outputs or other inputs
+    it does not slice.
+    """
+    reason = skip_unavailable(model)
+    if reason is not None:
+        return reason
     checkpointing = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
                      else "is_gradient_checkpointing")  # renamed in transformers 5.x
     if getattr(model, checkpointing, False):

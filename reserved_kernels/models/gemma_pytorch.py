@@ -17,11 +17,14 @@ an ``attn_type`` (an enum with ``GLOBAL`` / ``LOCAL_SLIDING`` members) and ``mod
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
 from reserved_kernels._table import dequantised
 from reserved_kernels.functional import reserved_logits
+from reserved_kernels.models import frozen
 from reserved_kernels.models.layout import embedder_name, is_gemma_pytorch
 
 # gemma_pytorch's additive mask value (its generate() fills masked positions with this).
@@ -116,10 +119,28 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
 
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    hidden = _decoder_states(model, input_ids)[:, :-1]
     targets = input_ids[:, 1:]
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
     table, rows, _, slot_map = _tied_table(model)
-    return linear_cross_entropy(hidden, table, rows, slot_map, targets, ignore_index=-100,
-                                softcap=getattr(model.config, "final_logit_softcapping", None), reduction=reduction)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def summed(batch: list[int] | slice, frozen_body: bool = False) -> Tensor:
+        with torch.no_grad() if frozen_body else contextlib.nullcontext():
+            hidden = _decoder_states(model, input_ids[batch])[:, :-1]
+        return linear_cross_entropy(hidden, table, rows, slot_map, targets[batch], ignore_index=-100,
+                                    softcap=softcap, reduction="sum")
+
+    # Rows without a reserved id reach the rows through the tied head alone: their body runs without a
+    # backward (reserved_kernels.models.frozen; one host read of the ids). Prefixes are not split here.
+    cold = []
+    if frozen.skip_unavailable(model) is None:
+        cold = [b for b, f in enumerate(frozen.split_points(input_ids, slot_map, None)) if f == input_ids.shape[1]]
+    warm = [b for b in range(input_ids.shape[0]) if b not in cold]
+    if not cold:
+        total = summed(slice(None))
+    else:
+        total = summed(cold, frozen_body=True)
+        if warm:
+            total = total + summed(warm)
+    return total / (targets != -100).sum() if reduction == "mean" else total

@@ -86,8 +86,8 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             trains (a LoRA adapter beside them), under gradient checkpointing, with dropout, with
             ``inputs_embeds``, a KV cache passed in, or inputs it does not slice (anything but
             ``input_ids``, a (B, T) ``attention_mask`` and ``position_ids``), and for TRL's
-            ``fused_lm_head`` statistics and gemma_pytorch models. False (or
-            ``RESERVED_KERNELS_SKIP_FROZEN=0``) turns it off.
+            ``fused_lm_head`` statistics; gemma_pytorch's ``causal_lm_loss`` skips whole rows without a
+            reserved id, not prefixes. False (or ``RESERVED_KERNELS_SKIP_FROZEN=0``) turns it off.
 
     With PEFT, apply the adapter first (``get_peft_model``), then patch the PEFT model: the adapter and
     the rows train together. Patching first and then calling ``get_peft_model`` freezes the rows (PEFT
@@ -137,10 +137,10 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             module.reserved_weight.requires_grad_(True)
     state = PatchState(embedding=embedding, head=head, requires_grad=requires_grad,
                        guard=base.register_forward_pre_hook(_training_guard),
-                       vocab=reserved if isinstance(reserved, ReservedVocab) else None)
+                       vocab=reserved if isinstance(reserved, ReservedVocab) else None, skip_frozen=skip_frozen)
     attach(model, state)
     if isinstance(new_head, ReservedLMHead) and hasattr(base, "base_model_prefix") and hasattr(base, "config"):
-        causal_lm.install(base, state, fused_loss, skip_frozen)  # a transformers model: its labels= path, and TRL's fused head
+        causal_lm.install(base, state, fused_loss)  # a transformers model: its labels= path, and TRL's fused head
     return model
 
 

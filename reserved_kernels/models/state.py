@@ -25,7 +25,6 @@ class ForwardSwap:
 
     previous: Callable | None  # the instance forward before, or None for the class's own
     fused_loss: bool  # labels= in training goes through the fused loss
-    skip_frozen: bool = True  # positions no reserved id reaches run without a backward (models.frozen)
 
 
 @dataclasses.dataclass
@@ -36,6 +35,7 @@ class PatchState:
     guard: RemovableHandle  # the training-call pre-hook on the base model
     vocab: Any = None  # the ReservedVocab given to patch_model, if one was (its tokenizer for save_pretrained)
     rows_frozen_on_purpose: bool = False  # freeze_rows was called: frozen rows beside PEFT layers are intended
+    skip_frozen: bool = True  # positions no reserved id reaches run without a backward (models.frozen)
     forward: ForwardSwap | None = None
 
 
