@@ -115,13 +115,16 @@ def test_info_says_no_cuda_device_where_there_is_none():
 
 
 def test_an_unknown_model_fails_at_once_with_the_known_names(tmp_path):
-    start = time.perf_counter()
-    proc = _cli("demo", "--model", "nope-model", "--out", tmp_path / "out")
-    elapsed = time.perf_counter() - start
-    line = _one_line_error(proc)
+    """It used to retry a model hub for ~40 s: now the name is refused before torch, transformers or a hub
+    client is imported (what the refusal costs is timed in the note, not asserted here)."""
+    line = _one_line_error(_cli("demo", "--model", "nope-model", "--out", tmp_path / "out"))
     assert "nope-model" in line and "gemma-3-270m" in line
-    assert elapsed < 10, elapsed  # it used to retry a model hub for ~40 s (the bound leaves room for a busy CI)
     assert not (tmp_path / "out").exists()
+    code = ("import sys\nfrom reserved_kernels.cli import main\n"
+            "try:\n    main(['demo', '--model', 'nope-model'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize("content, match", [

@@ -152,7 +152,7 @@ def _loss_and_step_lines(results_dir: str, device: str) -> list[str]:
     if path:
         with open(path) as f:
             payload = json.load(f)
-        caption = train_step.caption(payload["texts"]["ordinary"]).replace(", ordinary text (no reserved id)", "")
+        caption = train_step.caption(payload["texts"]["ordinary"], with_text=False)
         lines += [f"*the real Gemma 3 270M step, frozen positions skipped and not* — {caption}. Reproduce: "
                   f"`reserved-kernels bench --model gemma-3-270m --frozen-only --device {device}`.", "",
                   train_step.frozen_table(payload["texts"]), ""]

@@ -198,7 +198,8 @@ def table(payload: dict) -> str:
     return "\n".join(lines)
 
 
-def caption(payload: dict) -> str:
+def caption(payload: dict, with_text: bool = True) -> str:
+    """One line saying what was measured, where and when (``with_text``: and where the batch's terms stand)."""
     from reserved_kernels.benchmarks.harness import machine_phrase, processes_phrase
 
     c, env = payload["config"], payload["environment"]
@@ -207,8 +208,9 @@ def caption(payload: dict) -> str:
     text = {"mixed": "the first sequence opening with every reserved id", "ordinary": "ordinary text (no reserved id)",
             "random": "one term per sequence at a random position",
             "start": "a term at position 0 of every sequence"}[c.get("text", "mixed")]
+    where_terms = text + ", " if with_text else ""
     return (f"{c.get('model_name') or c.get('model') or 'random table'}: one AdamW step, {where}, {c['dtype']}, {shape}, "
-            f"{c['slots']} reserved ids, {text}, {processes_phrase(c)}; torch {env['torch']}; {env['date']}, "
+            f"{c['slots']} reserved ids, {where_terms}{processes_phrase(c)}; torch {env['torch']}; {env['date']}, "
             f"commit {env.get('commit')}")
 
 
@@ -302,9 +304,8 @@ def main(argv=None):
     frozen = dict(environment=environment(), texts=payloads)
     print(frozen_table(payloads))
     if args.out:
-        any_payload = payloads["ordinary"]
         write_report(os.path.join(args.out, f"frozen-{label}-{stamp}"), frozen,
-                     caption(any_payload).replace(", ordinary text (no reserved id)", ""), frozen_table(payloads))
+                     caption(payloads["ordinary"], with_text=False), frozen_table(payloads))
 
 
 if __name__ == "__main__":

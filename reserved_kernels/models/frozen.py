@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from reserved_kernels.models.layout import input_embedding, output_head
+from reserved_kernels.models.state import patch_state
 
 SKIP_ENV_VAR = "RESERVED_KERNELS_SKIP_FROZEN"  # 0: never skip (benchmarks, debugging)
 # Keyword arguments the split knows how to slice by row (anything else with a value: the usual path).
@@ -49,8 +50,6 @@ def skip_unavailable(model: nn.Module) -> str | None:
     """Why no position of ``model`` can be frozen now (None: frozen positions exist wherever no reserved id
     reaches): turned off, gradients off, or something besides the reserved rows trains (a LoRA adapter beside
     them makes every position depend on it)."""
-    from reserved_kernels.models.state import patch_state
-
     state = patch_state(model)
     if state is None or not state.skip_frozen:
         return "not patched with skip_frozen=True"
@@ -131,8 +130,8 @@ def split_loss(model: nn.Module, body_kwargs: dict, shift_labels: Tensor, *, ign
     length = ids.shape[1]
     # A short frozen prefix saves less backward than its separate call costs (a small model's control token at
     # position 1): such rows run whole. Rows whose prefixes end at the same position split together.
-    shortest = max(MIN_PREFIX_POSITIONS, length // MIN_PREFIX_FRACTION)
-    if all(f < min(shortest, length) for f in first):
+    shortest = min(max(MIN_PREFIX_POSITIONS, length // MIN_PREFIX_FRACTION), length)
+    if all(f < shortest for f in first):
         return None  # no row without a term, no prefix worth running apart: the usual path
     body = model.base_model
     kwargs = {k: v for k, v in body_kwargs.items() if v is not None and k != "use_cache"}
@@ -147,10 +146,10 @@ def split_loss(model: nn.Module, body_kwargs: dict, shift_labels: Tensor, *, ign
         with torch.no_grad():
             hidden = body(**_rows(kwargs, none), use_cache=False).last_hidden_state
         keep(frozen_h, frozen_t, hidden, shift_labels[none])
-    at_start = [b for b, f in enumerate(first) if f < min(shortest, length)]
+    at_start = [b for b, f in enumerate(first) if f < shortest]
     groups: dict[int, list[int]] = {}
     for b, f in enumerate(first):
-        if shortest <= f < length:  # (a row shorter than the threshold splits only when it has no term)
+        if shortest <= f < length:
             groups.setdefault(f, []).append(b)
     if at_start:
         keep(live_h, live_t, body(**_rows(kwargs, at_start), use_cache=False).last_hidden_state, shift_labels[at_start])
@@ -164,8 +163,8 @@ def split_loss(model: nn.Module, body_kwargs: dict, shift_labels: Tensor, *, ign
             suffix["attention_mask"] = kwargs["attention_mask"][rows]
         if "position_ids" not in kwargs:  # the positions the one call would give them
             suffix["position_ids"] = torch.arange(f, length, device=ids.device).unsqueeze(0)
-        cache = getattr(prefix, cache_keyword, None) or getattr(prefix, "past_key_values", None)
-        hidden = body(**suffix, use_cache=True, **{cache_keyword: cache}).last_hidden_state
+        # The body's output names its cache as its keyword does (``cache`` / ``past_key_values``).
+        hidden = body(**suffix, use_cache=True, **{cache_keyword: getattr(prefix, cache_keyword)}).last_hidden_state
         keep(live_h, live_t, hidden, shift_labels[rows, f:])
 
     def summed(hidden: list[Tensor], targets: list[Tensor]) -> Tensor:

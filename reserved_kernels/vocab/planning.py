@@ -313,11 +313,13 @@ class ReservedVocab:
         """Each planned form is one token, the right one, alone, after the same term and after a space, and
         decodes back to the text as written. (The probes are made of the term alone, so that they hold on any
         vocabulary; the tests probe real text, lines and punctuation.)"""
+        def slot_of(form: str) -> int | None:  # a new form's slot, or an already planned one's id
+            return slots[form] if form in slots else (self.plan[form].id if form in self.plan else None)
+
         problems = {}
         for form, slot in slots.items():
             term = form.strip()
-            spaced_slot = slots.get(" " + term) or (self.plan[" " + term].id if " " + term in self.plan else None)
-            bare_slot = slots.get(term) or (self.plan[term].id if term in self.plan else None)
+            spaced_slot, bare_slot = slot_of(" " + term), slot_of(term)
             probes = {form: [slot], term + term: [bare_slot] * 2}
             if spaced_slot is not None:
                 probes[term + " " + term] = [bare_slot, spaced_slot]
