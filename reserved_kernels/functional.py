@@ -181,12 +181,15 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 class CrossEntropyStats(NamedTuple):
-    """:func:`linear_cross_entropy` with ``return_stats=True``: the loss, and per token (0 where ignored,
-    without gradient) the entropy of the next-token distribution and whether the target is its top token."""
+    """:func:`linear_cross_entropy` with ``return_stats=True``: the loss, and per token (without gradient) the
+    entropy of the next-token distribution and whether the target is its top token (0 and False where ignored),
+    and the log-sum-exp of the frozen table's columns alone — every column but the reserved ones — for every
+    token (what :class:`~reserved_kernels.models.FrozenText` keeps)."""
 
     loss: Tensor
     entropy: Tensor
     is_top1: Tensor
+    frozen_lse: Tensor
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, targets: Tensor,
@@ -208,7 +211,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
         targets: (...) int64/int32 next-token ids, already shifted; ``ignore_index`` marks tokens that do not count.
         reduction: "mean" (over counted tokens; NaN when none counts, as ``F.cross_entropy``), "sum" or "none".
         num_items_in_batch: divide the sum by this instead (Trainer's normaliser under gradient accumulation).
-        return_stats: also return each token's entropy and whether its target is the top token.
+        return_stats: also return each token's entropy, whether its target is the top token and the log-sum-exp
+            of the frozen columns alone (:class:`CrossEntropyStats`).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -222,7 +226,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
     # Each gradient is computed only when it is wanted: a detached hidden (frozen positions) costs one GEMM per tile.
     grad_enabled = torch.is_grad_enabled()
     budget = tile_bytes if tile_bytes is not None else DEFAULT_TILE_BYTES.get(hidden.device.type, 64 << 20)
-    loss, entropy, is_top1, _, _ = ops.linear_cross_entropy(flat, weight, reserved_weight, slot_map,
+    loss, entropy, is_top1, _, _, frozen_lse = ops.linear_cross_entropy(flat, weight, reserved_weight, slot_map,
                                                             targets.reshape(-1), ignore_index, softcap, budget,
                                                             grad_enabled and flat.requires_grad,
                                                             grad_enabled and reserved_weight.requires_grad,
@@ -238,7 +242,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
     else:
         loss = loss.view(targets.shape)
     if return_stats:
-        return CrossEntropyStats(loss, entropy.view(targets.shape), is_top1.view(targets.shape))
+        return CrossEntropyStats(loss, entropy.view(targets.shape), is_top1.view(targets.shape),
+                                 frozen_lse.view(targets.shape))
     return loss
 
 

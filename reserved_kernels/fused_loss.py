@@ -15,11 +15,14 @@ the op's outputs serve every reduction exactly. The frozen table gets nothing.
 **The algorithm** (one driver for every backend; only the per-tile step has two forms, PyTorch's
 :func:`reserved_kernels.reference.cross_entropy.lse_tile` and its Triton twin). A
 block of C tokens meets the vocabulary one tile of V_t columns at a time (C x V_t elements, sized from a
-memory budget). The K reserved columns are a tile of their own (``h @ Rᵀ``), taken first; in the table's
-tiles their columns are masked out. Each tile updates per-token running statistics as flash attention
-does: the maximum ``m``, the sum ``s = Σ exp(z − m)``, and — when gradients are wanted — the accumulator
-``acc = Σ_j exp(z_j − m)·cap'_j·M_j``, all rescaled by ``exp(m_old − m_new)`` when ``m`` grows. At the
-end ``grad_hidden = acc / s − cap'_t·M_t``. One pass over the table, two GEMMs per tile, no recomputation.
+memory budget). The K reserved columns are a tile of their own (``h @ Rᵀ``); in the table's tiles their
+columns are masked out. Each tile updates per-token running statistics as flash attention does: the
+maximum ``m``, the sum ``s = Σ exp(z − m)``, and — when gradients are wanted — the accumulator
+``acc = Σ_j exp(z_j − m)·cap'_j·M_j``, all rescaled by ``exp(m_old − m_new)`` when ``m`` grows. The
+reserved tile's logits are computed first (their maximum starts ``m``, so masked columns add nothing) and
+folded in last: before the fold the statistics are the frozen columns' alone, which gives their
+log-sum-exp for free. At the end ``grad_hidden = acc / s − cap'_t·M_t``. One pass over the table, two GEMMs
+per tile, no recomputation.
 
 **What it costs** (N tokens, V x D table): 2·N·V·D multiply-adds with gradients (the logits GEMM and the
 accumulator GEMM — the unfused path's two), half without; the table is read twice per block of C
@@ -151,20 +154,23 @@ class _Block:
                    acc_h=torch.zeros((n, dim), dtype=dtype, device=device) if grad_hidden else None)
 
 
-def _reserved_tile(block: _Block, h: Tensor, rows: Tensor, target_col: Tensor, softcap: float | None,
-                   gemms: TileGemms, tile_step: Callable) -> Tensor:
-    """The K reserved columns, first (so ``m`` holds a real logit before any all-masked table tile); returns
-    their capped logits (N, K), which the rows' gradient needs at the end."""
+def _reserved_logits(h: Tensor, rows: Tensor, softcap: float | None, gemms: TileGemms) -> Tensor:
+    """The K reserved columns' capped logits (N, K): the first GEMM of a block, since their maximum starts ``m``."""
     z_res = gemms.logits(h, rows, torch.empty((h.shape[0], rows.shape[0]), dtype=gemms.acc, device=h.device))
-    if softcap is not None:
-        softcap_(z_res, softcap)
+    return softcap_(z_res, softcap) if softcap is not None else z_res
+
+
+def _fold_reserved(block: _Block, z_res: Tensor, rows: Tensor, target_col: Tensor, softcap: float | None,
+                   gemms: TileGemms, tile_step: Callable) -> None:
+    """Fold the K reserved columns into ``block`` after the table's tiles (which then give the frozen
+    columns' log-sum-exp on their own): one more tile step, and ``acc += p·R`` after its rescaling."""
     p = torch.empty_like(z_res) if block.acc_h is not None else None
-    tile_step(z_res.clone(), None, target_col, None, block.m, block.s, block.a, block.zt, p)  # already capped
+    alpha = tile_step(z_res.clone(), None, target_col, None, block.m, block.s, block.a, block.zt, p)  # capped
     if p is not None:
         if softcap is not None:  # the slope the tile step did not apply (it saw capped logits)
             p.mul_(cap_slope(z_res, softcap))
-        block.acc_h.addmm_(p, rows.to(gemms.acc))  # K columns: a small GEMM in the accumulation dtype
-    return z_res
+        # K columns: a small GEMM in the accumulation dtype
+        block.acc_h.mul_(alpha.unsqueeze(1)).addmm_(p, rows.to(gemms.acc))
 
 
 def _table_tiles(block: _Block, h: Tensor, weight: Tensor, reserved_cols: Tensor | None, targets: Tensor,
@@ -220,11 +226,14 @@ def _grad_logits_reserved(block: _Block, lse: Tensor, z_res: Tensor, targets: _T
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, targets: Tensor,
                          ignore_index: int, softcap: float | None, tile_bytes: int, grad_hidden: bool, grad_rows: bool,
                          stats: bool, tile_step: Callable, tile_step_needs_scratch: bool = True,
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, entropy, is_top1, grad_hidden, grad_logits_reserved)`` for flat ``hidden`` (N, D) and ``targets`` (N,).
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, entropy, is_top1, grad_hidden, grad_logits_reserved, frozen_lse)`` for flat ``hidden`` (N, D) and
+    ``targets`` (N,).
 
     ``loss`` (N,) in the accumulation dtype, 0 where ignored. ``entropy`` (N,) and ``is_top1`` (N,) bool (the
-    target is the most likely token) when ``stats``, else empty. ``grad_hidden`` (N, D) in the hidden dtype
+    target is the most likely token) when ``stats``, else empty; so is ``frozen_lse`` (N,), the log-sum-exp over
+    the table's columns alone (every column but the K reserved ones, for every token, ignored ones included):
+    the statistic :class:`~reserved_kernels.models.FrozenText` keeps, taken from the same pass. ``grad_hidden`` (N, D) in the hidden dtype
     when ``grad_hidden``, and ``grad_logits_reserved`` (N, K) in the accumulation dtype when ``grad_rows``,
     else empty: each token's gradient of its own loss (see the module docstring). The two are independent:
     without ``grad_hidden`` there is no accumulator, no accumulator GEMM and no softmax copy — one GEMM per
@@ -246,8 +255,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
     is_top1 = torch.zeros(num_tokens if stats else 0, dtype=torch.bool, device=device)
     d_hidden = torch.zeros((num_tokens if grad_hidden else 0, dim), dtype=hidden.dtype, device=device)
     grad_reserved = torch.zeros((num_tokens if grad_rows else 0, num_slots), dtype=acc, device=device)
+    frozen_lse = torch.zeros(num_tokens if stats else 0, dtype=acc, device=device)
     if num_tokens == 0:
-        return loss, entropy, is_top1, d_hidden, grad_reserved
+        return loss, entropy, is_top1, d_hidden, grad_reserved, frozen_lse
 
     scratch = tile_step_needs_scratch and (stats or (softcap is not None and grad_hidden))
     block_rows, cols = tile_shape(num_tokens, vocab, tile_bytes,
@@ -262,10 +272,14 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
         h = hidden[r0:r1].to(gemms.operand)
         block = _Block.empty(r1 - r0, dim, acc, device, stats, grad_hidden)
         z_res = None
-        if num_slots:
-            z_res = _reserved_tile(block, h, rows, torch.where(part.reserved, part.slot, -1), softcap, gemms,
-                                   tile_step)
+        if num_slots:  # m starts at a real logit: a table tile whose columns are all reserved then adds exp(-inf)
+            z_res = _reserved_logits(h, rows, softcap, gemms)
+            block.m.copy_(z_res.amax(1))
         _table_tiles(block, h, weight, reserved_cols, part.ids, part.plain, softcap, gemms, tile_step, buffers, cols)
+        if stats:
+            frozen_lse[r0:r1] = block.m + torch.log(block.s)
+        if z_res is not None:
+            _fold_reserved(block, z_res, rows, torch.where(part.reserved, part.slot, -1), softcap, gemms, tile_step)
         lse = block.m + torch.log(block.s)
         loss[r0:r1] = torch.where(part.valid, lse - block.zt, 0)
         if stats:
@@ -275,4 +289,4 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
             d_hidden[r0:r1] = _grad_hidden(block, weight, rows, part, softcap, acc).to(hidden.dtype)
         if grad_rows and z_res is not None:
             grad_reserved[r0:r1] = _grad_logits_reserved(block, lse, z_res, part, softcap)
-    return loss, entropy, is_top1, d_hidden, grad_reserved
+    return loss, entropy, is_top1, d_hidden, grad_reserved, frozen_lse

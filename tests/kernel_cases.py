@@ -19,6 +19,7 @@ from tests.oracle import (
     assert_within,
     cross_entropy_oracle,
     embedding_oracle,
+    frozen_lse_oracle,
     mean_oracle,
     merged_table,
     scatter_oracle,
@@ -233,6 +234,8 @@ def check_linear_cross_entropy(device, dtype, *, vocab=311, dim=37, num_reserved
     if stats:
         assert_as_close_as_torch(out.entropy, plain[1], exact[1], floor(exact[1], vocab), "entropy")
         assert torch.equal(out.is_top1, exact[2]), "is_top1"
+        frozen = [frozen_lse_oracle(hidden, weight, reserved_ids.to(device), softcap, d) for d in (dtype, torch.float64)]
+        assert_as_close_as_torch(out.frozen_lse, *frozen, floor(frozen[1], vocab), "frozen_lse")
     assert hidden.grad.dtype == dtype and rows.grad.dtype == rows.dtype and rows.grad.shape == rows.shape
     assert_as_close_as_torch(hidden.grad, plain[3], exact[3], floor(exact[3], vocab, out_eps), "grad hidden")
     if num_reserved:

@@ -139,6 +139,18 @@ def cross_entropy_oracle(hidden: Tensor, merged: Tensor, targets: Tensor, softca
     return loss.detach(), entropy, top1, h.grad, m.grad
 
 
+def frozen_lse_oracle(hidden: Tensor, weight: Tensor, reserved_ids: Tensor, softcap: float | None,
+                      dtype: torch.dtype = torch.float64) -> Tensor:
+    """The log-sum-exp of ``cap(hidden @ weight.T)`` over every column but ``reserved_ids``, through the whole
+    (N, V) logits in ``dtype`` (float64: exact; else what plain PyTorch gets at that precision)."""
+    logits = hidden.detach().to(dtype) @ weight.detach().to(dtype).T
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.to(torch.promote_types(dtype, torch.float32))
+    logits[:, reserved_ids] = float("-inf")
+    return logits.logsumexp(-1)
+
+
 def assert_as_close_as_torch(ours: Tensor, torch_result: Tensor, exact: Tensor, floor: float, what: str) -> None:
     """flash-attention's budget: ours at most twice as far from the exact (float64) result as plain PyTorch's
     own result at the same precision is, plus ``floor`` (the rounding of the output itself)."""

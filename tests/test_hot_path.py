@@ -201,9 +201,10 @@ def test_the_fused_loss_host_code_never_synchronises(backend, dtype, monkeypatch
         emb, hidden, targets = emb.to("cuda"), hidden.to("cuda"), targets.to("cuda")
         detector = _SyncDetector()
         with detector, torch.no_grad():  # as inside the op, below autograd
-            loss, entropy, top1, grad_hidden, grad_rows = impl.linear_cross_entropy(
+            loss, entropy, top1, grad_hidden, grad_rows, frozen_lse = impl.linear_cross_entropy(
                 hidden, emb.weight, emb.reserved_weight, emb._slot_map, targets, -100, 30.0, 1 << 20, True, True, True)
         assert loss.shape == (1024,) and grad_hidden.shape == (1024, 256) and grad_rows.shape == (1024, 99)
+        assert frozen_lse.shape == (1024,)
     assert not detector.syncs, detector.syncs
     if backend == "triton":
         from reserved_kernels.fused_loss import bytes_per_tile_element, tile_shape

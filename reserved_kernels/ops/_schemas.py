@@ -19,7 +19,7 @@ SCHEMAS = {
                     "Tensor offsets, Tensor src_ids) -> Tensor",
     "linear_cross_entropy": "(Tensor hidden, Tensor weight, Tensor reserved_weight, Tensor slot_map, Tensor targets, "
                             "int ignore_index, float? softcap, int tile_bytes, bool grad_hidden, bool grad_rows, bool stats) "
-                            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+                            "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 # The ops csrc/ implements. The fused loss is GEMMs (cuBLAS, MKL) around a per-tile step (Triton, or PyTorch):
 # no compiled kernel of ours would run it faster, so the extension leaves it to Python.
@@ -70,7 +70,8 @@ def _linear_cross_entropy_fake(hidden, weight, reserved_weight, slot_map, target
     stat = n if stats else 0
     return (hidden.new_empty(n, dtype=acc), hidden.new_empty(stat, dtype=acc), hidden.new_empty(stat, dtype=torch.bool),
             hidden.new_empty((n if grad_hidden else 0, hidden.shape[1])),
-            hidden.new_empty((n if grad_rows else 0, reserved_weight.shape[0]), dtype=acc))
+            hidden.new_empty((n if grad_rows else 0, reserved_weight.shape[0]), dtype=acc),
+            hidden.new_empty(stat, dtype=acc))
 
 
 # ----------------------------------------------------------------------------------------------- autograd
@@ -105,8 +106,8 @@ def linear_cross_entropy_setup_context(ctx, inputs, output):
             raise RuntimeError(f"linear_cross_entropy was called with grad_{'hidden' if name == 'hidden' else 'rows'}"
                                f"=False, but {name} requires grad: the gradients are computed in the forward pass, "
                                "so ask for them there")
-    _loss, entropy, is_top1, grad_hidden, grad_reserved = output
-    ctx.mark_non_differentiable(entropy, is_top1, grad_hidden, grad_reserved)
+    _loss, entropy, is_top1, grad_hidden, grad_reserved, frozen_lse = output
+    ctx.mark_non_differentiable(entropy, is_top1, grad_hidden, grad_reserved, frozen_lse)
     ctx.save_for_backward(hidden, targets, grad_hidden, grad_reserved)
     ctx.rows_dtype = reserved_weight.dtype
     ctx.ignore_index = ignore_index

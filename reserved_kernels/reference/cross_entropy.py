@@ -14,7 +14,8 @@ from reserved_kernels._table import softcap_
 
 def masked_value(dtype: torch.dtype) -> float:
     """What a masked (reserved) column of a table tile becomes: finite, so ``0 · value`` stays 0, and far
-    below any logit, so ``exp(value − m)`` is 0 once ``m`` holds a real logit (the reserved tile comes first)."""
+    below any logit, so ``exp(value − m)`` is 0 once ``m`` holds a real logit (the driver starts ``m``
+    at the reserved columns' maximum)."""
     return -torch.finfo(dtype).max
 
 
