@@ -34,6 +34,9 @@ _EXPORTS = {
     "freeze_rows": "reserved_kernels.models",
     "perplexity": "reserved_kernels.models",
     "perplexity_change": "reserved_kernels.models",
+    "FrozenText": "reserved_kernels.models",
+    "StaleFrozenText": "reserved_kernels.models",
+    "PerplexityCallback": "reserved_kernels.models",
     "untrained_rows": "reserved_kernels.models",
     "UntrainedRows": "reserved_kernels.models",
     "causal_lm_logits": "reserved_kernels.models",
@@ -61,9 +64,10 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what a type checker and an IDE see; at run time __getattr__ imports on first use
     from reserved_kernels import pretrained
     from reserved_kernels.functional import build_slot_map, linear_cross_entropy, mean_init_, reserved_embedding
-    from reserved_kernels.models import (UntrainedRows, causal_lm_logits, causal_lm_loss, freeze_rows,
-                                         is_gemma_pytorch, load_reserved, merge, patch_model, perplexity,
-                                         perplexity_change, save_pretrained, save_reserved, untrained_rows)
+    from reserved_kernels.models import (FrozenText, PerplexityCallback, StaleFrozenText, UntrainedRows,
+                                         causal_lm_logits, causal_lm_loss, freeze_rows, is_gemma_pytorch,
+                                         load_reserved, merge, patch_model, perplexity, perplexity_change,
+                                         save_pretrained, save_reserved, untrained_rows)
     from reserved_kernels.modules.embedding import ReservedEmbedding
     from reserved_kernels.modules.lm_head import ReservedLMHead
     from reserved_kernels.vocab import PlanEntry, PlanError, ReservedPlan, ReservedVocab, default_tokenizer_path

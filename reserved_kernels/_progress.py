@@ -33,3 +33,24 @@ def announced(message: str) -> Iterator[None]:
         if said.is_set():
             print(f"reserved_kernels: {message}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr,
                   flush=True)
+
+
+class Ticker:
+    """Progress of a long loop on stderr: :meth:`tick` prints its line at most once per :data:`AFTER_SECONDS`,
+    and not before the loop has run that long; :meth:`done` prints the last one if any was printed."""
+
+    def __init__(self, what: str, enabled: bool = True) -> None:
+        self.what, self.enabled = what, enabled
+        self.start = self.last = time.perf_counter()
+        self.said = False
+
+    def tick(self, status: str) -> None:
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= AFTER_SECONDS:
+            self.last, self.said = now, True
+            print(f"reserved_kernels: {self.what}: {status} ({now - self.start:.0f} s)", file=sys.stderr, flush=True)
+
+    def done(self, status: str) -> None:
+        if self.said:
+            print(f"reserved_kernels: {self.what}: {status}, done in {time.perf_counter() - self.start:.1f} s",
+                  file=sys.stderr, flush=True)

@@ -194,3 +194,29 @@ def test_rows_without_a_reserved_id_run_without_a_backward_and_the_loss_is_the_s
     tol = (1024 + 32) * torch.finfo(torch.float32).eps  # one loss summed in other orders (see test_gemma)
     torch.testing.assert_close(fused[0], reference.detach(), rtol=tol, atol=0)
     torch.testing.assert_close(fused[1], rows.grad, rtol=tol, atol=tol * rows.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("architecture, quant", [("gemma2", False), ("gemma3", True)])
+def test_frozen_text_gives_the_logits_paths_loss_and_gradient(architecture, quant):
+    """FrozenText on the gemma_pytorch layout (soft-capped Gemma 2, int8 Gemma 3): its cached loss at moved rows is
+    the cross-entropy of causal_lm_logits, and so is its gradient."""
+    model = _model(architecture, quant)
+    patch_model(model, RESERVED)
+    ids = torch.randint(108, 1024, (3, 20), generator=torch.Generator().manual_seed(4))
+    ids[0, -1] = 8  # a reserved target at the last counted position; its own position predicts nothing
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    text = rk.FrozenText(model, [dict(input_ids=ids, attention_mask=mask)])
+    rows = model.embedder.reserved_weight
+    with torch.no_grad():
+        rows.add_(torch.randn(3, 32, generator=torch.Generator().manual_seed(2)))
+    text.loss().backward()
+    cached = rows.grad.clone()
+    rows.grad = None
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    reference = torch.nn.functional.cross_entropy(causal_lm_logits(model, ids)[:, :-1].reshape(-1, 1024),
+                                                  targets.reshape(-1))
+    reference.backward()
+    tol = (1024 + 32 + 20) * torch.finfo(torch.float32).eps  # one loss summed in other orders (see test_frozen_text)
+    torch.testing.assert_close(text.loss().detach(), reference.detach(), rtol=tol, atol=0)
+    torch.testing.assert_close(cached, rows.grad, rtol=tol, atol=tol * rows.grad.abs().max().item())

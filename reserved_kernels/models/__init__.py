@@ -1,9 +1,13 @@
 """Model integration: patch a causal LM so only planned rows train, merge back, keep the rows as a small artifact.
 
+:class:`FrozenText` keeps ordinary text for the exact loss at the current rows at O(K·D) a token, and
+:class:`PerplexityCallback` (a ``transformers.TrainerCallback``) watches it during training.
+
 Hugging Face Gemma 1/2/3, Llama 3 and Qwen2 (tied or untied heads, PEFT models around them) and
 gemma_pytorch-layout models.
 """
 
+from reserved_kernels.models.frozen_text import FrozenText, StaleFrozenText
 from reserved_kernels.models.gemma_pytorch import causal_lm_logits, causal_lm_loss
 from reserved_kernels.models.layout import is_gemma_pytorch
 from reserved_kernels.models.patch import (freeze_rows, load_reserved, merge, patch_model, save_pretrained,
@@ -13,4 +17,12 @@ from reserved_kernels.models.untrained import UntrainedRows, untrained_rows
 
 __all__ = ["patch_model", "merge", "save_pretrained", "save_reserved", "load_reserved", "freeze_rows", "perplexity",
            "perplexity_change", "untrained_rows", "UntrainedRows", "causal_lm_logits", "causal_lm_loss",
-           "is_gemma_pytorch"]
+           "is_gemma_pytorch", "FrozenText", "StaleFrozenText", "PerplexityCallback"]
+
+
+def __getattr__(name: str):
+    if name == "PerplexityCallback":  # a transformers.TrainerCallback: transformers is imported only when asked for
+        from reserved_kernels.models.callback import PerplexityCallback
+
+        return PerplexityCallback
+    raise AttributeError(f"module 'reserved_kernels.models' has no attribute {name!r}")

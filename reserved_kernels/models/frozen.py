@@ -57,10 +57,23 @@ def skip_unavailable(model: nn.Module) -> str | None:
         return f"{SKIP_ENV_VAR}=0"
     if not torch.is_grad_enabled():
         return "gradients are off"
-    rows = {id(m.reserved_weight) for m in (input_embedding(model), output_head(model)) if hasattr(m, "reserved_weight")}
-    if any(p.requires_grad and id(p) not in rows for p in model.parameters()):
+    if other_trainable(model) is not None:
         return "a parameter other than the reserved rows trains"
     return None
+
+
+def reserved_rows(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable rows of a patched model: the embedding's, and an untied head's own."""
+    rows = {id(m.reserved_weight): m.reserved_weight for m in (input_embedding(model), output_head(model))
+            if hasattr(m, "reserved_weight")}
+    return list(rows.values())
+
+
+def other_trainable(model: nn.Module) -> str | None:
+    """The name of a parameter besides the reserved rows that requires grad (a LoRA adapter's), or None: while one
+    trains, no hidden state is a constant."""
+    rows = {id(p) for p in reserved_rows(model)}
+    return next((name for name, p in model.named_parameters() if p.requires_grad and id(p) not in rows), None)
 
 
 def frozen_split_unsupported(model: nn.Module, body_kwargs: dict) -> str | None:
