@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--frozen-only", action="store_true",
                          help="with --model: only the frozen-position skip on and off (ordinary text, a term at a "
                               "random position, a term at position 0), not the peers")
+    p_bench.add_argument("--frozen-text", action="store_true",
+                         help="with --model: only FrozenText's cached perplexity and training step on ordinary text "
+                              "beside the full forward, and their exactness")
     p_bench.add_argument("--out", default="bench/results", help="folder for <device>-<date>.json/.md/.png")
     p_bench.add_argument("--readme", metavar="README", nargs="?", const="README.md",
                          help="only regenerate README's Results section from the files in --out")
@@ -234,13 +237,17 @@ def _run(args: argparse.Namespace) -> None:
 
             host_main(["--device", args.device, "--out", args.out])
         elif args.model:
+            from reserved_kernels.benchmarks.frozen_text import main as frozen_text_main
             from reserved_kernels.benchmarks.train_step import main as step_main
 
             step = ["--device", args.device, "--model", args.model, "--head", "--slots", "16", "--tokens", "1024",
                     "--repeat", "3", "--out", args.out]
-            if not args.frozen_only:
+            if not (args.frozen_only or args.frozen_text):
                 step_main(step)  # ours beside PEFT, the hook recipe and the body alone
-            step_main(step + ["--frozen"])  # the frozen-position skip on and off, three kinds of text
+            if not args.frozen_text:
+                step_main(step + ["--frozen"])  # the frozen-position skip on and off, three kinds of text
+            if not args.frozen_only:  # ordinary text through FrozenText beside the full forward
+                frozen_text_main(["--device", args.device, "--model", args.model, "--out", args.out])
         else:
             from reserved_kernels.benchmarks.suite import main as bench_main
 

@@ -25,8 +25,11 @@ The procedure:
    all (trained) rows (transformers' ``mean_resizing``), a random normal row at the table's scale, and the
    untouched reserved row — and measure the held-out loss on text that uses the terms;
 3. train only the new rows (AdamW, a small learning rate), every initialisation on the small model, ours
-   on a real one (``--train-all`` trains each there too);
-4. check the held-out perplexity of ordinary text (±1%), that every frozen parameter is bit-identical, what
+   on a real one (``--train-all`` trains each there too), with ordinary text's perplexity at every step through
+   a :class:`~reserved_kernels.models.FrozenText` (exact, O(K·D) a token); on the real model ordinary text
+   joins the training loss through a second one;
+4. check the held-out perplexity of ordinary text (±1%; measured the slow way too, beside the cache's value),
+   that every frozen parameter is bit-identical, what
    gradients and optimizer state cost against the dense recipe, and (on the real model) show a greedy
    continuation of a prompt that uses a term, before and after training.
 
@@ -76,12 +79,17 @@ def encode_lines(lines: list[str], encode, *, bos: int, eos: int, pad: int,
 
 
 def story_data(story: Story, encode_terms, encode_plain, rng: random.Random, **special) -> dict:
-    """``{"train", "heldout", "ordinary"}``: (input_ids, labels, attention_mask) each; term text split 70/30."""
+    """``{"train", "heldout", "ordinary", "mix"}``: (input_ids, labels, attention_mask) each; term text split
+    70/30; ordinary text held out (the perplexity check), and apart from it the ordinary text a story mixes into
+    training (``story.mix``)."""
     term_lines, ordinary = (register_lines(rng, 2200) if story is REGISTERS else pydoc_lines(rng))
     cut = len(term_lines) * 7 // 10 if story is PYDOC else 2000
+    held = 60 if story.mix else len(ordinary)
     data = {"train": encode_lines(term_lines[:cut], encode_terms, length=story.length, **special),
             "heldout": encode_lines(term_lines[cut:], encode_terms, length=story.length, **special),
-            "ordinary": encode_lines(ordinary, encode_plain, length=story.length, **special)}
+            "ordinary": encode_lines(ordinary[:held], encode_plain, length=story.length, **special)}
+    if story.mix:
+        data["mix"] = encode_lines(ordinary[held:], encode_plain, length=story.length, **special)
     if not story.term_is_target:  # the control token sits at position 1: never a target
         for key in ("train", "heldout"):
             data[key][1][:, 1] = -100
@@ -187,7 +195,7 @@ def run(args: argparse.Namespace) -> dict:
         train_steps = steps if (train_all or init == "description") else 0
         clock = time.perf_counter()
         results[init] = train_rows(patched, data, steps=train_steps, lr=lr, seed=args.seed, batch=story.batch,
-                                   evals=story.evals, log=log)
+                                   evals=story.evals, mix=story.mix, log=log)
         curve = results[init]["curve"]
         log(f"  {INIT_LABELS[init]:26s} held-out term loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f}   "
             f"({train_steps} steps, {time.perf_counter() - clock:.1f} s)")
@@ -195,8 +203,9 @@ def run(args: argparse.Namespace) -> dict:
     trained = ours["model"]
     if story.prompt is not None:
         texts["trained"] = continuation(trained, encode, decode, story.prompt, _special_ids(model)["bos"])
-    log("ordinary-text perplexity after training ...")
+    log("ordinary-text perplexity after training, the slow way (a full forward pass) ...")
     base_after = math.exp(mean_loss(trained, *data["ordinary"]))
+    cached_after = ours["ordinary"][-1][1] if ours["ordinary"] else base_after
     moved = [name for name, p in trained.named_parameters()
              if not name.endswith("reserved_weight") and not torch.equal(p, snapshot[name])]
     moved += [name for name, p in model.named_parameters() if not torch.equal(p, snapshot[name])]
@@ -210,19 +219,21 @@ def run(args: argparse.Namespace) -> dict:
         dense_how = "measured after one step of the whole table trainable with a gradient hook"
 
     term_before, term_after = math.exp(ours["curve"][0][1]), math.exp(ours["curve"][-1][1])
-    for line in closing_lines(results, base_before, base_after, story, steps, texts, moved, state, dense, dense_how):
+    for line in closing_lines(results, base_before, base_after, cached_after, story, steps, texts, moved, state, dense,
+                              dense_how):
         log(line)
 
     from reserved_kernels.models import save_reserved
 
     plot = args.plot or os.path.join(args.out, "loss_curves.png")
-    log(f"plot: {plot}" if write_plot({k: r["curve"] for k, r in results.items()}, story, plot)
+    log(f"plot: {plot}" if write_plot(results, story, plot)
         else "plot: none (matplotlib is not installed: pip install matplotlib)")
     vocab.save(args.out)
     save_reserved(trained, os.path.join(args.out, "reserved_rows.pt"), plan=vocab)
     log(f"wrote {args.out}: the renamed tokenizer, reserved_plan.json and reserved_rows.pt")
     log(f"done in {time.perf_counter() - start:.0f} s")
-    summary = dict(base_ppl_before=base_before, base_ppl_after=base_after, term_ppl_before=term_before,
+    summary = dict(base_ppl_before=base_before, base_ppl_after=base_after, base_ppl_after_cached=cached_after,
+                   ordinary_curve=ours["ordinary"], term_ppl_before=term_before,
                    term_ppl_after=term_after, init_loss={k: r["curve"][0][1] for k, r in results.items()},
                    final_loss={k: r["curve"][-1][1] for k, r in results.items()}, frozen_identical=not moved,
                    state_bytes=state, dense_state_bytes=dense, steps=steps, lr=lr, seed=args.seed,

@@ -10,8 +10,8 @@ from reserved_kernels.stories import INIT_LABELS, Story
 BASE_TOLERANCE = 0.01  # ordinary-text perplexity may move by at most 1%
 
 
-def closing_lines(results: dict, base_before: float, base_after: float, story: Story, steps: int, texts: dict,
-                  moved: list[str], state: int, dense: int, dense_how: str) -> list[str]:
+def closing_lines(results: dict, base_before: float, base_after: float, cached_after: float, story: Story, steps: int,
+                  texts: dict, moved: list[str], state: int, dense: int, dense_how: str) -> list[str]:
     """The table of initialisations, the ordinary-text check, the continuations, the frozen check, the state."""
     lines = ["", f"{'initialisation':28s} {'term loss at step 0':>20s} {'after':>8s}   perplexity"]
     for init, r in results.items():
@@ -23,6 +23,8 @@ def closing_lines(results: dict, base_before: float, base_after: float, story: S
     change = base_after / base_before - 1
     lines.append(f"ordinary-text perplexity (no new terms): {base_before:.4f} before, {base_after:.4f} after "
                  f"({100 * change:+.2f}%; {'within' if abs(change) <= BASE_TOLERANCE else 'OUTSIDE'} ±1%)")
+    lines.append(f"  after, the slow way (a full forward pass) {base_after:.6f}; through the cache (FrozenText) "
+                 f"{cached_after:.6f}: {abs(cached_after / base_after - 1):.1e} apart")
     if story.prompt is not None:
         lines.append(f"greedy continuation of {story.prompt!r}:")
         if "random" in texts:
@@ -35,8 +37,9 @@ def closing_lines(results: dict, base_before: float, base_after: float, story: S
     return lines
 
 
-def write_plot(curves: dict, story: Story, path: str) -> bool:
-    """The held-out loss curve of each initialisation, as a PNG at ``path``; False without matplotlib."""
+def write_plot(results: dict, story: Story, path: str) -> bool:
+    """Two panels as a PNG at ``path``: each initialisation's held-out term loss, and ordinary text's perplexity at
+    every step of each trained one (through the cache); False without matplotlib."""
     try:
         import matplotlib
 
@@ -44,16 +47,21 @@ def write_plot(curves: dict, story: Story, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for init, curve in curves.items():
-        steps, losses = zip(*curve)
-        ax.plot(steps, losses, marker="o", markersize=3, label=INIT_LABELS[init])
+    fig, (terms, ordinary) = plt.subplots(1, 2, figsize=(11, 3.8))
     rows = len(story.terms) * (2 if story.spaced else 1)
-    ax.set_xlabel(f"training step (only the {rows} new rows train)")
-    ax.set_ylabel("held-out loss on text with the new tokens")
-    ax.set_title(story.title, fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    for init, result in results.items():
+        steps, losses = zip(*result["curve"])
+        terms.plot(steps, losses, marker="o", markersize=3, label=INIT_LABELS[init])
+        if result["ordinary"]:
+            steps, values = zip(*result["ordinary"])
+            ordinary.plot(steps, values, label=INIT_LABELS[init])
+    terms.set_ylabel("held-out loss on text with the new tokens")
+    ordinary.set_ylabel("ordinary-text perplexity (exact, cached)")
+    for ax in (terms, ordinary):
+        ax.set_xlabel(f"training step (only the {rows} new rows train)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(story.title + (" (ordinary text in the training mix)" if story.mix else ""), fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

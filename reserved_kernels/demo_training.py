@@ -9,18 +9,23 @@ from collections.abc import Callable
 
 import torch
 
-def mean_loss(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, batch: int = 16) -> float:
-    """Mean next-token negative log-likelihood over every target of (ids, labels), through the loss path
-    (a patched model's fused loss: no (B, T, V) logits), in batches of lines of similar length."""
-    from reserved_kernels.models import perplexity
-
+def length_batches(ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, batch: int = 16) -> list[dict]:
+    """(ids, labels, mask) as batches of ``batch`` lines of similar length, each cut to its longest line."""
     order = mask.sum(1).argsort()
     chunks = []
     for i in range(0, ids.shape[0], batch):
         rows = order[i:i + batch]
         width = int(mask[rows].sum(1).max())
         chunks.append(dict(input_ids=ids[rows, :width], labels=labels[rows, :width], attention_mask=mask[rows, :width]))
-    return math.log(perplexity(model, chunks))
+    return chunks
+
+
+def mean_loss(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, batch: int = 16) -> float:
+    """Mean next-token negative log-likelihood over every target of (ids, labels), through the loss path
+    (a patched model's fused loss: no (B, T, V) logits) — a full forward pass, the slow way."""
+    from reserved_kernels.models import perplexity
+
+    return math.log(perplexity(model, length_batches(ids, labels, mask, batch)))
 
 
 def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -70,36 +75,51 @@ def initialised(base_model, vocab, init: str, seed: int) -> torch.nn.Module:
 
 
 def train_rows(model, data: dict, *, steps: int, lr: float, seed: int, batch: int, evals: int = 6,
-               log: Callable[[str], None] = print) -> dict:
-    """Train ``model``'s trainable parameters (its new rows) on ``data["train"]``; the held-out curve."""
+               mix: float = 0.0, log: Callable[[str], None] = print) -> dict:
+    """Train ``model``'s trainable parameters (its new rows) on ``data["train"]``: the held-out term-loss curve and,
+    at every step, ordinary text's perplexity through a :class:`~reserved_kernels.models.FrozenText` of
+    ``data["ordinary"]`` (exact, O(K·D) a token). With ``mix``, the loss adds ``mix`` times the cached loss of the
+    ordinary text ``data["mix"]`` (ordinary text in the training mix, through the cache as well)."""
+    from reserved_kernels.models import FrozenText
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     train_ids, train_labels, train_mask = data["train"]
     generator = torch.Generator().manual_seed(seed)
     curve = [(0, mean_loss(model, *data["heldout"]))]
+    if steps == 0:
+        return dict(model=model, optimizer=optimizer, curve=curve, ordinary=[])
+    ordinary = FrozenText(model, length_batches(*data["ordinary"]))
+    mixed = FrozenText(model, length_batches(*data["mix"])) if mix else None
+    ordinary_curve = [(0, ordinary.perplexity())]
     every = max(1, steps // evals)
     start = time.perf_counter()
     model.train()
     for step in range(1, steps + 1):
         rows = torch.randint(0, train_ids.shape[0], (batch,), generator=generator).to(train_ids.device)
         width = int(train_mask[rows].sum(1).max())
-        loss = model(input_ids=train_ids[rows, :width], attention_mask=train_mask[rows, :width],
-                     labels=train_labels[rows, :width]).loss
+        term_loss = model(input_ids=train_ids[rows, :width], attention_mask=train_mask[rows, :width],
+                          labels=train_labels[rows, :width]).loss
+        loss = term_loss + mix * mixed.loss() if mixed is not None else term_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        ordinary_curve.append((step, ordinary.perplexity()))
         if step % every == 0 or step == steps:
             curve.append((step, mean_loss(model, *data["heldout"])))
-            log(f"    step {step}/{steps}: batch loss {loss.item():.3f}, held-out term loss {curve[-1][1]:.3f} "
+            log(f"    step {step}/{steps}: batch term loss {term_loss.item():.3f}"
+                + (f" (+ {mix:g} x cached ordinary loss {(loss - term_loss).item() / mix:.3f})" if mixed else "")
+                + f", held-out term loss {curve[-1][1]:.3f}, "
+                f"ordinary-text perplexity {ordinary_curve[-1][1]:.3f} "
                 f"({(time.perf_counter() - start) / step:.2g} s per step with evaluations)")
-    return dict(model=model, optimizer=optimizer, curve=curve)
+    return dict(model=model, optimizer=optimizer, curve=curve, ordinary=ordinary_curve)
 
 
 def train_init(base_model, vocab, init: str, data: dict, *, steps: int, lr: float, seed: int, batch: int = 16,
-               evals: int = 10, log=print) -> dict:
+               evals: int = 10, mix: float = 0.0, log=print) -> dict:
     """:func:`initialised`, then :func:`train_rows`."""
     model = initialised(base_model, vocab, init, seed)
-    return train_rows(model, data, steps=steps, lr=lr, seed=seed, batch=batch, evals=evals, log=log)
+    return train_rows(model, data, steps=steps, lr=lr, seed=seed, batch=batch, evals=evals, mix=mix, log=log)
 
 
 @torch.no_grad()

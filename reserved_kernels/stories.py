@@ -29,20 +29,23 @@ class Story:
     train_all: bool  # train every initialisation (the small model), or ours alone (a real one)
     evals: int  # held-out evaluations during training
     spaced: bool  # plan each term after a space too (ReservedVocab.surface_forms): words in running text
+    mix: float  # the weight of ordinary text's cached loss in the training loss (0: term text alone)
 
 
 # Control tokens open a line: never after a space, so one form each. The shipped model never learned to continue
 # a marker (its continuation is the same for every row), so it shows no continuation.
 REGISTERS = Story("registers", {"[summary]": "in summary", "[translate]": "in translation"},
                   "Teaching [summary] and [translate] to a small pretrained Gemma", steps=300, lr=1e-3, batch=16,
-                  length=32, prompt=None, term_is_target=False, train_all=True, evals=10, spaced=False)
+                  length=32, prompt=None, term_is_target=False, train_all=True, evals=10, spaced=False, mix=0.0)
 # Terms in running text: each is planned bare ("[kwarg]", from "keyword ▁argument") and after a space
-# (" [kwarg]", from "▁keyword ▁argument"), so it is one token at the start of a sentence and inside one.
+# (" [kwarg]", from "▁keyword ▁argument"), so it is one token at the start of a sentence and inside one. Every
+# position is a target, so the tied head learns to predict the terms: ordinary text, through the cache
+# (FrozenText), holds the rest of the distribution in place.
 PYDOC = Story("pydoc", {"[kwarg]": "keyword argument", "[posarg]": "positional argument",
                         "[builtin]": "built-in function", "[codeblock]": "code block"},
               "Teaching Gemma 3 270M four terms of Python's documentation", steps=12, lr=5e-4, batch=8, length=40,
               prompt="A [posarg] must come before a [kwarg] because", term_is_target=True, train_all=False, evals=3,
-              spaced=True)
+              spaced=True, mix=1.0)
 
 
 def story_named(name: str) -> Story:
@@ -77,7 +80,7 @@ def pydoc_sentences() -> list[str]:
 
 def pydoc_lines(rng: random.Random) -> tuple[list[str], list[str]]:
     """(term lines, ordinary lines): sentences with a term's phrase, each phrase replaced by the term (plurals keep
-    their "s": "[kwarg]s"; a sentence may start with one), and sentences that use none of the phrases."""
+    their "s": "[kwarg]s"; a sentence may start with one), and 124 sentences that use none of the phrases."""
     patterns = {term: re.compile(r"\b" + re.escape(phrase), re.IGNORECASE) for term, phrase in PYDOC.terms.items()}
     term_lines, ordinary = [], []
     for sentence in dict.fromkeys(pydoc_sentences()):  # each sentence once, in order
@@ -87,4 +90,4 @@ def pydoc_lines(rng: random.Random) -> tuple[list[str], list[str]]:
         (ordinary if replaced == sentence else term_lines).append(replaced)
     rng.shuffle(term_lines)
     rng.shuffle(ordinary)
-    return term_lines, ordinary[:60]
+    return term_lines, ordinary[:124]

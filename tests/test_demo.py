@@ -31,7 +31,7 @@ def _args(seed, **overrides):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_demo_training_shows_every_claim(seed):
     """Description-mean init starts best; training cuts the term perplexity by at least 30%; ordinary text
-    moves by at most 1%; every frozen parameter is bit-identical."""
+    moves by at most 1%, tracked at every step through the cache; every frozen parameter is bit-identical."""
     args = _args(seed)
     model, vocab, plan, data, story = demo.prepare(args, log=lambda line: None)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -45,6 +45,8 @@ def test_demo_training_shows_every_claim(seed):
     assert math.exp(after) <= 0.7 * math.exp(before), (before, after)
     base_after = math.exp(demo_training.mean_loss(ours["model"], *data["ordinary"]))
     assert abs(base_after / base_before - 1) <= 0.01, (base_before, base_after)
+    assert len(ours["ordinary"]) == story.steps + 1  # tracked at every step through the cache: the slow way's value
+    assert ours["ordinary"][-1][1] == pytest.approx(base_after, rel=1e-5)
     for name, p in ours["model"].named_parameters():
         if not name.endswith("reserved_weight"):
             assert torch.equal(p, frozen[name]), name
@@ -59,8 +61,10 @@ def test_demo_command_prints_a_json_summary_and_writes_its_files(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert f"plot: {out / 'loss_curves.png'}" in proc.stdout and (out / "loss_curves.png").exists()
     assert "greedy continuation" not in proc.stdout  # the toy model continues every row alike: no line for it
-    assert {"base_ppl_before", "base_ppl_after", "term_ppl_before", "term_ppl_after", "init_loss",
-            "frozen_identical", "state_bytes", "dense_state_bytes"} <= set(summary)
+    assert {"base_ppl_before", "base_ppl_after", "base_ppl_after_cached", "ordinary_curve", "term_ppl_before",
+            "term_ppl_after", "init_loss", "frozen_identical", "state_bytes", "dense_state_bytes"} <= set(summary)
+    assert len(summary["ordinary_curve"]) == 21
+    assert summary["base_ppl_after_cached"] == pytest.approx(summary["base_ppl_after"], rel=1e-5)
     assert set(summary["init_loss"]) == {"description", "random"} and summary["frozen_identical"] is True
     assert summary["dense_state_bytes"] > 100 * summary["state_bytes"]
     assert (out / "reserved_rows.pt").stat().st_size < 16 * 1024

@@ -59,7 +59,7 @@ def text(vocab, model):
                            **demo._special_ids(model))
     # A fraction of the demo's training and ordinary text (the tier's time budget), all its held-out lines: on 12 of
     # them the description mean and a random row started within 0.01 of each other.
-    take = {"train": 24, "heldout": 31, "ordinary": 12}
+    take = {"train": 24, "heldout": 31, "ordinary": 12, "mix": 12}
     return {k: tuple(t[:take[k]] for t in v) for k, v in data.items()}
 
 
@@ -104,16 +104,20 @@ def test_untrained_row_detection_finds_the_unused_rows_and_spares_ordinary_engli
 
 def test_a_term_from_its_description_starts_ahead_trains_and_leaves_english_alone(model, vocab, text):
     """The description mean starts below a random row's held-out loss; a few steps at the story's small learning
-    rate lower it further; ordinary-text perplexity stays within ±1%; frozen parameters stay bit-identical."""
+    rate (ordinary text mixed in through the cache) lower it further; ordinary-text perplexity stays within ±1%, and
+    the cache's value is the full forward's; frozen parameters stay bit-identical."""
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
     base_before = math.exp(demo_training.mean_loss(model, *text["ordinary"]))
     random_start = demo_training.mean_loss(demo_training.initialised(model, vocab, "random", 0), *text["heldout"])
     ours = demo_training.train_init(model, vocab, "description", text, steps=4, lr=demo.PYDOC.lr, seed=0, batch=6, evals=1,
-                           log=lambda line: None)
+                                    mix=demo.PYDOC.mix, log=lambda line: None)
     (_, start), (_, end) = ours["curve"][0], ours["curve"][-1]
     assert start < random_start and end < start, (start, end, random_start)
     base_after = math.exp(demo_training.mean_loss(ours["model"], *text["ordinary"]))
     assert abs(base_after / base_before - 1) <= 0.01, (base_before, base_after)
+    # The perplexity tracked at every step through the cache is the full forward's (FrozenText's 1e-5 target).
+    assert [s for s, _ in ours["ordinary"]] == list(range(5))
+    assert ours["ordinary"][-1][1] == pytest.approx(base_after, rel=1e-5)
     for name, p in ours["model"].named_parameters():
         if not name.endswith("reserved_weight"):
             assert torch.equal(p, snapshot[name]), name
@@ -156,3 +160,19 @@ def test_the_real_tokenizer_encodes_text_without_the_terms_as_before_and_refuses
     with pytest.raises(PlanError, match=r"' hello' is the piece '▁hello' \(id 29104\)"):
         fresh.assign([" hello"])
     assert len(fresh.plan) == 0
+
+
+def test_the_frozen_text_benchmark_runs_and_its_cache_is_exact_on_the_real_model(folder, tmp_path):
+    """The benchmark's smoke run (one sequence of 128 tokens): FrozenText's perplexity is the full forward's within
+    1e-5 relative at the initial rows and after 20 steps of the rows, on the real model and its soft-cap-free head."""
+    import json
+
+    from reserved_kernels.benchmarks import frozen_text
+
+    frozen_text.main(["--model", folder, "--tokens", "128", "--repeat", "1", "--out", str(tmp_path)])
+    [path] = tmp_path.glob("frozen-text-*-cpu-*.json")
+    results = json.loads(path.read_text())["results"]
+    assert results["relative_difference_before"] < 1e-5 and results["relative_difference_after"] < 1e-5, results
+    assert results["rows_moved"] > 0.01 and results["positions"] == 127
+    assert results["store_bytes"] == 127 * (640 + 2) * 4
+    assert "| perplexity of the batch |" in path.with_suffix(".md").read_text()

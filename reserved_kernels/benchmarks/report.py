@@ -136,13 +136,15 @@ def _kernel_lines(path: str) -> list[str]:
 
 def _loss_and_step_lines(results_dir: str, device: str) -> list[str]:
     """The fused loss alone beside the unfused path, and the real Gemma 3 270M training step, where measured."""
-    from reserved_kernels.benchmarks import loss, train_step
+    from reserved_kernels.benchmarks import frozen_text, loss, train_step
 
     lines = []
     for prefix, what, module, command in (
             (f"loss-{device}", "the loss alone", loss, f"reserved-kernels bench --loss --device {device}"),
             (f"step-gemma-3-270m-{device}", "the real Gemma 3 270M training step", train_step,
-             f"reserved-kernels bench --model gemma-3-270m --device {device}")):
+             f"reserved-kernels bench --model gemma-3-270m --device {device}"),
+            (f"frozen-text-gemma-3-270m-{device}", "ordinary text through FrozenText on the real Gemma 3 270M",
+             frozen_text, f"reserved-kernels bench --model gemma-3-270m --frozen-text --device {device}")):
         path = latest(results_dir, prefix)
         if path:
             with open(path) as f:
