@@ -228,9 +228,9 @@ def run(args: argparse.Namespace) -> dict:
     plot = args.plot or os.path.join(args.out, "loss_curves.png")
     log(f"plot: {plot}" if write_plot(results, story, plot)
         else "plot: none (matplotlib is not installed: pip install matplotlib)")
-    vocab.save(args.out)
-    save_reserved(trained, os.path.join(args.out, "reserved_rows.pt"), plan=vocab)
-    log(f"wrote {args.out}: the renamed tokenizer, reserved_plan.json and reserved_rows.pt")
+    save_reserved(trained, args.out, plan=vocab)
+    log(f"wrote {args.out}: the renamed tokenizer, reserved_plan.json and the rows as a PEFT adapter "
+        "(adapter_config.json, adapter_model.safetensors)")
     log(f"done in {time.perf_counter() - start:.0f} s")
     summary = dict(base_ppl_before=base_before, base_ppl_after=base_after, base_ppl_after_cached=cached_after,
                    ordinary_curve=ours["ordinary"], term_ppl_before=term_before,

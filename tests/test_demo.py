@@ -67,8 +67,9 @@ def test_demo_command_prints_a_json_summary_and_writes_its_files(tmp_path):
     assert summary["base_ppl_after_cached"] == pytest.approx(summary["base_ppl_after"], rel=1e-5)
     assert set(summary["init_loss"]) == {"description", "random"} and summary["frozen_identical"] is True
     assert summary["dense_state_bytes"] > 100 * summary["state_bytes"]
-    assert (out / "reserved_rows.pt").stat().st_size < 16 * 1024
-    assert {"tokenizer.model", "reserved_plan.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
+    assert (out / "adapter_model.safetensors").stat().st_size < 16 * 1024  # the rows, as a PEFT adapter
+    assert {"tokenizer.model", "reserved_plan.json", "tokenizer.json", "tokenizer_config.json", "adapter_config.json",
+            "adapter_model.safetensors"} <= set(os.listdir(out))
 
 
 def test_demo_runs_on_a_hugging_face_checkpoint_folder(tmp_path):

@@ -173,9 +173,9 @@ def test_bit_identical_then_only_the_reserved_rows_train_and_merge_exports(kind,
     # Merged, the reserved columns come from the V-column GEMM, not the patched head's K-column one.
     table = reloaded.get_output_embeddings().weight
     assert_same_table_logits(reloaded(ids).logits, trained, hidden, table, plan.ids)
-    save_reserved(model, tmp_path / "rows.pt", plan=vocab)
+    save_reserved(model, tmp_path / "rows", plan=vocab)
     fresh = _family(kind, tmp_path / "fresh", tied)[1]
-    assert load_reserved(fresh, tmp_path / "rows.pt") == plan
+    assert load_reserved(fresh, tmp_path / "rows") == plan
     assert torch.equal(fresh(ids).logits, trained)  # the same base + the rows file: identical logits
     merge(model)
     assert type(model.get_input_embeddings()) is torch.nn.Embedding

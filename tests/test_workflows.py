@@ -246,9 +246,9 @@ def test_lora_first_then_patch_trains_both_and_reloads_on_a_fresh_base(variant, 
     ids = _batch(seed=7)
     trained = model(input_ids=ids).logits.detach()
     model.save_pretrained(tmp_path)  # the adapter alone
-    save_reserved(model, tmp_path / "reserved_rows.pt")
+    save_reserved(model, tmp_path / "rows")  # the rows: an adapter folder of their own
     reloaded = peft.PeftModel.from_pretrained(tiny_gemma(variant), tmp_path)
-    load_reserved(reloaded, tmp_path / "reserved_rows.pt")
+    load_reserved(reloaded, tmp_path / "rows")
     assert torch.equal(reloaded(input_ids=ids).logits, trained)
 
 

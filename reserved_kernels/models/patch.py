@@ -7,7 +7,6 @@ heads — a PEFT model around one, and gemma_pytorch-layout models (``embedder``
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -15,7 +14,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from reserved_kernels._io import atomic_write_many
 from reserved_kernels._progress import announced
 from reserved_kernels.models import causal_lm
 from reserved_kernels.models.layout import (base_model, has_peft_layers, input_embedding, output_head,
@@ -275,25 +273,28 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, vocab: Reserved
     return folder
 
 
-def save_reserved(model: nn.Module, path: str | os.PathLike, plan: ReservedPlan | ReservedVocab | None = None) -> None:
-    """Store only the K×D trained rows (and the plan): a small file, like an adapter. Written atomically.
+def save_reserved(model: nn.Module, folder: str | os.PathLike,
+                  plan: ReservedPlan | ReservedVocab | None = None) -> str:
+    """Store only the K×D trained rows as a PEFT trainable-tokens adapter folder; returns the folder.
 
-    The rows are stored as trained (float32 master rows for a 16-bit table), so training can go on
-    from the file exactly; the logits after :func:`load_reserved` are those of the saved model.
+    ``adapter_config.json`` and ``adapter_model.safetensors`` (:mod:`reserved_kernels.models.adapter`):
+    ``peft.PeftModel.from_pretrained(base, folder)`` gives the trained model without reserved_kernels, and
+    :func:`load_reserved` reads it back exactly (float32 master rows of a 16-bit table are kept, to resume).
+    Beside them the plan (``plan``, by default the vocab the model was patched with) and, for a
+    :class:`ReservedVocab`, its planned tokenizer. Safetensors and JSON only: no pickle. Written atomically.
     """
-    embedding = _patched_embedding(model)
-    head = output_head(model)
-    untied = isinstance(head, ReservedLMHead) and head.tied is None
-    if isinstance(plan, ReservedVocab):
-        plan = plan.plan
-    state = dict(format_version=ARTIFACT_FORMAT_VERSION, num_embeddings=embedding.num_embeddings,
-                 embedding_dim=embedding.embedding_dim, reserved_ids=embedding.reserved_ids.cpu(),
-                 reserved_weight=embedding.reserved_weight.detach().cpu(),
-                 head_reserved_weight=head.reserved_weight.detach().cpu() if untied else None,
-                 plan=plan.to_json() if plan is not None else None)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_many({os.fspath(path): buffer.getvalue()})
+    from reserved_kernels.models.adapter import write_adapter
+
+    _patched_embedding(model)
+    folder = os.fspath(folder)
+    if folder.endswith(".pt") or os.path.isfile(folder):
+        raise ValueError(f"save_reserved writes a folder (a PEFT adapter in safetensors), got the file path {folder!r}; "
+                         "the .pt format is read by load_reserved, no longer written")
+    if plan is None:
+        plan = patch_state(model).vocab
+    vocab = plan if isinstance(plan, ReservedVocab) else None
+    write_adapter(model, folder, plan=plan.plan if vocab is not None else plan, vocab=vocab)
+    return folder
 
 
 def _rows_from_checkpoint(folder: str, embedding_name: str, head_name: str | None) -> dict:
@@ -313,7 +314,11 @@ def _rows_from_checkpoint(folder: str, embedding_name: str, head_name: str | Non
     return state
 
 
-def _read_rows(path: str, model: nn.Module) -> dict:
+def _read_rows(path: str, model: nn.Module, vocab: ReservedVocab | None) -> dict:
+    from reserved_kernels.models.adapter import is_adapter_folder, read_adapter
+
+    if is_adapter_folder(path):
+        return read_adapter(path, model, vocab)
     if os.path.isdir(path):
         base = base_model(model)
         names = {id(m): n for n, m in base.named_modules()}
@@ -327,16 +332,20 @@ def _read_rows(path: str, model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def load_reserved(model: nn.Module, path: str | os.PathLike, **patch_kwargs) -> ReservedPlan | None:
+def load_reserved(model: nn.Module, path: str | os.PathLike, *, vocab: ReservedVocab | None = None,
+                  **patch_kwargs) -> ReservedPlan | None:
     """Re-apply trained rows, patching ``model`` first if needed; returns the plan (if the file has one).
 
-    ``path`` is a file written by :func:`save_reserved`, or a folder written by a patched model's
-    ``save_pretrained`` (or a ``Trainer`` checkpoint), whose rows are read exactly as trained. The
-    table width must match; a patched model must have the same reserved ids. Nothing is changed when
-    a check fails.
+    ``path`` is a PEFT trainable-tokens adapter folder (written by :func:`save_reserved`, or by PEFT: see
+    :func:`reserved_kernels.models.adapter.read_adapter` for its checks), a folder written by a patched model's
+    ``save_pretrained`` (or a ``Trainer`` checkpoint), or a ``.pt`` file of earlier releases; the rows are read
+    exactly as trained. The table must match; a patched model must have the same reserved ids. An adapter is
+    checked against ``vocab`` (by default the one the model was patched with): written for another tokenizer, it
+    is refused; with ids that are not its reserved slots, it loads with a warning. Nothing is changed when a
+    check fails.
     """
     path = os.fspath(path)
-    state = _read_rows(path, model)
+    state = _read_rows(path, model, vocab)
     embedding = input_embedding(model)
     ids, rows = state["reserved_ids"], state["reserved_weight"]
     if "num_embeddings" in state:
