@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reserved_kernels.models import frozen
+from reserved_kernels.models.layout import output_head
 from reserved_kernels.models.state import ForwardSwap, PatchState, patch_state
 
 _MARK = "_reserved_patched_forward"
@@ -112,7 +113,7 @@ def patched_forward(self, *args, labels=None, return_logits: bool | None = None,
             return CausalLMOutputWithPast(loss=loss, logits=None)
     outputs = self.base_model(**body_kwargs)
     hidden = outputs.last_hidden_state
-    loss = self.get_output_embeddings()(hidden, shift_labels.to(hidden.device), ignore_index=ignore_index,
+    loss = output_head(self)(hidden, shift_labels.to(hidden.device), ignore_index=ignore_index,
                                         num_items_in_batch=num_items, softcap=_softcap(self))
 
     carried = {k: getattr(outputs, k) for k in CausalLMOutputWithPast.__dataclass_fields__
@@ -137,7 +138,7 @@ def _token_statistics(self, labels, kwargs):
         labels = shift_labels
     labels = labels.to(hidden.device)
     mask = labels != -100
-    stats = self.get_output_embeddings()(hidden, labels, reduction="none", softcap=_softcap(self), return_stats=True)
+    stats = output_head(self)(hidden, labels, reduction="none", softcap=_softcap(self), return_stats=True)
     log_probs = -stats.loss
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else num_items)
     return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=stats.entropy, is_top1=stats.is_top1,

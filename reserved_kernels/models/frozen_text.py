@@ -56,8 +56,6 @@ class _Head:
 
 
 def _head(model: nn.Module) -> _Head:
-    from reserved_kernels.modules.lm_head import ReservedLMHead
-
     base = base_model(model)
     softcap = getattr(getattr(base, "config", None), "final_logit_softcapping", None)
     if is_gemma_pytorch(base):
@@ -66,8 +64,8 @@ def _head(model: nn.Module) -> _Head:
         table, rows, _, slot_map = _tied_table(base)
         return _Head(table, rows, slot_map, softcap)
     head = output_head(model)
-    if not isinstance(head, ReservedLMHead):
-        raise TypeError(f"{type(head).__name__} is not a ReservedLMHead: FrozenText needs the head patch_model "
+    if not hasattr(head, "_slot_map"):  # a ReservedLMHead, or PEFT's token layer accelerated by patch_model
+        raise TypeError(f"{type(head).__name__} is not a patched head: FrozenText needs the head patch_model "
                         "installs (patch_model(model, ...) first)")
     return _Head(head.weight.detach(), head.reserved_weight, head._slot_map,
                  softcap if softcap is not None else head.final_logit_softcapping)

@@ -34,11 +34,17 @@ def is_gemma_pytorch(model: nn.Module) -> bool:
             and hasattr(model, "config"))
 
 
+def _tokens_layer(module: nn.Module | None) -> nn.Module | None:
+    """The layer holding PEFT's trainable tokens inside LoRA's ``TrainableTokensWrapper``, or ``module`` itself."""
+    return getattr(module, "token_adapter", module)
+
+
 def input_embedding(model: nn.Module) -> nn.Module:
-    """The token table's module (a :class:`~reserved_kernels.ReservedEmbedding` once patched)."""
+    """The token table's module (a :class:`~reserved_kernels.ReservedEmbedding` once patched; PEFT's trainable-tokens
+    layer, unwrapped from LoRA's wrapper, where PEFT trains tokens)."""
     base = base_model(model)
     if hasattr(base, "get_input_embeddings"):  # Hugging Face
-        return base.get_input_embeddings()
+        return _tokens_layer(base.get_input_embeddings())
     name = embedder_name(base)
     if name is not None:  # gemma_pytorch: `embedder`, or `text_token_embedder` (Gemma 3 multimodal)
         return getattr(base, name)
@@ -55,9 +61,10 @@ def set_input_embedding(model: nn.Module, module: nn.Module) -> None:
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
-    """A Hugging Face model's output head (``lm_head``), or None (gemma_pytorch ties it to the embedder)."""
+    """A Hugging Face model's output head (``lm_head``, unwrapped as :func:`input_embedding` is), or None
+    (gemma_pytorch ties it to the embedder)."""
     base = base_model(model)
-    return base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return _tokens_layer(base.get_output_embeddings()) if hasattr(base, "get_output_embeddings") else None
 
 
 def has_peft_layers(model: nn.Module) -> bool:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from reserved_kernels._progress import announced
-from reserved_kernels.models import causal_lm
+from reserved_kernels.models import causal_lm, peft_tokens
 from reserved_kernels.models.layout import (base_model, has_peft_layers, input_embedding, output_head,
                                            set_input_embedding)
 from reserved_kernels.models.state import PatchState, attach, patch_state
@@ -47,7 +47,7 @@ def _reserved_ids(reserved) -> tuple[list[int], ReservedPlan | None]:
     return [int(i) for i in torch.as_tensor(reserved).reshape(-1).tolist()], None
 
 
-def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPlan | ReservedVocab, *,
+def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPlan | ReservedVocab | None = None, *,
                 init: str | None = None, noise_std: float = 0.0, generator: torch.Generator | None = None,
                 copy_from: int | None = None, exclude: Sequence[int] | None = None, exclude_untrained: bool = True,
                 train_others: bool = False, reserved_dtype: torch.dtype | None = None,
@@ -90,16 +90,31 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
     With PEFT, apply the adapter first (``get_peft_model``), then patch the PEFT model: the adapter and
     the rows train together. Patching first and then calling ``get_peft_model`` freezes the rows (PEFT
     freezes every non-adapter parameter); the next training forward raises an error saying so.
+
+    **PEFT's trainable tokens** (``TrainableTokensConfig``, or ``LoraConfig(trainable_token_indices=...)``):
+    ``patch_model(peft_model)`` accelerates them in place (:mod:`reserved_kernels.models.peft_tokens`): PEFT's
+    ``trainable_tokens_delta`` stays the trainable parameter and PEFT's layers stay in the model, computing
+    through our fused gather and fused loss. ``reserved`` may then be omitted, or name the same ids (a
+    :class:`ReservedVocab` is kept for :func:`save_pretrained`); ``init`` initialises PEFT's rows; the other
+    options do not apply. :func:`merge` undoes the acceleration only (PEFT's ``merge_and_unload`` merges);
+    save with PEFT's ``save_pretrained``. A head in ``modules_to_save`` (a trainable V x D copy) is refused.
     """
     if init not in INIT_CHOICES:
         raise ValueError(f"init must be one of {INIT_CHOICES}, got {init!r}")
     # Rows known never to have been trained seed the untrained-row test: a vocabulary's reserved slots, or a plan's.
     reference = reserved.reserved_ids if isinstance(reserved, ReservedVocab) else (
         reserved.ids if isinstance(reserved, ReservedPlan) else None)
-    ids, plan = _reserved_ids(reserved)
     embedding = input_embedding(model)
-    if isinstance(embedding, ReservedEmbedding):
+    if isinstance(embedding, ReservedEmbedding) or patch_state(model) is not None:
         raise ValueError("the model is already patched; merge() it first")
+    if peft_tokens.is_trainable_tokens(embedding):
+        return _accelerate_peft(model, reserved, embedding, init=init, noise_std=noise_std, generator=generator,
+                                copy_from=copy_from, exclude=exclude, exclude_untrained=exclude_untrained,
+                                fused_loss=fused_loss, skip_frozen=skip_frozen)
+    if reserved is None:
+        raise TypeError("patch_model needs the reserved ids (or a plan) unless the model carries PEFT's trainable "
+                        "tokens")
+    ids, plan = _reserved_ids(reserved)
     if hasattr(embedding, "original_module"):
         raise ValueError(f"the embedding is wrapped by PEFT's {type(embedding).__name__} (modules_to_save or "
                          "trainable tokens), a trainable V x D copy of the table: leave the embedding out of "
@@ -142,6 +157,45 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
     return model
 
 
+def _accelerate_peft(model: nn.Module, reserved, embedding: nn.Module, *, init, noise_std, generator, copy_from,
+                     exclude, exclude_untrained, fused_loss: bool, skip_frozen: bool) -> nn.Module:
+    """:func:`patch_model` for PEFT's trainable tokens: PEFT's layers computing through our ops (see there)."""
+    base = base_model(model)
+    head = output_head(model)
+    if any(hasattr(m, "original_module") for m in (head, getattr(head, "base_layer", None)) if m is not None):
+        raise ValueError(f"the output head is wrapped by PEFT's {type(head).__name__} (modules_to_save): a trainable "
+                         "V x D copy of the head. Leave lm_head out of modules_to_save; with trainable tokens the "
+                         "tied head trains its K rows already")
+    adapters = embedding.active_adapters
+    if len(adapters) != 1:
+        raise ValueError(f"PEFT's trainable tokens are accelerated with one active adapter, not {adapters}")
+    ids = list(embedding.token_indices[adapters[0]])
+    plan = None
+    if reserved is not None:
+        wanted, plan = _reserved_ids(reserved)
+        if sorted(wanted) != sorted(ids):
+            raise ValueError(f"the PEFT adapter trains the tokens {ids[:8]}, not the ids given ({wanted[:8]})")
+        if wanted != ids:
+            raise ValueError("the plan's ids are the adapter's token_indices in another order: the rows would be "
+                             "initialised for the wrong tokens; give the ids in the adapter's order")
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    swapped = peft_tokens.accelerate(embedding, head)
+    if init is not None:
+        reference = reserved.reserved_ids if isinstance(reserved, ReservedVocab) else (
+            plan.ids if plan is not None else None)
+        with announced(f"initialising {len(ids)} rows ({init})"):
+            _initialise(embedding, head, init, plan, noise_std, generator, copy_from, exclude,
+                        reference if exclude_untrained else False)
+    state = PatchState(embedding=embedding, head=head, requires_grad=requires_grad,
+                       guard=base.register_forward_pre_hook(_training_guard),
+                       vocab=reserved if isinstance(reserved, ReservedVocab) else None, skip_frozen=skip_frozen,
+                       accelerated=swapped)
+    attach(model, state)
+    if head is not None and hasattr(base, "base_model_prefix") and hasattr(base, "config"):
+        causal_lm.install(base, state, fused_loss)
+    return model
+
+
 def _training_guard(module: nn.Module, args) -> None:
     """A forward pre-hook for training calls: the rows frozen with PEFT layers present means get_peft_model ran
     last; a patched forward no longer reached means something replaced it (TRL's fused head)."""
@@ -152,6 +206,8 @@ def _training_guard(module: nn.Module, args) -> None:
         return
     if state.forward is not None and not causal_lm.is_reached(module):
         raise RuntimeError(FORWARD_REPLACED_MESSAGE)
+    if state.accelerated:  # PEFT's own adapter: PEFT says what trains
+        return
     embedding = input_embedding(module)
     if not (embedding.reserved_weight.requires_grad or state.rows_frozen_on_purpose) and has_peft_layers(module):
         raise RuntimeError(PEFT_ORDER_MESSAGE)
@@ -206,10 +262,11 @@ def _initialise(embedding: ReservedEmbedding, head: ReservedLMHead | None, init,
     if init is None:
         return
     ids = embedding.reserved_ids.tolist()
+    head = head if head is not None and head.tied is None and head.reserved_ids.numel() else None
     sources, targets = _sources(embedding.weight, embedding.weight_scaler, ids, init, plan, copy_from, exclude,
                                 untrained)
     embedding.init_reserved_(sources, targets=targets, noise_std=noise_std, generator=generator)
-    if head is not None and head.tied is None:
+    if head is not None:
         # An untied head's rows are output vectors: the means of the same ids in the head's own table.
         sources, targets = _sources(head.weight, None, ids, init, plan, copy_from, exclude, untrained)
         head.init_reserved_(sources, targets=targets, noise_std=noise_std, generator=generator)
@@ -231,8 +288,14 @@ def merge(model: nn.Module) -> nn.Module:
     result's state dict loads into an unpatched model and gives the same logits. Each parameter's
     ``requires_grad`` is restored to what it was before :func:`patch_model`.
     """
-    embedding = _patched_embedding(model)
     state = patch_state(model)
+    if state is not None and state.accelerated:  # PEFT's rows stay PEFT's: undo the acceleration only
+        peft_tokens.restore(state.accelerated)
+        state.guard.remove()
+        causal_lm.uninstall(base_model(model), state)
+        attach(model, None)
+        return model
+    embedding = _patched_embedding(model)
     head = output_head(model)
     embedding.merge_()  # in place, into the Parameter the original module still holds
     set_input_embedding(model, state.embedding)

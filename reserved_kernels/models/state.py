@@ -37,6 +37,7 @@ class PatchState:
     rows_frozen_on_purpose: bool = False  # freeze_rows was called: frozen rows beside PEFT layers are intended
     skip_frozen: bool = True  # positions no reserved id reaches run without a backward (models.frozen)
     forward: ForwardSwap | None = None
+    accelerated: list[nn.Module] = dataclasses.field(default_factory=list)  # PEFT token layers (models.peft_tokens)
 
 
 def attach(model: nn.Module, state: PatchState | None) -> None:
