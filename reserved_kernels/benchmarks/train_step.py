@@ -13,7 +13,8 @@ knows: its first ``--slots`` reserved slots train), its own table and, with ``--
 Recipes: ``reserved`` (this package: the fused gather in, the fused loss out), ``hook`` (the table
 trainable, a gradient hook zeroing the other rows, AdamW over the whole table, then restoring the
 frozen rows that weight decay moved, as users must), ``peft`` (PEFT's trainable tokens, when installed;
-the model's own loss from its logits) and, with ``--head``, ``body`` — the floor: our rows and the whole
+the model's own loss from its logits), ``peftfast`` (the same PEFT model after ``patch_model(peft_model)``: PEFT's
+parameter, our kernels) and, with ``--head``, ``body`` — the floor: our rows and the whole
 body, forward and backward, but no head and no loss (the mean square of the final hidden states). Peak
 memory is beyond the frozen model (or table) and inputs: CPU peak RSS with the high-water mark reset
 after set-up (glibc's mmap threshold fixed, see ``harness.MEASURING_ENV``); CUDA ``max_memory_allocated``;
@@ -26,7 +27,7 @@ import argparse
 import importlib.util
 import json
 
-RECIPES = ("reserved", "noskip", "hook", "peft", "body")
+RECIPES = ("reserved", "noskip", "hook", "peft", "peftfast", "body")
 CONFIG_KEYS = ("device", "vocab", "dim", "slots", "tokens", "dtype", "repeat", "head", "model", "text")
 # Where the batch's reserved ids stand (with --head, per sequence of 512): "mixed" — the first sequence opens
 # with every slot, the rest is random text; "ordinary" — none; "random" — one term per sequence at a uniformly
@@ -92,6 +93,8 @@ def _build(args, weight, reserved_ids, model=None):
             return loss_of(model), opt, restore
         names = [n for n, m in model.named_modules() if m is model.get_input_embeddings()]
         wrapped = recipes.peft_trainable_tokens(model, names[0].rsplit(".", 1)[-1], reserved_ids)
+        if args.recipe == "peftfast":
+            patch_model(wrapped)  # the one line: PEFT's layers, our kernels
         return loss_of(wrapped), torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad],
                                                    lr=1e-3, weight_decay=0.01), None
 
@@ -175,8 +178,9 @@ def available_recipes(head: bool = True, frozen: bool = False) -> list[str]:
     ``frozen``, ours with the frozen-position skip on and off beside the body alone."""
     if frozen:
         return ["reserved", "noskip", "body"]
-    return [r for r in RECIPES if r != "noskip" and (r != "peft" or importlib.util.find_spec("peft") is not None)
-            and (r != "body" or head)]
+    has_peft = importlib.util.find_spec("peft") is not None
+    return [r for r in RECIPES if r != "noskip" and (has_peft or not r.startswith("peft"))
+            and (r != "body" or head) and (r != "peftfast" or head)]
 
 
 def table(payload: dict) -> str:
@@ -187,6 +191,7 @@ def table(payload: dict) -> str:
     for recipe, r in rows.items():
         label = {"reserved": "**reserved-kernels**", "noskip": "reserved-kernels, frozen positions not skipped",
                  "hook": "gradient hook", "peft": "PEFT trainable tokens",
+                 "peftfast": "PEFT trainable tokens after `patch_model(peft_model)`",
                  "body": "the body alone (no head, no loss)"}[recipe]
         vs = "" if recipe == "reserved" else (f"{r['extra_bytes'] / max(ours['extra_bytes'], 1):.2f}×, "
                                               f"{r['median_ms'] / ours['median_ms']:.2f}×")
@@ -239,7 +244,7 @@ def run_all(args, frozen: bool = False) -> dict:
               f"(p20 {r['p20_ms']:.1f}, p80 {r['p80_ms']:.1f})", flush=True)
     ours = results["reserved"]
     for recipe, r in results.items():
-        if recipe not in ("reserved", "noskip", "body"):
+        if recipe not in ("reserved", "noskip", "body", "peftfast"):
             print(f"vs {recipe}: {r['extra_bytes'] / max(ours['extra_bytes'], 1):.1f}x less memory, "
                   f"{r['median_ms'] / ours['median_ms']:.1f}x faster")
     return results
