@@ -163,9 +163,10 @@ def _accelerate_peft(model: nn.Module, reserved, embedding: nn.Module, *, init, 
     base = base_model(model)
     head = output_head(model)
     if any(hasattr(m, "original_module") for m in (head, getattr(head, "base_layer", None)) if m is not None):
-        raise ValueError(f"the output head is wrapped by PEFT's {type(head).__name__} (modules_to_save): a trainable "
-                         "V x D copy of the head. Leave lm_head out of modules_to_save; with trainable tokens the "
-                         "tied head trains its K rows already")
+        raise ValueError("the output head is in PEFT's modules_to_save: a trainable V x D copy of the head (TRL's "
+                         "SFTTrainer puts lm_head there when its chat template adds tokens to the tokenizer). Leave "
+                         "lm_head out of modules_to_save (map new tokens onto reserved slots instead of adding them): "
+                         "with trainable tokens the tied head trains its K rows already")
     adapters = embedding.active_adapters
     if len(adapters) != 1:
         raise ValueError(f"PEFT's trainable tokens are accelerated with one active adapter, not {adapters}")
