@@ -148,6 +148,10 @@ def test_a_head_in_modules_to_save_and_other_ids_are_refused():
         patch_model(with_head)
     with pytest.raises(ValueError, match="trains the tokens"):
         patch_model(_peft_model("tokens-gemma3"), [7, 8, 9, 11])
+    from reserved_kernels.models import save_reserved
+
+    with pytest.raises(ValueError, match=r"PEFT's .*peft_model.save_pretrained"):
+        save_reserved(patch_model(_peft_model("tokens-gemma3")), "unused-folder")
 
 
 def _resume_run(out, *, stop=None, resume=None):

@@ -275,6 +275,11 @@ def _initialise(embedding: ReservedEmbedding, head: ReservedLMHead | None, init,
 
 def _patched_embedding(model: nn.Module) -> ReservedEmbedding:
     embedding = input_embedding(model)
+    state = patch_state(model)
+    if state is not None and state.accelerated:
+        raise ValueError("the rows of this model are PEFT's (patch_model accelerated its trainable tokens): PEFT's "
+                         "own methods manage them; save with peft_model.save_pretrained(folder), the same adapter "
+                         "format")
     if not isinstance(embedding, ReservedEmbedding):
         raise ValueError("the model is not patched (its input embedding is not a ReservedEmbedding)")
     return embedding
