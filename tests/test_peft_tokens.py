@@ -207,3 +207,12 @@ def test_trl_sft_trainer_with_peft_trainable_tokens_runs_accelerated(tmp_path):
     assert type(layer).__name__ == "FastTrainableTokensLayer"
     assert not torch.equal(delta, start)
     assert [e for e in trainer.state.log_history if "loss" in e]
+
+
+def test_an_unsupported_head_is_refused_before_anything_is_swapped():
+    model = _peft_model("tokens-llama-untied-embedding")
+    head = model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features))  # a head with a bias: not served
+    with pytest.raises(TypeError, match="bias-free nn.Linear head"):
+        patch_model(model)
+    assert type(model.get_input_embeddings()).__name__ == "TrainableTokensLayer"

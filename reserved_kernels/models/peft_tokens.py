@@ -63,6 +63,29 @@ class _HeadLoss:
                               targets=targets, exclude=exclude, noise_std=noise_std, generator=generator)
         return self
 
+    def _served_adapter(self) -> str | None:
+        """The PEFT adapter whose rows the layer serves now, or None (the table alone)."""
+        return None
+
+    def _index(self) -> tuple[Tensor, Tensor]:
+        """(ids, slot map) of the active adapter's tokens, made once per adapter and device: no host-to-device
+        copy (a synchronisation on CUDA) per call."""
+        adapter, device = self._served_adapter(), self.weight.device
+        cache = self.__dict__.setdefault("_reserved_index", {})
+        if (adapter, device) not in cache:
+            ids = torch.tensor(self.token_indices[adapter] if adapter is not None else [], dtype=torch.int64,
+                               device=device)
+            cache[adapter, device] = ids, F.build_slot_map(ids, self.weight.shape[0], device)
+        return cache[adapter, device]
+
+    @property
+    def reserved_ids(self) -> Tensor:
+        return self._index()[0]
+
+    @property
+    def _slot_map(self) -> Tensor:
+        return self._index()[1]
+
     def _fused_loss(self, hidden, targets, ignore_index=-100, reduction="mean", num_items_in_batch=None, softcap=None,
                     return_stats=False, tile_bytes=None):
         return F.linear_cross_entropy(hidden, self.weight, self.reserved_weight, self._slot_map, targets,
@@ -84,38 +107,23 @@ class FastTokensLayer(_HeadLoss):
         """Whether one adapter is active, unmerged and enabled: the case our ops serve."""
         return not self.disable_adapters and not self.merged and len(self.active_adapters) == 1
 
+    def _served_adapter(self) -> str | None:
+        return self.active_adapters[0] if self.fast else None
+
     @property
     def reserved_weight(self) -> Tensor:
         """The active adapter's rows (K×D, PEFT's Parameter itself), or none."""
-        if not self.fast:
+        adapter = self._served_adapter()
+        if adapter is None:
             return self.weight.new_empty(0, self.weight.shape[1])
-        return self.trainable_tokens_delta[self.active_adapters[0]]
-
-    @property
-    def reserved_ids(self) -> Tensor:
-        if not self.fast:
-            return torch.empty(0, dtype=torch.int64, device=self.weight.device)
-        return self._ids_of(self.active_adapters[0])
-
-    @property
-    def _slot_map(self) -> Tensor:
-        key = self.active_adapters[0] if self.fast else None
-        cache = self.__dict__.setdefault("_reserved_slot_maps", {})
-        if key not in cache:
-            cache[key] = F.build_slot_map(self.reserved_ids, self.weight.shape[0], self.weight.device)
-        return cache[key]
-
-    def _ids_of(self, adapter: str) -> Tensor:
-        return torch.tensor(self.token_indices[adapter], dtype=torch.int64, device=self.weight.device)
+        return self.trainable_tokens_delta[adapter]
 
     def forward(self, x: Tensor, targets: Tensor | None = None, **loss_kwargs):
-        base = self.get_base_layer()
-        if isinstance(base, nn.Embedding):
+        if isinstance(self.get_base_layer(), nn.Embedding):
             if not self.fast:
                 return super().forward(x)
-            scale = base.embed_scale if isinstance(getattr(base, "embed_scale", None), Tensor) else None
             return F.reserved_embedding(x, self.weight, self.reserved_weight, self._slot_map,
-                                        scale=float(scale) if scale is not None else None)
+                                        scale=self.__dict__[_SCALE])
         if targets is not None:
             if not self.fast:  # PEFT's own logits, then the loss
                 return _loss_from_logits(super().forward(x), targets, **loss_kwargs)
@@ -134,48 +142,41 @@ class FastLinearHead(_HeadLoss):
     def reserved_weight(self) -> Tensor:
         return self.weight.new_empty(0, self.weight.shape[1])
 
-    @property
-    def reserved_ids(self) -> Tensor:
-        return torch.empty(0, dtype=torch.int64, device=self.weight.device)
-
-    @property
-    def _slot_map(self) -> Tensor:
-        if "_reserved_slot_map" not in self.__dict__:
-            self.__dict__["_reserved_slot_map"] = F.build_slot_map(self.reserved_ids, self.weight.shape[0],
-                                                                   self.weight.device)
-        return self.__dict__["_reserved_slot_map"]
-
     def forward(self, x: Tensor, targets: Tensor | None = None, **loss_kwargs):
         return self._fused_loss(x, targets, **loss_kwargs) if targets is not None else super().forward(x)
 
 
 def _swap(module: nn.Module, mixin: type) -> None:
-    """Give ``module`` the class ``mixin`` + its own (one subclass per original class, made once)."""
+    """Give ``module`` the class ``mixin`` + its own (one subclass per pair, made once)."""
     cls = type(module)
-    fast = _SUBCLASSES.get(cls)
+    fast = _SUBCLASSES.get((cls, mixin))
     if fast is None:
-        fast = _SUBCLASSES[cls] = type(f"Fast{cls.__name__}", (mixin, cls), {"_original_class": cls})
+        fast = _SUBCLASSES[cls, mixin] = type(f"Fast{cls.__name__}", (mixin, cls), {"_original_class": cls})
     module.__class__ = fast
 
 
-_SUBCLASSES: dict[type, type] = {}
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+_SCALE = "_reserved_embed_scale"  # the embedding's √D scale as a float, read once (a device tensor in the module)
 
 
 def accelerate(embedding: nn.Module, head: nn.Module | None) -> list[nn.Module]:
     """Swap the classes of PEFT's token layers (and of an untied ``nn.Linear`` head beside them); returns the
     modules swapped, for :func:`restore`. The head must be PEFT's tied or own token layer, a plain
     ``nn.Linear`` (bias-free), or None."""
-    swapped = [embedding]
-    _swap(embedding, FastTokensLayer)
     if is_trainable_tokens(head):
-        _swap(head, FastTokensLayer)
-        swapped.append(head)
+        head_mixin = FastTokensLayer
     elif type(head) is nn.Linear and head.bias is None:
-        _swap(head, FastLinearHead)
-        swapped.append(head)
-    elif head is not None:
+        head_mixin = FastLinearHead
+    elif head is not None:  # refused before anything is swapped
         raise TypeError(f"the output head is a {type(head).__name__}: PEFT's trainable tokens are accelerated beside "
                         "a bias-free nn.Linear head or PEFT's own token layer on it")
+    scale = getattr(embedding.get_base_layer(), "embed_scale", None)
+    embedding.__dict__[_SCALE] = float(scale) if isinstance(scale, Tensor) else None
+    _swap(embedding, FastTokensLayer)
+    swapped = [embedding]
+    if head is not None:
+        _swap(head, head_mixin)
+        swapped.append(head)
     return swapped
 
 
@@ -185,3 +186,5 @@ def restore(modules: list[nn.Module]) -> None:
         original = getattr(type(module), "_original_class", None)
         if original is not None:
             module.__class__ = original
+        for key in (_SCALE, "_reserved_index"):
+            module.__dict__.pop(key, None)
