@@ -180,6 +180,22 @@ DEFAULT_TILE_BYTES = {"cpu": 16 << 20, "cuda": 256 << 20}
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def reduced_loss(losses: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+                 num_items_in_batch: Tensor | int | None = None) -> Tensor:
+    """Per-token ``losses`` (0 where ignored; a scalar already summed for "mean" and "sum") reduced as
+    :func:`linear_cross_entropy` does: divided by ``num_items_in_batch`` when given, else by the counted
+    targets ("mean"), summed ("sum"), or shaped as ``targets`` ("none"). One normaliser for every loss path."""
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            num_items_in_batch = num_items_in_batch.to(losses.device)
+        return losses.sum() / num_items_in_batch
+    if reduction == "mean":
+        return losses.sum() / (targets != ignore_index).sum().to(losses.device)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.view(targets.shape)
+
+
 class CrossEntropyStats(NamedTuple):
     """:func:`linear_cross_entropy` with ``return_stats=True``: the loss, and per token (without gradient) the
     entropy of the next-token distribution and whether the target is its top token (0 and False where ignored),
@@ -231,16 +247,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
                                                             grad_enabled and flat.requires_grad,
                                                             grad_enabled and reserved_weight.requires_grad,
                                                             return_stats)
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss.sum() / num_items_in_batch
-    elif reduction == "mean":
-        loss = loss.sum() / (targets != ignore_index).sum()
-    elif reduction == "sum":
-        loss = loss.sum()
-    else:
-        loss = loss.view(targets.shape)
+    loss = reduced_loss(loss, targets, ignore_index=ignore_index, reduction=reduction,
+                        num_items_in_batch=num_items_in_batch)
     if return_stats:
         return CrossEntropyStats(loss, entropy.view(targets.shape), is_top1.view(targets.shape),
                                  frozen_lse.view(targets.shape))

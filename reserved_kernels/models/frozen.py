@@ -30,6 +30,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from reserved_kernels.functional import reduced_loss
 from reserved_kernels.models.layout import input_embedding, output_head
 from reserved_kernels.models.state import patch_state
 
@@ -191,8 +192,4 @@ def split_loss(model: nn.Module, body_kwargs: dict, shift_labels: Tensor, *, ign
         # No live position: the embedding's rows are not reached, yet the usual path gives them a zero gradient
         # (an optimizer then still decays them; DDP expects every trainable parameter to get one).
         total = total + embedding.reserved_weight.sum() * 0
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, Tensor):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
-    return total / (shift_labels != ignore_index).sum().to(total.device)
+    return reduced_loss(total, shift_labels, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)

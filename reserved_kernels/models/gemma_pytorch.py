@@ -115,7 +115,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
     final soft-cap): no (B, T, V) logits, and a patched model's rows get their K x D gradient.
     ``reduction`` is "mean" over the predicted tokens, or "sum".
     """
-    from reserved_kernels.functional import linear_cross_entropy
+    from reserved_kernels.functional import linear_cross_entropy, reduced_loss
 
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -143,4 +143,4 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
         total = summed(cold, frozen_body=True)
         if warm:
             total = total + summed(warm)
-    return total / (targets != -100).sum() if reduction == "mean" else total
+    return reduced_loss(total, targets, reduction=reduction)

@@ -43,11 +43,8 @@ def _loss_from_logits(logits: Tensor, targets: Tensor, ignore_index: int = -100,
         logits = torch.tanh(logits / softcap) * softcap
     losses = TF.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                               ignore_index=ignore_index, reduction="none")
-    if num_items_in_batch is not None:
-        return losses.sum() / num_items_in_batch
-    if reduction == "mean":
-        return losses.sum() / (targets != ignore_index).sum()
-    return losses.sum() if reduction == "sum" else losses.view(targets.shape)
+    return F.reduced_loss(losses, targets, ignore_index=ignore_index, reduction=reduction,
+                          num_items_in_batch=num_items_in_batch)
 
 
 class _HeadLoss:
