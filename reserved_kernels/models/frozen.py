@@ -108,6 +108,11 @@ def frozen_split_unsupported(model: nn.Module, body_kwargs: dict) -> str | None:
     return None
 
 
+def reserved_hits(input_ids: Tensor, slot_map: Tensor) -> Tensor:
+    """(B, T) bool: where ``input_ids`` holds a reserved id (its slot in ``slot_map`` is >= 0)."""
+    return slot_map.index_select(0, input_ids.reshape(-1).long()).view(input_ids.shape) >= 0
+
+
 def split_points(input_ids: Tensor, slot_map: Tensor, attention_mask: Tensor | None) -> list[int]:
     """Where each row's live positions start: its first reserved id (the row's length where there is none), or
     0 for a left-padded row that has one. One host read.
@@ -116,7 +121,7 @@ def split_points(input_ids: Tensor, slot_map: Tensor, attention_mask: Tensor | N
     every key of the call — future ones included — so what they hold (and predict: the position before the
     first real token predicts it) depends on the whole row: such a row with a reserved id is not split.
     """
-    hit = slot_map.index_select(0, input_ids.reshape(-1).long()).view(input_ids.shape) >= 0
+    hit = reserved_hits(input_ids, slot_map)
     length = input_ids.shape[1]
     first = torch.where(hit.any(1), hit.int().argmax(1), length)
     if attention_mask is not None:

@@ -102,7 +102,7 @@ def _batch_parts(batch, index: int) -> tuple[Tensor, Tensor | None, Tensor]:
 
 def _refuse_reached(index: int, ids: Tensor, targets: Tensor, slot_map: Tensor) -> None:
     """A counted position at or after a reserved id of its row is not frozen: refused, by batch, row and position."""
-    hit = slot_map.index_select(0, ids.reshape(-1).long()).view(ids.shape)[:, :-1] >= 0
+    hit = frozen.reserved_hits(ids, slot_map)[:, :-1]  # the last position predicts nothing
     reached = hit.int().cummax(1).values.bool() & (targets != -100)
     if bool(reached.any()):
         row = int(reached.any(1).int().argmax())
