@@ -238,3 +238,25 @@ def test_bad_callback_arguments_are_refused():
         PerplexityCallback(text, every_n_steps=0)
     with pytest.raises(ValueError, match="max_increase"):
         PerplexityCallback(text, max_increase=-0.1)
+
+
+def test_an_evaluation_in_many_chunks_gives_the_one_chunk_result(monkeypatch):
+    """Chunks of 7 positions (reserved targets fall inside some): the same loss and gradient as one chunk, up to
+    the order of the sums across chunks (within the module's tolerance)."""
+    from reserved_kernels.models import frozen_text
+
+    model, tied = _model("gemma2")
+    patched = patch_model(copy.deepcopy(model), RESERVED)
+    text = FrozenText(patched, _batches())
+    _trained_rows(patched, tied)
+    rows = _rows(patched, tied)[-1]
+    results = []
+    for chunk_bytes in (frozen_text.EVAL_CHUNK_BYTES, 7 * 64 * 4):
+        monkeypatch.setattr(frozen_text, "EVAL_CHUNK_BYTES", chunk_bytes)
+        rows.grad = None
+        loss = text.loss()
+        loss.backward()
+        results.append((loss.detach(), rows.grad.clone()))
+    (one, g_one), (many, g_many) = results
+    torch.testing.assert_close(many, one, rtol=TOL, atol=0)
+    torch.testing.assert_close(g_many, g_one, rtol=TOL, atol=TOL * g_one.abs().max().item())

@@ -190,7 +190,10 @@ class FrozenText:
         else:
             self._h = torch.cat(stored)
         self._lse, self._zt = torch.cat(lse), torch.cat(zt)
-        self._reserved_at, self._reserved_slot = torch.cat(reserved_at), torch.cat(reserved_slot)
+        # The reserved targets' positions (ascending) stay on the host: each evaluation finds a chunk's share by a
+        # host-side search, with no synchronisation on the device.
+        self._reserved_at, self._reserved_slot = torch.cat(reserved_at).cpu(), torch.cat(reserved_slot)
+        self._table_dtype = head.table.dtype
         self.batches = index + 1
         self._versions = self._parameter_versions()
 
@@ -228,7 +231,7 @@ class FrozenText:
         if patch_state(model) is None:
             raise StaleFrozenText("the model was merged or unpatched after the pass: FrozenText evaluates a patched "
                                   "model's rows")
-        if _head(model).rows is not self._rows:
+        if not any(p is self._rows for p in frozen.reserved_rows(model)):
             raise StaleFrozenText("the model was patched again after the pass: its rows are not the ones the "
                                   "store was made for; make a new FrozenText")
         other = frozen.other_trainable(model)
@@ -256,13 +259,12 @@ class FrozenText:
     def _evaluate(self, rows: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
         """(mean loss, its gradient with respect to the rows or None), chunk by chunk of the store."""
         acc, device, cap = self._acc, rows.device, self._softcap
-        table_dtype = _head(self._model).table.dtype
-        r = rows.detach().to(table_dtype).to(acc)  # as the forward pass sees them: rounded to the table dtype
+        r = rows.detach().to(self._table_dtype).to(acc)  # as the forward pass sees them: rounded to the table dtype
         count, dim = self._h.shape
         chunk = max(EVAL_CHUNK_BYTES // (dim * torch.finfo(acc).bits // 8), 1)
         total = torch.zeros((), dtype=torch.float64, device=device)
         grad = torch.zeros_like(r) if want_grad else None
-        at, slot = self._reserved_at.to(device), self._reserved_slot.to(device)
+        bounds = torch.searchsorted(self._reserved_at, torch.arange(0, count + chunk, chunk)).tolist()  # host-side
         for c0 in range(0, count, chunk):
             c1 = min(c0 + chunk, count)
             h = self._h[c0:c1].to(device=device, dtype=acc)
@@ -270,8 +272,9 @@ class FrozenText:
             if cap is not None:
                 z = softcapped(z, cap)
             lse = torch.logaddexp(self._lse[c0:c1].to(device), z.logsumexp(1))
-            here = (at >= c0) & (at < c1)
-            rows_here, slots_here = at[here] - c0, slot[here]
+            lo, hi = bounds[c0 // chunk], bounds[c0 // chunk + 1]
+            rows_here = (self._reserved_at[lo:hi] - c0).to(device)
+            slots_here = self._reserved_slot[lo:hi].to(device)
             zt = self._zt[c0:c1].to(device).index_put((rows_here,), z[rows_here, slots_here])
             total += (lse - zt).sum(dtype=torch.float64)
             if want_grad:
