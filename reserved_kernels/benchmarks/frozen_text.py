@@ -6,7 +6,7 @@ training step, their exactness before and after the rows train, and the one pass
     reserved-kernels bench --model gemma-3-270m --frozen-text
 
 The batch is ordinary text (random ids of the tokenizer, no reserved id) in sequences of 512. Measured, each the
-median of ``--repeat`` runs, alternating the two ways of each pair so that a noisy machine slows both:
+median of ``--repeat`` runs, alternating the ways of each group so that a noisy machine slows them alike:
 
 * **perplexity**: the patched model's forward through the fused loss (``perplexity``, no logits) against
   ``FrozenText.perplexity()``;
@@ -24,17 +24,18 @@ import statistics
 import time
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _pairs(a, b, repeat: int) -> tuple[float, float]:
-    """Medians of ``a`` and ``b`` run alternately, after one warm-up call of each."""
-    a(), b()
-    times = [(_seconds(a), _seconds(b)) for _ in range(repeat)]
-    return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
+def _alternating(fns: list, repeat: int, sync) -> list[float]:
+    """Median seconds of each of ``fns``, run in turn ``repeat`` times after one warm-up call of each (a noisy
+    machine slows them alike); ``sync`` waits for the device after each call."""
+    times: list[list[float]] = [[] for _ in fns]
+    for rep in range(repeat + 1):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            sync()
+            if rep:
+                spent.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def measure(args) -> dict:
@@ -60,10 +61,10 @@ def measure(args) -> dict:
     out["relative_difference_before"] = abs(cached_ppl / full_ppl - 1)
     out["perplexity_before"] = full_ppl
 
-    out["forward_s"], out["cached_perplexity_s"] = _pairs(lambda: perplexity(model, batch), text.perplexity,
-                                                          args.repeat)
-    _, out["pass_s"] = _pairs(lambda: perplexity(model, batch), lambda: FrozenText(model, batch, progress=False),
-                              args.repeat)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    out["forward_s"], out["cached_perplexity_s"], out["pass_s"] = _alternating(
+        [lambda: perplexity(model, batch), text.perplexity, lambda: FrozenText(model, batch, progress=False)],
+        args.repeat, sync)
 
     def full_step():
         model.train()
@@ -77,9 +78,8 @@ def measure(args) -> dict:
         optimizer.step()
 
     state = rows.detach().clone()
-    out["full_step_s"], out["cached_step_s"] = _pairs(full_step, cached_step, args.repeat)
-    out["cached_loss_and_grad_s"] = statistics.median(_seconds(lambda: text.loss().backward())
-                                                      for _ in range(max(args.repeat, 5)))
+    out["full_step_s"], out["cached_step_s"], out["cached_loss_and_grad_s"] = _alternating(
+        [full_step, cached_step, lambda: text.loss().backward()], args.repeat, sync)
     with torch.no_grad():
         rows.copy_(state)
 
