@@ -83,20 +83,21 @@ def _assert_close(ours, reference, vocab=1024, dim=64, length=LENGTH):
 
 @contextlib.contextmanager
 def _split_calls():
-    """Record what split_loss returned on each call (None: nothing was frozen)."""
+    """Record whether each call of hf_split (the training loss's and TRL's statistics') split the batch (None:
+    nothing was frozen)."""
     calls = []
-    original = frozen.split_loss
+    original = frozen.hf_split
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
         calls.append(out is not None)
         return out
 
-    frozen.split_loss = spy
+    frozen.hf_split = spy
     try:
         yield calls
     finally:
-        frozen.split_loss = original
+        frozen.hf_split = original
 
 
 @pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3", "llama-untied", "qwen2"])
@@ -164,18 +165,11 @@ def test_the_skip_turns_itself_off_where_it_cannot_be_exact(monkeypatch):
     batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
     reference = _dense_reference(model, tied, **batch)
 
-    def checkpointed(m):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    def lora_beside(m):  # any other trainable parameter: every position depends on it
-        m.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
-
-    for prepare in (checkpointed, lora_beside):
-        patched = patch_model(copy.deepcopy(model), RESERVED).train()
-        prepare(patched)
-        with _split_calls() as calls:
-            patched(**batch).loss.backward()
-        assert calls == [], prepare.__name__
+    patched = patch_model(copy.deepcopy(model), RESERVED).train()
+    patched.model.layers[0].mlp.down_proj.weight.requires_grad_(True)  # a LoRA beside the rows: every position depends on it
+    with _split_calls() as calls:
+        patched(**batch).loss.backward()
+    assert calls == []
     with _split_calls() as calls:
         _assert_close(_ours(model, tied, skip=False, **batch), reference)
     assert calls == []
@@ -223,3 +217,69 @@ def test_rows_split_together_at_one_position_and_a_short_prefix_is_not_split():
     with _split_calls() as split:
         patched(input_ids=short, labels=short).loss.backward()
     assert split == [False]  # the usual path ran
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_under_gradient_checkpointing_rows_without_a_term_still_run_without_a_backward(reentrant):
+    """transformers turns the KV cache off under gradient checkpointing, so no prefix is split there; rows without
+    a reserved id still run under no_grad, and the step is the dense reference's."""
+    model, tied = _model("gemma3")
+    ids, mask, labels = _batch()
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    patched = patch_model(copy.deepcopy(model), RESERVED).train()
+    if hasattr(patched, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns there
+        patched.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    seen = []
+    hook = patched.model.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append((torch.is_grad_enabled(), tuple(args[0].shape[:2]))))
+    with _split_calls() as calls:
+        loss = patched(**batch).loss
+    loss.backward()
+    hook.remove()
+    assert calls == [True]
+    # Row 0 has no term; rows 1-4 run whole (the reentrant checkpoint runs each layer's forward again in backward).
+    assert (False, (1, LENGTH)) in seen and {s for g, s in seen if g} == {(4, LENGTH)}
+    rows = patched.get_input_embeddings().reserved_weight
+    _assert_close((loss.detach(), [rows.grad]), _dense_reference(model, tied, **batch))
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_trl_statistics_split_the_batch_and_equal_the_dense_logits(shifted):
+    """TRL's fused_lm_head=True call: per-token log-probabilities, entropy and top-1 in the batch's layout, from
+    the split (frozen positions without a backward), equal to the unpatched model's logits; the rows' gradient of
+    TRL's loss equals the dense reference's table gradient."""
+    pytest.importorskip("trl", reason="the fused_lm_head contract is TRL's (scripts/test.sh installs it)")
+    model, tied = _model("gemma3")
+    ids, mask, labels = _batch()
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    extra = dict(shift_labels=shift) if shifted else {}
+    patched = patch_model(copy.deepcopy(model), RESERVED).train()
+    with _split_calls() as calls:
+        out = patched(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, **extra)
+    assert calls == [True]
+    out.loss.backward()
+    dense = copy.deepcopy(model).train()
+    for p in dense.parameters():
+        p.requires_grad_(False)
+    table = dense.get_input_embeddings().weight.requires_grad_(True)
+    logits = dense(input_ids=ids, attention_mask=mask).logits.float()
+    targets = shift if shifted else labels[:, 1:]
+    logits = logits if shifted else logits[:, :-1]
+    counted = targets != -100
+    log_p = torch.log_softmax(logits, -1)
+    expected = torch.where(counted, log_p.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0)
+    entropy = torch.where(counted, -(log_p.exp() * log_p).sum(-1), 0)
+    top1 = counted & (logits.argmax(-1) == targets)
+    assert out.log_probs.shape == targets.shape and torch.equal(out.label_mask, counted)
+    tol = (1024 + 64 + LENGTH) * EPS32
+    torch.testing.assert_close(out.log_probs, expected, rtol=tol, atol=tol * expected.abs().max().item())
+    torch.testing.assert_close(out.entropy, entropy, rtol=tol, atol=tol * entropy.abs().max().item())
+    # Top-1 may differ only where the two best logits are within the rounding of each other.
+    top2 = logits.topk(2, -1).values
+    near_tie = (top2[..., 0] - top2[..., 1]) <= tol * top2[..., 0].abs()
+    assert torch.equal(out.is_top1 | near_tie, top1 | near_tie)
+    (-expected.sum() / counted.sum()).backward()
+    _assert_close((out.loss.detach(), [patched.get_input_embeddings().reserved_weight.grad]),
+                  (-expected.sum().detach() / counted.sum(), [table.grad[RESERVED]]))

@@ -106,7 +106,7 @@ def patched_forward(self, *args, labels=None, return_logits: bool | None = None,
     body_kwargs = {k: v for k, v in kwargs.items() if k not in _LOSS_ONLY}
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    if state.skip_frozen and frozen.frozen_split_unsupported(self, body_kwargs) is None:
+    if frozen.frozen_split_unsupported(self, body_kwargs) is None:
         loss = frozen.split_loss(self, body_kwargs, shift_labels, ignore_index=ignore_index, num_items_in_batch=num_items,
                                  softcap=_softcap(self))
         if loss is not None:
@@ -126,20 +126,33 @@ def _softcap(model: nn.Module) -> float | None:
 
 
 def _token_statistics(self, labels, kwargs):
-    """TRL's ``fused_lm_head=True`` output: per-token log-probabilities, entropy and top-1, no logits."""
+    """TRL's ``fused_lm_head=True`` output: per-token log-probabilities, entropy and top-1, no logits. Frozen
+    positions run without a backward here too (:mod:`reserved_kernels.models.frozen`)."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     shift_labels, num_items = kwargs.get("shift_labels"), kwargs.get("num_items_in_batch")
-    kwargs["use_cache"] = False
-    hidden = self.base_model(**{k: v for k, v in kwargs.items() if k not in _LOSS_ONLY}).last_hidden_state
-    if shift_labels is None:
-        hidden, labels = hidden[:, :-1], labels[:, 1:]
+    body_kwargs = {k: v for k, v in kwargs.items() if k not in _LOSS_ONLY}
+    # In the batch's (B, T) layout: position t predicts label t + 1, the last one nothing.
+    targets = shift_labels if shift_labels is not None else F.pad(labels, (0, 1), value=-100)[..., 1:]
+    head, softcap = output_head(self), _softcap(self)
+
+    def stats_of(hidden, part_targets):
+        return head(hidden, part_targets, reduction="none", softcap=softcap, return_stats=True)
+
+    parts = frozen.hf_split(self, body_kwargs) if frozen.frozen_split_unsupported(self, body_kwargs) is None else None
+    if parts is None:
+        hidden = self.base_model(**{**body_kwargs, "use_cache": False}).last_hidden_state
+        targets = targets.to(hidden.device)
+        loss, entropy, is_top1, _ = stats_of(hidden, targets)
     else:
-        labels = shift_labels
-    labels = labels.to(hidden.device)
-    mask = labels != -100
-    stats = output_head(self)(hidden, labels, reduction="none", softcap=_softcap(self), return_stats=True)
-    log_probs = -stats.loss
+        targets = targets.to(parts[0].hidden.device)
+        flat = targets.reshape(-1)
+        per_part = [stats_of(p.hidden, flat.index_select(0, p.where)) for p in parts if p is not None]
+        loss, entropy, is_top1 = (frozen.in_batch_order(parts, list(values), targets.shape)
+                                  for values in list(zip(*per_part))[:3])
+    if shift_labels is None:  # TRL's layout without shift_labels: the T - 1 positions that predict a label
+        loss, entropy, is_top1, targets = (t[:, :-1] for t in (loss, entropy, is_top1, targets))
+    mask = targets != -100
+    log_probs = -loss
     loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else num_items)
-    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=stats.entropy, is_top1=stats.is_top1,
-                               label_mask=mask)
+    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)

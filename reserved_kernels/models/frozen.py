@@ -3,29 +3,34 @@
 Only the K rows train and attention is causal, so a position's hidden state depends on the rows only if a
 reserved id occurs at or before it in its own row of the batch (packed sequences included: causality runs
 along the row). Every other position is *frozen*: its hidden state is a constant, and it reaches the rows
-through the tied head's K reserved columns alone. The patched training forward
-(:mod:`reserved_kernels.models.causal_lm`) therefore runs
+through the tied head's K reserved columns alone. A :class:`SplitPlan` says how a batch runs:
 
 * the rows without a reserved id through the body under ``no_grad``, batched;
 * each row whose first reserved id stands at position ``f >= max(T/8, 64)`` in two calls (rows with the
   same ``f`` together): positions ``[0, f)`` under ``no_grad``, keeping the model's own KV cache, then ``[f, T)`` with
   gradients, reading that cache;
-* the other rows with a reserved id (an earlier one; left-padded rows, see :func:`split_points`) as usual,
-  batched;
+* the other rows with a reserved id (an earlier one; left-padded rows, see :func:`split_points`; every such row
+  under gradient checkpointing, where transformers turns the KV cache off) as usual, batched.
 
-and asks the fused loss for the rows' gradient alone on the frozen positions (no accumulator GEMM there).
-The loss and the rows' gradients are today's path's up to the order of floating-point sums (different
-GEMM shapes). Deciding the split reads the ids on the host once a step; nothing else synchronises.
+:func:`split_hidden` runs a plan through a model family's :class:`BodyRunner` and gives the final hidden states
+in two :class:`Part`\\ s; the loss then asks the fused loss for the rows' gradient alone on the frozen one (no
+accumulator GEMM there). The loss and the rows' gradients are the one-call path's up to the order of
+floating-point sums (different GEMM shapes). Deciding the split reads the ids on the host once a step, and the
+plan's row and position indices go to the device in one copy; nothing else synchronises.
 
-:func:`frozen_split_unsupported` says when this does not apply and the usual path runs instead.
-gemma_pytorch's :func:`~reserved_kernels.models.causal_lm_loss` uses :func:`skip_unavailable` and
-:func:`split_points` for whole rows only.
+Users: the patched Hugging Face training forward and TRL's ``fused_lm_head`` statistics
+(:mod:`reserved_kernels.models.causal_lm`, through :func:`split_loss` and :func:`hf_runner`;
+:func:`frozen_split_unsupported` and :func:`prefix_split_unsupported` say when they do not apply), and
+gemma_pytorch's :func:`~reserved_kernels.models.causal_lm_loss` (:func:`skip_unavailable`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +42,7 @@ from reserved_kernels.models.state import patch_state
 SKIP_ENV_VAR = "RESERVED_KERNELS_SKIP_FROZEN"  # 0: never skip (benchmarks, debugging)
 # Keyword arguments the split knows how to slice by row (anything else with a value: the usual path).
 _ROW_ARGS = ("input_ids", "attention_mask", "position_ids")
-_HARMLESS = ("use_cache", "return_dict")
+_HARMLESS = ("use_cache", "return_dict")  # the split sets both itself
 # A row is split only where its frozen prefix holds at least 1/8 of it and 64 positions: below that the backward
 # it saves is worth less than the extra calls (measured: the shipped model's control token at position 1 made its
 # demo 3x slower, and Gemma 3 270M's 40-token lines with a term anywhere 1.3x slower, split one call pair a row).
@@ -80,17 +85,13 @@ def other_trainable(model: nn.Module) -> str | None:
 def frozen_split_unsupported(model: nn.Module, body_kwargs: dict) -> str | None:
     """Why the frozen-position split of a Hugging Face model cannot run for this call (None: it can).
 
-    :func:`skip_unavailable`, and: under gradient checkpointing (transformers turns the KV cache off in
-    training there), with dropout, with ``inputs_embeds``, a cache passed in, extra outputs or other inputs
-    it does not slice.
+    :func:`skip_unavailable`, and: with dropout, with ``inputs_embeds``, a cache passed in, extra outputs or
+    other inputs it does not slice. (Under gradient checkpointing rows are still split, prefixes are not:
+    :func:`prefix_split_unsupported`.)
     """
     reason = skip_unavailable(model)
     if reason is not None:
         return reason
-    checkpointing = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
-                     else "is_gradient_checkpointing")  # renamed in transformers 5.x
-    if getattr(model, checkpointing, False):
-        return "gradient checkpointing"
     config = getattr(model, "config", None)
     if any(float(getattr(config, key, 0) or 0) > 0 for key in _DROPOUT_KEYS):
         return "dropout"
@@ -106,6 +107,14 @@ def frozen_split_unsupported(model: nn.Module, body_kwargs: dict) -> str | None:
     if position_ids is not None and position_ids.shape != ids.shape:
         return "position_ids are not (batch, length)"
     return None
+
+
+def prefix_split_unsupported(model: nn.Module) -> str | None:
+    """Why a Hugging Face model's rows cannot be split at their first reserved id (None: they can): under
+    gradient checkpointing transformers turns the KV cache off in training, so a suffix cannot read its prefix."""
+    checkpointing = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
+                     else "is_gradient_checkpointing")  # renamed in transformers 5.x
+    return "gradient checkpointing" if getattr(model, checkpointing, False) else None
 
 
 def reserved_hits(input_ids: Tensor, slot_map: Tensor) -> Tensor:
@@ -129,72 +138,177 @@ def split_points(input_ids: Tensor, slot_map: Tensor, attention_mask: Tensor | N
     return first.tolist()
 
 
+@dataclasses.dataclass
+class SplitPlan:
+    """How the rows of a (B, ``length``) batch run (see the module docstring): ``frozen`` rows (no reserved id)
+    without a backward, ``whole`` rows with one, and for each first position ``f`` the rows ``prefixes[f]``:
+    ``[0, f)`` without a backward, ``[f, length)`` with one."""
+
+    length: int
+    frozen: list[int]
+    whole: list[int]
+    prefixes: dict[int, list[int]]
+
+    @classmethod
+    def of(cls, first: list[int], length: int, split_prefixes: bool = True) -> SplitPlan | None:
+        """The plan for rows whose first reserved ids stand at ``first`` (:func:`split_points`); None where
+        nothing would run without a backward (the usual path is as cheap). A short frozen prefix saves less
+        backward than its separate call costs (a small model's control token at position 1): such rows run
+        whole, as every row with a reserved id does without ``split_prefixes``."""
+        shortest = min(max(MIN_PREFIX_POSITIONS, length // MIN_PREFIX_FRACTION), length)
+        plan = cls(length, [], [], {})
+        for b, f in enumerate(first):
+            if f == length:
+                plan.frozen.append(b)
+            elif split_prefixes and f >= shortest:
+                plan.prefixes.setdefault(f, []).append(b)
+            else:
+                plan.whole.append(b)
+        return plan if plan.frozen or plan.prefixes else None
+
+
+class BodyRunner(Protocol):
+    """A model family's body over some rows of the batch, as :func:`split_hidden` calls it. ``rows`` is an int64
+    tensor on the batch's device; every call returns final hidden states, (rows, positions, D)."""
+
+    def whole(self, rows: Tensor) -> Tensor:
+        """Every position of ``rows``."""
+
+    def prefix(self, rows: Tensor, stop: int) -> tuple[Tensor, Any]:
+        """Positions ``[0, stop)`` of ``rows``, and what :meth:`suffix` reads of them (a KV cache)."""
+
+    def suffix(self, rows: Tensor, start: int, prefix: Any) -> Tensor:
+        """Positions ``[start, length)`` of ``rows``, attending to their prefix through ``prefix``."""
+
+
+@dataclasses.dataclass
+class Part:
+    """Final hidden states of some positions of a batch: ``hidden`` (M, D) and ``where`` (M,), each position's
+    flat index ``b·T + t`` in the (B, T) batch."""
+
+    hidden: Tensor
+    where: Tensor
+
+
+def split_hidden(plan: SplitPlan, runner: BodyRunner, device: torch.device) -> tuple[Part, Part | None]:
+    """The batch's final hidden states by ``plan``: the frozen part (computed under ``no_grad``; never empty)
+    and the live part (with gradients; None when every row is frozen). Together they hold every position once."""
+    length = plan.length
+    pieces: list[tuple[str, list[int], int, int]] = [("frozen", plan.frozen, 0, length)] if plan.frozen else []
+    if plan.whole:
+        pieces.append(("whole", plan.whole, 0, length))
+    for f, rows in plan.prefixes.items():
+        pieces += [("prefix", rows, 0, f), ("suffix", rows, f, length)]
+    # Every piece's rows and flat positions, made on the host and sent to the device in one copy.
+    host = []
+    for _, rows, start, stop in pieces:
+        rows_t = torch.tensor(rows, dtype=torch.int64)
+        host += [rows_t, (rows_t.unsqueeze(1) * length + torch.arange(start, stop)).reshape(-1)]
+    flat = torch.cat(host)
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    indices = flat.to(device, non_blocking=True).split([t.numel() for t in host])
+    frozen_h, frozen_w, live_h, live_w = [], [], [], []
+    cached = None
+    for i, (kind, _, start, stop) in enumerate(pieces):
+        rows, where = indices[2 * i], indices[2 * i + 1]
+        if kind == "frozen":
+            with torch.no_grad():
+                hidden = runner.whole(rows)
+        elif kind == "whole":
+            hidden = runner.whole(rows)
+        elif kind == "prefix":
+            with torch.no_grad():
+                hidden, cached = runner.prefix(rows, stop)
+        else:
+            hidden, cached = runner.suffix(rows, start, cached), None
+        into_h, into_w = (live_h, live_w) if kind in ("whole", "suffix") else (frozen_h, frozen_w)
+        into_h.append(hidden.reshape(-1, hidden.shape[-1]))
+        into_w.append(where)
+    live = Part(torch.cat(live_h), torch.cat(live_w)) if live_h else None
+    return Part(torch.cat(frozen_h), torch.cat(frozen_w)), live
+
+
+def summed_loss(parts: tuple[Part, Part | None], targets: Tensor, loss_sum: Callable[[Tensor, Tensor], Tensor],
+                rows: list[nn.Parameter]) -> Tensor:
+    """Σ of ``loss_sum(hidden, targets)`` over both parts of :func:`split_hidden`, ``targets`` (B, T) in the batch's
+    layout. With no live part, ``rows`` that require grad get a zero gradient, as the usual path gives an untied
+    model's input rows (an optimizer then still decays them; DDP expects every trainable parameter to get one)."""
+    flat = targets.reshape(-1)
+    frozen, live = parts
+    total = loss_sum(frozen.hidden, flat.index_select(0, frozen.where))
+    if live is not None:
+        return total + loss_sum(live.hidden, flat.index_select(0, live.where))
+    for p in rows:
+        if p.requires_grad:
+            total = total + p.sum() * 0
+    return total
+
+
+def in_batch_order(parts: tuple[Part, Part | None], values: list[Tensor], shape: torch.Size) -> Tensor:
+    """Per-position ``values`` (one tensor per part, in its order) put back in the batch's (B, T) ``shape``;
+    differentiable."""
+    where = torch.cat([p.where for p in parts if p is not None])
+    return torch.cat(values).index_select(0, where.argsort()).view(shape)
+
+
 def _cache_keyword(body: nn.Module) -> str:
     """The name the body takes a KV cache under (``cache`` in newer transformers, ``past_key_values`` before)."""
     return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
 
-def _rows(kwargs: dict, rows: slice | list[int], columns: slice = slice(None)) -> dict:
-    """``kwargs`` with every per-position input cut to ``rows`` and ``columns``."""
-    return {k: (v[rows][:, columns] if k in _ROW_ARGS and v is not None else v) for k, v in kwargs.items()}
+class _HFBody:
+    """:class:`BodyRunner` for a Hugging Face model's backbone (``model.base_model``) on ``input_ids``,
+    ``attention_mask`` and ``position_ids``; the prefix's KV cache is the model's own."""
+
+    def __init__(self, model: nn.Module, body_kwargs: dict):
+        self.body = model.base_model
+        self.kwargs = {k: v for k, v in body_kwargs.items() if v is not None and k not in _HARMLESS}
+        self.length = self.kwargs["input_ids"].shape[1]
+        self.cache_keyword = _cache_keyword(self.body)
+
+    def _cut(self, rows: Tensor, start: int, stop: int) -> dict:
+        return {k: v.index_select(0, rows)[:, start:stop] for k, v in self.kwargs.items()}
+
+    def whole(self, rows: Tensor) -> Tensor:
+        return self.body(**self._cut(rows, 0, self.length), use_cache=False, return_dict=True).last_hidden_state
+
+    def prefix(self, rows: Tensor, stop: int) -> tuple[Tensor, Any]:
+        out = self.body(**self._cut(rows, 0, stop), use_cache=True, return_dict=True)
+        # The body's output names its cache as its keyword does (``cache`` / ``past_key_values``).
+        return out.last_hidden_state, getattr(out, self.cache_keyword)
+
+    def suffix(self, rows: Tensor, start: int, prefix: Any) -> Tensor:
+        kwargs = self._cut(rows, start, self.length)
+        if "attention_mask" in self.kwargs:  # the mask covers the cached positions and the new ones
+            kwargs["attention_mask"] = self.kwargs["attention_mask"].index_select(0, rows)
+        if "position_ids" not in self.kwargs:  # the positions the one call would give them
+            kwargs["position_ids"] = torch.arange(start, self.length, device=rows.device).unsqueeze(0)
+        return self.body(**kwargs, use_cache=True, return_dict=True,
+                         **{self.cache_keyword: prefix}).last_hidden_state
+
+
+def hf_split(model: nn.Module, body_kwargs: dict) -> tuple[Part, Part | None] | None:
+    """The final hidden states of a patched Hugging Face causal LM's batch in a frozen and a live part
+    (:func:`split_hidden`); None when no position is frozen. The caller checked
+    :func:`frozen_split_unsupported`."""
+    ids = body_kwargs["input_ids"]
+    first = split_points(ids, input_embedding(model)._slot_map, body_kwargs.get("attention_mask"))
+    plan = SplitPlan.of(first, ids.shape[1], split_prefixes=prefix_split_unsupported(model) is None)
+    return None if plan is None else split_hidden(plan, _HFBody(model, body_kwargs), ids.device)
 
 
 def split_loss(model: nn.Module, body_kwargs: dict, shift_labels: Tensor, *, ignore_index: int,
                num_items_in_batch, softcap: float | None) -> Tensor | None:
     """The training loss of a patched Hugging Face causal LM with its frozen positions run without a backward
     (see the module docstring); None when no position is frozen (the usual path is as cheap)."""
-    ids = body_kwargs["input_ids"]
-    embedding, head = input_embedding(model), output_head(model)
-    first = split_points(ids, embedding._slot_map, body_kwargs.get("attention_mask"))
-    length = ids.shape[1]
-    # A short frozen prefix saves less backward than its separate call costs (a small model's control token at
-    # position 1): such rows run whole. Rows whose prefixes end at the same position split together.
-    shortest = min(max(MIN_PREFIX_POSITIONS, length // MIN_PREFIX_FRACTION), length)
-    if all(f < shortest for f in first):
-        return None  # no row without a term, no prefix worth running apart: the usual path
-    body = model.base_model
-    kwargs = {k: v for k, v in body_kwargs.items() if v is not None and k != "use_cache"}
-    frozen_h, frozen_t, live_h, live_t = [], [], [], []
+    parts = hf_split(model, body_kwargs)
+    if parts is None:
+        return None
+    head = output_head(model)
 
-    def keep(into_h, into_t, hidden: Tensor, targets: Tensor) -> None:
-        into_h.append(hidden.reshape(-1, hidden.shape[-1]))
-        into_t.append(targets.reshape(-1))
+    def loss_sum(hidden: Tensor, targets: Tensor) -> Tensor:
+        return head(hidden, targets, ignore_index=ignore_index, reduction="sum", softcap=softcap)
 
-    none = [b for b, f in enumerate(first) if f == length]
-    if none:
-        with torch.no_grad():
-            hidden = body(**_rows(kwargs, none), use_cache=False).last_hidden_state
-        keep(frozen_h, frozen_t, hidden, shift_labels[none])
-    at_start = [b for b, f in enumerate(first) if f < shortest]
-    groups: dict[int, list[int]] = {}
-    for b, f in enumerate(first):
-        if shortest <= f < length:
-            groups.setdefault(f, []).append(b)
-    if at_start:
-        keep(live_h, live_t, body(**_rows(kwargs, at_start), use_cache=False).last_hidden_state, shift_labels[at_start])
-    cache_keyword = _cache_keyword(body)
-    for f, rows in groups.items():
-        with torch.no_grad():
-            prefix = body(**_rows(kwargs, rows, slice(0, f)), use_cache=True)
-        keep(frozen_h, frozen_t, prefix.last_hidden_state, shift_labels[rows, :f])
-        suffix = _rows(kwargs, rows, slice(f, length))
-        if "attention_mask" in kwargs:  # the mask covers the cached positions and the new ones
-            suffix["attention_mask"] = kwargs["attention_mask"][rows]
-        if "position_ids" not in kwargs:  # the positions the one call would give them
-            suffix["position_ids"] = torch.arange(f, length, device=ids.device).unsqueeze(0)
-        # The body's output names its cache as its keyword does (``cache`` / ``past_key_values``).
-        hidden = body(**suffix, use_cache=True, **{cache_keyword: getattr(prefix, cache_keyword)}).last_hidden_state
-        keep(live_h, live_t, hidden, shift_labels[rows, f:])
-
-    def summed(hidden: list[Tensor], targets: list[Tensor]) -> Tensor:
-        return head(torch.cat(hidden), torch.cat(targets).to(hidden[0].device), ignore_index=ignore_index,
-                    reduction="sum", softcap=softcap)
-
-    total = summed(frozen_h, frozen_t)
-    if live_h:
-        total = total + summed(live_h, live_t)
-    elif embedding.reserved_weight.requires_grad:
-        # No live position: the embedding's rows are not reached, yet the usual path gives them a zero gradient
-        # (an optimizer then still decays them; DDP expects every trainable parameter to get one).
-        total = total + embedding.reserved_weight.sum() * 0
+    total = summed_loss(parts, shift_labels.to(parts[0].hidden.device), loss_sum, reserved_rows(model))
     return reduced_loss(total, shift_labels, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)

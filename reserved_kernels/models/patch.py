@@ -78,14 +78,17 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             the model's own loss from logits.
         skip_frozen: with the fused loss, positions that no reserved id can reach (before a row's first
             reserved id, and rows without one) run without a backward through the body, and only their K
-            head columns' gradient is computed (:mod:`reserved_kernels.models.frozen`); the same loss and
+            head columns' gradient is computed (:mod:`reserved_kernels.models.frozen`): in the training loss,
+            TRL's ``fused_lm_head`` statistics and gemma_pytorch's ``causal_lm_loss``; the same loss and
             gradients up to floating-point summation order. It reads the batch's ids on the host once a
             step. It turns itself off — the usual path runs — whenever a parameter other than the rows
-            trains (a LoRA adapter beside them), under gradient checkpointing, with dropout, with
-            ``inputs_embeds``, a KV cache passed in, or inputs it does not slice (anything but
-            ``input_ids``, a (B, T) ``attention_mask`` and ``position_ids``), and for TRL's
-            ``fused_lm_head`` statistics; gemma_pytorch's ``causal_lm_loss`` skips whole rows without a
-            reserved id, not prefixes. False (or ``RESERVED_KERNELS_SKIP_FROZEN=0``) turns it off.
+            trains (a LoRA adapter beside them), with dropout, with ``inputs_embeds``, a KV cache passed in,
+            or inputs it does not slice (anything but ``input_ids``, a (B, T) ``attention_mask`` and
+            ``position_ids``). A row is cut at its first reserved id only where that leaves at least
+            max(T/8, 64) positions before it; never under gradient checkpointing (transformers turns the KV
+            cache off there) or in a left-padded row (:func:`~reserved_kernels.models.frozen.split_points`):
+            such rows run whole, and rows without a reserved id still run without a backward.
+            False (or ``RESERVED_KERNELS_SKIP_FROZEN=0``) turns it off.
 
     With PEFT, apply the adapter first (``get_peft_model``), then patch the PEFT model: the adapter and
     the rows train together. Patching first and then calling ``get_peft_model`` freezes the rows (PEFT
