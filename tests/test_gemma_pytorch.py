@@ -196,6 +196,39 @@ def test_rows_without_a_reserved_id_run_without_a_backward_and_the_loss_is_the_s
     torch.testing.assert_close(fused[1], rows.grad, rtol=tol, atol=tol * rows.grad.abs().max().item())
 
 
+@pytest.mark.parametrize("architecture, quant", [("gemma1", False), ("gemma2", False), ("gemma3", True)])
+def test_each_rows_prefix_before_its_first_reserved_id_runs_without_a_backward(architecture, quant):
+    """Rows longer than the split threshold (64 positions): a row's positions before its first reserved id run
+    under no_grad and fill the kv caches, the rest reads them (rows with the same first position together; the
+    sliding window of 8 is crossed by the cached prefix); a row whose term comes too early runs whole. Loss and
+    row gradients match the logits path."""
+    model = _model(architecture, quant)
+    patch_model(model, RESERVED)
+    rows = model.embedder.reserved_weight
+    with torch.no_grad():
+        rows.add_(torch.randn(3, 32, generator=torch.Generator().manual_seed(2)))
+    ids = torch.randint(108, 1024, (4, 100), generator=torch.Generator().manual_seed(7))
+    ids[1, 70], ids[2, 70], ids[2, 90], ids[3, 5] = 7, 8, 9, 7  # row 0: ordinary text; row 3: too early to split
+    mask = torch.ones_like(ids)
+    mask[2, -6:] = 0  # right padding: those targets do not count
+    seen = []
+    hook = model.embedder.register_forward_pre_hook(lambda m, args: seen.append((torch.is_grad_enabled(),
+                                                                                 tuple(args[0].shape))))
+    loss = causal_lm_loss(model, ids, mask)
+    hook.remove()
+    loss.backward()
+    assert sorted(seen) == [(False, (1, 100)), (False, (2, 70)), (True, (1, 100)), (True, (2, 30))]
+    fused = (loss.detach(), rows.grad.clone())
+    rows.grad = None
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    logits = causal_lm_logits(model, ids)[:, :-1]
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, 1024), targets.reshape(-1))
+    reference.backward()
+    tol = (1024 + 32 + 100) * torch.finfo(torch.float32).eps  # one loss summed in other orders (see test_gemma)
+    torch.testing.assert_close(fused[0], reference.detach(), rtol=tol, atol=0)
+    torch.testing.assert_close(fused[1], rows.grad, rtol=tol, atol=tol * rows.grad.abs().max().item())
+
+
 @pytest.mark.parametrize("architecture, quant", [("gemma2", False), ("gemma3", True)])
 def test_frozen_text_gives_the_logits_paths_loss_and_gradient(architecture, quant):
     """FrozenText on the gemma_pytorch layout (soft-capped Gemma 2, int8 Gemma 3): its cached loss at moved rows is

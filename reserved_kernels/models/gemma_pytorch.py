@@ -17,9 +17,8 @@ an ``attn_type`` (an enum with ``GLOBAL`` / ``LOCAL_SLIDING`` members) and ``mod
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reserved_kernels._table import dequantised
@@ -56,26 +55,55 @@ def _masks(config, length: int, device: torch.device) -> tuple[Tensor, Tensor | 
     return mask, local
 
 
+class _Decoder:
+    """The decoder of a gemma_pytorch-layout model over runs of positions of ``input_ids`` (B, T), differentiable:
+    the :class:`~reserved_kernels.models.frozen.BodyRunner` of this layout. Each call gets kv caches of all T
+    positions (fresh, or a prefix's, which it extends) and the rows of the causal and sliding-window masks of its
+    positions, as gemma_pytorch's ``generate`` decodes: a run's queries see the cached keys before it and its own."""
+
+    def __init__(self, model: nn.Module, input_ids: Tensor):
+        if not is_gemma_pytorch(model):
+            raise TypeError(f"{type(model).__name__} is not a gemma_pytorch-layout model (an `embedder` or "
+                            "`text_token_embedder`, `model.layers` and a `config`)")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        self.model, self.input_ids = model, input_ids
+        self.length = input_ids.shape[1]
+        self.mask, self.local_mask = _masks(model.config, self.length, input_ids.device)
+
+    def _caches(self, batch: int, like: Tensor) -> list[tuple[Tensor, Tensor]]:
+        config = self.model.config
+        shape = (batch, self.length, config.num_key_value_heads, config.head_dim)
+        return [(like.new_zeros(shape), like.new_zeros(shape)) for _ in self.model.model.layers]
+
+    def _run(self, ids: Tensor, start: int, caches: list | None) -> tuple[Tensor, list]:
+        """(final hidden states of ``ids`` standing at positions ``start...``, the caches they were written into)."""
+        model, config = self.model, self.model.config
+        stop = start + ids.shape[1]
+        positions = torch.arange(start, stop, device=ids.device)
+        hidden = getattr(model, embedder_name(model))(ids)
+        hidden = hidden * torch.tensor(config.hidden_size ** 0.5, dtype=hidden.dtype, device=hidden.device)
+        caches = self._caches(ids.shape[0], hidden) if caches is None else caches
+        local = self.local_mask[:, :, start:stop] if self.local_mask is not None else None
+        out = model.model(hidden_states=hidden, freqs_cis=_rotary_tables(model, positions), kv_write_indices=positions,
+                          kv_caches=caches, mask=self.mask[:, :, start:stop], local_mask=local)
+        return out, caches
+
+    def whole(self, rows: Tensor | None = None) -> Tensor:
+        """(B, T, D) final hidden states of ``rows`` (every row when None) at every position."""
+        ids = self.input_ids if rows is None else self.input_ids.index_select(0, rows)
+        return self._run(ids, 0, None)[0]
+
+    def prefix(self, rows: Tensor, stop: int) -> tuple[Tensor, list]:
+        return self._run(self.input_ids.index_select(0, rows)[:, :stop], 0, None)
+
+    def suffix(self, rows: Tensor, start: int, prefix: list) -> Tensor:
+        return self._run(self.input_ids.index_select(0, rows)[:, start:], start, prefix)[0]
+
+
 def _decoder_states(model: nn.Module, input_ids: Tensor) -> Tensor:
     """(B, T, D) final hidden states of a gemma_pytorch-layout model over every position, differentiable."""
-    if not is_gemma_pytorch(model):
-        raise TypeError(f"{type(model).__name__} is not a gemma_pytorch-layout model (an `embedder` or "
-                        "`text_token_embedder`, `model.layers` and a `config`)")
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-    config = model.config
-    embedder = getattr(model, embedder_name(model))
-    batch, length = input_ids.shape
-    device = input_ids.device
-    positions = torch.arange(length, device=device)
-    hidden = embedder(input_ids)
-    hidden = hidden * torch.tensor(config.hidden_size ** 0.5, dtype=hidden.dtype, device=device)
-    caches = [(hidden.new_zeros(batch, length, config.num_key_value_heads, config.head_dim),
-               hidden.new_zeros(batch, length, config.num_key_value_heads, config.head_dim))
-              for _ in model.model.layers]
-    mask, local_mask = _masks(config, length, device)
-    return model.model(hidden_states=hidden, freqs_cis=_rotary_tables(model, positions),
-                       kv_write_indices=positions, kv_caches=caches, mask=mask, local_mask=local_mask)
+    return _Decoder(model, input_ids).whole()
 
 
 def _tied_table(model: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -114,33 +142,34 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
     The tied head's loss goes through :func:`reserved_kernels.linear_cross_entropy` (with the config's
     final soft-cap): no (B, T, V) logits, and a patched model's rows get their K x D gradient.
     ``reduction`` is "mean" over the predicted tokens, or "sum".
+
+    Positions no reserved id reaches run without a backward (:mod:`reserved_kernels.models.frozen`): rows
+    without one, and each row's positions before its first one (the rest of the row then reads their kv
+    caches). The attention mask only removes targets here (gemma_pytorch's attention has no padding mask), so
+    every row can be split. One host read of the ids a step.
     """
     from reserved_kernels.functional import linear_cross_entropy, reduced_loss
 
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    targets = input_ids[:, 1:]
+    decoder = _Decoder(model, input_ids)
+    # In the batch's (B, T) layout: position t predicts token t + 1, the last one nothing.
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)
     if attention_mask is not None:
-        targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
+        targets = targets.masked_fill(F.pad(attention_mask[:, 1:], (0, 1), value=0) == 0, -100)
     table, rows, _, slot_map = _tied_table(model)
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
-    def summed(batch: list[int] | slice, frozen_body: bool = False) -> Tensor:
-        with torch.no_grad() if frozen_body else contextlib.nullcontext():
-            hidden = _decoder_states(model, input_ids[batch])[:, :-1]
-        return linear_cross_entropy(hidden, table, rows, slot_map, targets[batch], ignore_index=-100,
-                                    softcap=softcap, reduction="sum")
+    def loss_sum(hidden: Tensor, part_targets: Tensor) -> Tensor:
+        return linear_cross_entropy(hidden, table, rows, slot_map, part_targets, ignore_index=-100, softcap=softcap,
+                                    reduction="sum")
 
-    # Rows without a reserved id reach the rows through the tied head alone: their body runs without a
-    # backward (reserved_kernels.models.frozen; one host read of the ids). Prefixes are not split here.
-    cold = []
+    plan = None
     if frozen.skip_unavailable(model) is None:
-        cold = [b for b, f in enumerate(frozen.split_points(input_ids, slot_map, None)) if f == input_ids.shape[1]]
-    warm = [b for b in range(input_ids.shape[0]) if b not in cold]
-    if not cold:
-        total = summed(slice(None))
+        plan = frozen.SplitPlan.of(frozen.split_points(input_ids, slot_map, None), input_ids.shape[1])
+    if plan is None:
+        total = loss_sum(decoder.whole(), targets)
     else:
-        total = summed(cold, frozen_body=True)
-        if warm:
-            total = total + summed(warm)
+        parts = frozen.split_hidden(plan, decoder, input_ids.device)
+        total = frozen.summed_loss(parts, targets, loss_sum, frozen.reserved_rows(model))
     return reduced_loss(total, targets, reduction=reduction)
