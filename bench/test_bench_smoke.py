@@ -78,6 +78,36 @@ def test_whole_model_step_has_the_body_alone_floor(tmp_path):
     assert "Ours over the body alone" in path.with_suffix(".md").read_text()
 
 
+def test_frozen_step_benchmark_reports_each_text_and_its_frozen_share(tmp_path):
+    """``--frozen``: the skip on and off beside the body alone on three kinds of text, each with the share of
+    positions before their sequence's first term (all of ordinary text, none with a term at 0)."""
+    subprocess.run([sys.executable, "-m", "reserved_kernels.benchmarks.train_step", "--vocab", "3000", "--dim", "64",
+                    "--tokens", "1024", "--slots", "4", "--repeat", "2", "--memory-runs", "1", "--head", "--frozen",
+                    "--out", str(tmp_path)], check=True, capture_output=True)
+    [path] = tmp_path.glob("frozen-random-cpu-*.json")
+    texts = json.loads(path.read_text())["texts"]
+    assert set(texts) == {"ordinary", "random", "start"}
+    share = {text: p["results"]["reserved"]["frozen_share"] for text, p in texts.items()}
+    assert share["ordinary"] == 1.0 and share["start"] == 0.0 and 0 < share["random"] < 1
+    assert all({"reserved", "noskip", "body"} == set(p["results"]) for p in texts.values())
+    assert "| random | " in path.with_suffix(".md").read_text()
+
+
+def test_a_random_position_is_drawn_afresh_for_each_step():
+    """Each step's batch places its terms anew (a fixed draw of two positions says little about a uniform one);
+    the same draw gives the same batch, so every recipe sees the same batches."""
+    from reserved_kernels.benchmarks.train_step import _text, frozen_share
+
+    reserved = torch.arange(7, 11)
+    base = torch.randint(20, 3000, (1024,), generator=torch.Generator().manual_seed(0))
+    draws = [_text("random", base, reserved, 512, draw) for draw in range(4)]
+    assert len({tuple(torch.isin(d, reserved).int().argmax(1).tolist()) for d in draws}) == 4
+    assert torch.equal(_text("random", base, reserved, 512, 2), draws[2])
+    assert all(torch.isin(d, reserved).sum(1).tolist() == [1, 1] for d in draws)
+    first = torch.isin(draws[0], reserved).int().argmax(1)
+    assert frozen_share(draws[0], reserved) == first.sum().item() / 1024
+
+
 def test_loss_benchmark_smoke(tmp_path):
     payload = loss.main(["--vocab", "3000", "--dim", "32", "--tokens", "128", "--slots", "4", "--repeat", "2",
                          "--memory-runs", "1", "--out", str(tmp_path)])

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 
 RECIPES = ("reserved", "noskip", "hook", "peft", "peftfast", "body")
 CONFIG_KEYS = ("device", "vocab", "dim", "slots", "tokens", "dtype", "repeat", "head", "model", "text")
 # Where the batch's reserved ids stand (with --head, per sequence of 512): "mixed" — the first sequence opens
 # with every slot, the rest is random text; "ordinary" — none; "random" — one term per sequence at a uniformly
-# random position; "start" — a term at position 0 of every sequence.
+# random position, drawn afresh for every step (as batches change in training: a single draw of two positions
+# says little about a uniform one); "start" — a term at position 0 of every sequence.
 TEXTS = ("mixed", "ordinary", "random", "start")
 
 
@@ -117,16 +119,18 @@ def _build(args, weight, reserved_ids, model=None):
             torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01), None)
 
 
-def _text(kind: str, ids, reserved_ids, width: int):
-    """The batch (sequences of ``width``) with its reserved ids where ``kind`` (see :data:`TEXTS`) puts them."""
+def _text(kind: str, ids, reserved_ids, width: int, draw: int = 0):
+    """The batch (sequences of ``width``) with its reserved ids where ``kind`` (see :data:`TEXTS`) puts them;
+    ``draw`` seeds which terms, and for "random" where."""
     import torch
 
     if kind == "mixed":
+        ids = ids.clone()
         ids[: len(reserved_ids)] = reserved_ids  # every reserved row gets a gradient
         return ids.view(-1, width)
     hit = torch.isin(ids, reserved_ids)  # random text may draw a reserved id: ordinary text has none
     ids = torch.where(hit, ids.new_tensor(int(ids[~hit][0])), ids).view(-1, width)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(draw)
     rows = torch.arange(ids.shape[0])
     terms = reserved_ids[torch.randint(0, len(reserved_ids), (ids.shape[0],), generator=gen).to(reserved_ids.device)]
     if kind == "random":
@@ -134,6 +138,16 @@ def _text(kind: str, ids, reserved_ids, width: int):
     elif kind == "start":
         ids[:, 0] = terms
     return ids
+
+
+def frozen_share(batch, reserved_ids) -> float:
+    """The share of a batch's positions that stand before their sequence's first reserved id (all of a sequence
+    without one): what the frozen-position skip runs without a backward."""
+    import torch
+
+    hit = torch.isin(batch, reserved_ids)
+    first = torch.where(hit.any(1), hit.int().argmax(1), batch.shape[1])
+    return float(first.sum()) / batch.numel()
 
 
 def child(args) -> None:
@@ -150,18 +164,25 @@ def child(args) -> None:
     else:
         weight = torch.randn(args.vocab, args.dim, device=dev, dtype=dtype)
         reserved_ids, tokens = torch.arange(7, 7 + args.slots, device=dev), args.vocab
-    ids = _text(args.text, torch.randint(0, tokens, (args.tokens,), device=dev), reserved_ids,
-                min(args.tokens, 512) if args.head else args.tokens)
+    # One batch for every step a child runs (two to measure memory, a warm-up and the timed ones) where the terms'
+    # positions are drawn afresh; the same batches, in the same order, for every recipe.
+    draws = args.repeat + 2 if args.text == "random" else 1
+    base = torch.randint(0, tokens, (args.tokens,), device=dev)
+    batches = [_text(args.text, base, reserved_ids, min(args.tokens, 512) if args.head else args.tokens, draw)
+               for draw in range(draws)]
     loss_fn, opt, after_step = _build(args, weight, reserved_ids, model)
+    steps = itertools.count()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss_fn(ids).backward()
+        loss_fn(batches[next(steps) % draws]).backward()
         opt.step()
         if after_step is not None:
             after_step()
 
-    print(json.dumps(dict(recipe=args.recipe, **measure_step(step, dev, args.measure, args.repeat))))
+    shares = [frozen_share(b, reserved_ids) for b in batches]
+    print(json.dumps(dict(recipe=args.recipe, frozen_share=sum(shares) / len(shares),
+                          **measure_step(step, dev, args.measure, args.repeat))))
 
 
 def run_one(recipe: str, memory_runs: int = 3, **config) -> dict:
@@ -220,9 +241,11 @@ def caption(payload: dict, with_text: bool = True) -> str:
 
 
 def frozen_table(payloads: dict) -> str:
-    """Markdown: per kind of text, ours with the frozen-position skip and without, beside the body alone."""
-    lines = ["| text | skip on: step s, memory | skip off: step s, memory | body alone: step s, memory | "
-             "off ÷ on: time | on ÷ body: time, memory |", "|---|---|---|---|---|---|"]
+    """Markdown: per kind of text, ours with the frozen-position skip and without, beside the body alone, and the
+    share of positions the skip runs without a backward (the mean over the steps' batches)."""
+    lines = ["| text | frozen positions | skip on: step s, memory | skip off: step s, memory | "
+             "body alone: step s, memory | off ÷ on: time | on ÷ body: time, memory |",
+             "|---|---|---|---|---|---|---|"]
     for text, payload in payloads.items():
         rows = payload["results"]
         on, off, body = rows["reserved"], rows["noskip"], rows["body"]
@@ -231,7 +254,9 @@ def frozen_table(payloads: dict) -> str:
             return f"{r['median_ms'] / 1e3:.2f} ({r['p20_ms'] / 1e3:.2f}–{r['p80_ms'] / 1e3:.2f}), " \
                    f"{r['extra_bytes'] / 2**20:,.0f} MiB"
 
-        lines.append(f"| {text} | {cell(on)} | {cell(off)} | {cell(body)} | {off['median_ms'] / on['median_ms']:.2f}× | "
+        share = f"{100 * on['frozen_share']:.0f}%" if "frozen_share" in on else ""
+        lines.append(f"| {text} | {share} | {cell(on)} | {cell(off)} | {cell(body)} | "
+                     f"{off['median_ms'] / on['median_ms']:.2f}× | "
                      f"{on['median_ms'] / body['median_ms']:.2f}×, {on['extra_bytes'] / body['extra_bytes']:.2f}× |")
     return "\n".join(lines)
 
