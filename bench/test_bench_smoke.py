@@ -93,6 +93,26 @@ def test_frozen_step_benchmark_reports_each_text_and_its_frozen_share(tmp_path):
     assert "| random | " in path.with_suffix(".md").read_text()
 
 
+def test_interleaved_runs_take_the_timed_processes_in_turn_and_pool_their_steps(tmp_path):
+    """run_interleaved on a CPU: round i of the timed processes starts at the i-th child; each child's steps are
+    pooled over its processes; memory is the median of its memory processes."""
+    from reserved_kernels.benchmarks.harness import run_interleaved
+
+    log = tmp_path / "order"
+    script = ("import json, sys; name, what = sys.argv[1], sys.argv[2]; open(sys.argv[3], 'a').write(name + what[10] + ' ');"
+              "print(json.dumps({'times_ms': [float(len(open(sys.argv[3]).read()))], 'extra_bytes': 7, 'name': name}))")
+
+    def cmd(name):  # the harness appends --measure=...: the child reads it as its second argument
+        return [sys.executable, "-c", script.replace("sys.argv[3]", repr(str(log))), name]
+
+    out = run_interleaved({n: cmd(n) for n in "abc"}, "cpu", memory_runs=1, time_runs=3)
+    order = log.read_text().split()
+    assert order[:9] == ["at", "bt", "ct", "bt", "ct", "at", "ct", "at", "bt"]  # t: time, then m: memory
+    assert sorted(order[9:]) == ["am", "bm", "cm"]
+    assert all(len(r["times_ms"]) == 3 and r["time_runs"] == 3 and r["extra_bytes"] == 7 for r in out.values())
+    assert out["b"]["name"] == "b" and out["a"]["median_ms"] == sorted(out["a"]["times_ms"])[1]
+
+
 def test_a_random_position_is_drawn_afresh_for_each_step():
     """Each step's batch places its terms anew (a fixed draw of two positions says little about a uniform one);
     the same draw gives the same batch, so every recipe sees the same batches."""

@@ -70,7 +70,8 @@ MEASURING_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def measure_step(step, device: torch.device, what: str, repeat: int) -> dict:
-    """In a child: ``{"extra_bytes"}`` (``what="memory"``), the step's median and quantiles (``"time"``), or both."""
+    """In a child: ``{"extra_bytes"}`` (``what="memory"``), the step's median and quantiles (``"time"``; on a CPU
+    each step's time too, ``times_ms``), or both."""
     out = {}
     if what in ("memory", "both"):
         out["extra_bytes"] = peak_bytes(step, device)
@@ -78,7 +79,8 @@ def measure_step(step, device: torch.device, what: str, repeat: int) -> dict:
         if device.type == "cuda":
             out.update(gpu_median(step, warmup_ms=50, rep_ms=300))
         else:
-            out.update(cpu_median(step, warmup=0 if out else 1, repeat=repeat))
+            times = cpu_times(step, warmup=0 if out else 1, repeat=repeat)
+            out.update(_summary(times), times_ms=times)
     return out
 
 
@@ -90,20 +92,38 @@ def _child_json(cmd: list[str], env: dict) -> dict:
 
 
 def run_measured(cmd: list[str], device_type: str, memory_runs: int = 3) -> dict:
-    """Run a measuring child (``cmd`` takes ``--measure``) in fresh processes and merge what they report.
+    """Run a measuring child (``cmd`` takes ``--measure``) in fresh processes and merge what they report
+    (:func:`run_interleaved` for one child)."""
+    return run_interleaved({"child": cmd}, device_type, memory_runs)["child"]
 
-    On a CPU, memory and time come from separate processes: ``memory_runs`` memory ones with
+
+def run_interleaved(cmds: dict, device_type: str, memory_runs: int = 3, time_runs: int = 1) -> dict:
+    """Run measuring children (name -> command taking ``--measure``) in fresh processes: {name: what they report}.
+
+    On a CPU, memory and time come from separate processes: ``memory_runs`` memory ones per child with
     ``MEASURING_ENV`` (see there), whose median is ``extra_bytes`` (each in ``extra_bytes_runs``: a loaded
-    machine still moves the RSS of one process by several percent), and one timed process with the
-    allocator as users have it (a fixed mmap threshold costs page faults: the body-alone step of
-    Gemma 3 270M ran 36% slower with it). On CUDA one process measures both: the allocator's count is exact.
+    machine still moves the RSS of one process by several percent), and ``time_runs`` timed ones per child with
+    the allocator as users have it (a fixed mmap threshold costs page faults: the body-alone step of
+    Gemma 3 270M ran 36% slower with it), taken round by round across the children — round ``i`` starting at
+    the ``i``-th — with their steps pooled into one median: a shared machine drifts over minutes (one step
+    measured 4.42 s and 4.90 s in two processes a few minutes apart), and this spreads the drift over every
+    child alike. On CUDA one process per child measures both: the allocator's count is exact, the clock steady.
     """
     if device_type == "cuda":
-        return _child_json(cmd + ["--measure=both"], dict(os.environ))
-    runs = [_child_json(cmd + ["--measure=memory"], dict(os.environ, **MEASURING_ENV))["extra_bytes"]
-            for _ in range(memory_runs)]
-    timed = _child_json(cmd + ["--measure=time"], dict(os.environ))
-    return {**timed, "extra_bytes": int(statistics.median(runs)), "extra_bytes_runs": runs}
+        return {name: _child_json(cmd + ["--measure=both"], dict(os.environ)) for name, cmd in cmds.items()}
+    names = list(cmds)
+    timed: dict = {name: [] for name in names}
+    for i in range(time_runs):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            timed[name].append(_child_json(cmds[name] + ["--measure=time"], dict(os.environ)))
+    out = {}
+    for name in names:
+        steps = [t for run in timed[name] for t in run["times_ms"]]
+        memory = [_child_json(cmds[name] + ["--measure=memory"], dict(os.environ, **MEASURING_ENV))["extra_bytes"]
+                  for _ in range(memory_runs)]
+        out[name] = {**timed[name][0], **_summary(steps), "times_ms": steps, "time_runs": time_runs,
+                     "extra_bytes": int(statistics.median(memory)), "extra_bytes_runs": memory}
+    return out
 
 
 def child_command(module: str, config: dict, keys, **fixed) -> list[str]:
@@ -133,11 +153,15 @@ def write_report(path: str, payload: dict, caption: str, table: str) -> None:
 
 
 def processes_phrase(config: dict) -> str:
-    """How a result file's figures were measured, for its caption (files before ``memory_runs`` had one)."""
-    runs = config.get("memory_runs", 1)
-    if config["device"] == "cuda" or runs == 1:
+    """How a result file's figures were measured, for its caption (files before ``memory_runs`` had one, before
+    ``time_runs`` one timed process)."""
+    runs, timed = config.get("memory_runs", 1), config.get("time_runs", 1)
+    if config["device"] == "cuda" or runs == timed == 1:
         return "each in a fresh process"
-    return f"each in fresh processes (memory: the median of {runs})"
+    parts = [f"memory: the median of {runs}"] if runs > 1 else []
+    if timed > 1:
+        parts.append(f"time: the median step of {timed} processes a recipe, taken in turn across the recipes")
+    return f"each in fresh processes ({'; '.join(parts)})"
 
 
 def peak_bytes(fn, device: torch.device) -> int:
@@ -161,6 +185,11 @@ def peak_bytes(fn, device: torch.device) -> int:
 
 def cpu_median(fn, *, warmup: int = 1, repeat: int = 5) -> dict:
     """Median, p20 and p80 wall time in ms of ``fn()`` on the CPU."""
+    return _summary(cpu_times(fn, warmup=warmup, repeat=repeat))
+
+
+def cpu_times(fn, *, warmup: int = 1, repeat: int = 5) -> list[float]:
+    """Wall time in ms of each of ``repeat`` calls of ``fn()`` on the CPU, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -168,6 +197,11 @@ def cpu_median(fn, *, warmup: int = 1, repeat: int = 5) -> dict:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _summary(times: list[float]) -> dict:
+    """Median, p20 and p80 of ``times`` (ms)."""
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
     return dict(median_ms=statistics.median(times), p20_ms=q[0], p80_ms=q[3])
 

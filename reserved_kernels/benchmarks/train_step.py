@@ -28,6 +28,7 @@ import importlib.util
 import itertools
 import json
 
+MODULE = "reserved_kernels.benchmarks.train_step"  # what the measuring children run (python -m)
 RECIPES = ("reserved", "noskip", "hook", "peft", "peftfast", "body")
 CONFIG_KEYS = ("device", "vocab", "dim", "slots", "tokens", "dtype", "repeat", "head", "model", "text")
 # Where the batch's reserved ids stand (with --head, per sequence of 512): "mixed" — the first sequence opens
@@ -190,7 +191,7 @@ def run_one(recipe: str, memory_runs: int = 3, **config) -> dict:
     median of ``memory_runs`` processes) and time."""
     from reserved_kernels.benchmarks.harness import child_command, run_measured
 
-    cmd = child_command("reserved_kernels.benchmarks.train_step", config, CONFIG_KEYS, recipe=recipe)
+    cmd = child_command(MODULE, config, CONFIG_KEYS, recipe=recipe)
     return run_measured(cmd, config.get("device", "cpu"), memory_runs)
 
 
@@ -262,9 +263,15 @@ def frozen_table(payloads: dict) -> str:
 
 
 def run_all(args, frozen: bool = False) -> dict:
-    results = {}
-    for recipe in available_recipes(args.head, frozen):
-        results[recipe] = r = run_one(recipe, args.memory_runs, **{k: getattr(args, k) for k in CONFIG_KEYS})
+    """Each available recipe in fresh processes (:func:`harness.run_interleaved`: on a CPU ``--time-runs`` timed
+    processes a recipe, taken in turn across the recipes, their steps pooled)."""
+    from reserved_kernels.benchmarks.harness import child_command, run_interleaved
+
+    config = {k: getattr(args, k) for k in CONFIG_KEYS}
+    cmds = {recipe: child_command(MODULE, config, CONFIG_KEYS, recipe=recipe)
+            for recipe in available_recipes(args.head, frozen)}
+    results = run_interleaved(cmds, args.device, args.memory_runs, args.time_runs)
+    for recipe, r in results.items():
         print(f"{recipe:9s} extra memory {r['extra_bytes'] / 2**20:9.1f} MiB   step {r['median_ms']:9.1f} ms "
               f"(p20 {r['p20_ms']:.1f}, p80 {r['p80_ms']:.1f})", flush=True)
     ours = results["reserved"]
@@ -287,6 +294,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a Hugging Face checkpoint folder (with its tokenizer) instead of a random table")
     parser.add_argument("--text", default="mixed", choices=TEXTS, help="where the reserved ids stand in the batch")
     parser.add_argument("--memory-runs", type=int, default=3, help="CPU: memory processes per recipe (the median counts)")
+    parser.add_argument("--time-runs", type=int, default=1,
+                        help="CPU: timed processes per recipe, taken in turn across the recipes (their steps pooled)")
 
 
 def main(argv=None):
@@ -317,7 +326,8 @@ def main(argv=None):
 
     def payload_of(results):
         return dict(environment=environment(), config={**{k: getattr(args, k) for k in CONFIG_KEYS},
-                                                       "model_name": name, "memory_runs": args.memory_runs},
+                                                       "model_name": name, "memory_runs": args.memory_runs,
+                                                       "time_runs": args.time_runs},
                     results=results)
 
     if not args.frozen:
