@@ -148,8 +148,8 @@ def _token_statistics(self, labels, kwargs):
         targets = targets.to(parts[0].hidden.device)
         flat = targets.reshape(-1)
         per_part = [stats_of(p.hidden, flat.index_select(0, p.where)) for p in parts if p is not None]
-        loss, entropy, is_top1 = (frozen.in_batch_order(parts, list(values), targets.shape)
-                                  for values in list(zip(*per_part))[:3])
+        loss, entropy, is_top1 = (frozen.in_batch_order(parts, [getattr(s, name) for s in per_part], targets.shape)
+                                  for name in ("loss", "entropy", "is_top1"))
     if shift_labels is None:  # TRL's layout without shift_labels: the T - 1 positions that predict a label
         loss, entropy, is_top1, targets = (t[:, :-1] for t in (loss, entropy, is_top1, targets))
     mask = targets != -100
