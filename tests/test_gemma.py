@@ -307,12 +307,25 @@ def test_older_transformers_layout_keeps_the_scale_in_the_model():
 
 # -------------------------------------------------------------------------------------------- DDP
 
-def _distributed_worker(rank, init_file, out_file, wrapper):
+def _distributed_batch(kind: str):
+    """Four rows, two a rank. "early": every row's terms before position 64, nothing is frozen; "split": rank 0
+    gets an ordinary row and a row with its first term at 100, rank 1 a row with terms at 80 and 120 and an
+    ordinary row — frozen rows and prefixes on both ranks."""
+    if kind == "early":
+        return _batch(batch=4)
+    ids = torch.randint(108, 1024, (4, 160), generator=torch.Generator().manual_seed(4))
+    ids[1, 100], ids[2, 80], ids[2, 120] = 7, 9, 11
+    return ids
+
+
+def _distributed_worker(rank, init_file, out_file, wrapper, kind):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         model = patch_model(tiny_gemma("gemma"), RESERVED).train()  # training: the loss is the fused op's
+        grad_modes = []
+        model.model.layers[0].register_forward_pre_hook(lambda m, args: grad_modes.append(torch.is_grad_enabled()))
         if wrapper == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -325,12 +338,12 @@ def _distributed_worker(rank, init_file, out_file, wrapper):
             for layer in model.model.layers:
                 fully_shard(layer)
             inner = model = fully_shard(model)
-        ids = _batch(batch=4).chunk(2)[rank]
+        ids = _distributed_batch(kind).chunk(2)[rank]
         model(input_ids=ids, labels=ids).loss.backward()
         grad = inner.get_input_embeddings().reserved_weight.grad
         grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
         if rank == 0:
-            torch.save(grad, out_file)
+            torch.save((grad, grad_modes), out_file)
         dist.barrier()  # both ranks done before either tears down gloo
     finally:
         dist.destroy_process_group()
@@ -339,17 +352,21 @@ def _distributed_worker(rank, init_file, out_file, wrapper):
     os._exit(0)
 
 
+@pytest.mark.parametrize("kind", ["early", "split"])
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
-def test_distributed_gradients_equal_one_process(wrapper):
+def test_distributed_gradients_equal_one_process(wrapper, kind):
+    """DDP and FSDP2 give the one-process gradient; with "split" batches each rank runs frozen rows and prefixes
+    without a backward (several body calls a step, FSDP2's layers gathered for each)."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "grad.pt")
-        mp.spawn(_distributed_worker, args=(os.path.join(tmp, "init"), out_file, wrapper), nprocs=2, join=True)
-        ddp_grad = torch.load(out_file)
+        mp.spawn(_distributed_worker, args=(os.path.join(tmp, "init"), out_file, wrapper, kind), nprocs=2, join=True)
+        ddp_grad, grad_modes = torch.load(out_file)
+    assert (False in grad_modes) == (kind == "split") and True in grad_modes
     model = patch_model(tiny_gemma("gemma"), RESERVED).train()
     grads = []
-    for half in _batch(batch=4).chunk(2):  # each rank's mean loss; DDP averages the two gradients
+    for half in _distributed_batch(kind).chunk(2):  # each rank's mean loss; DDP averages the two gradients
         model.zero_grad()
         model(input_ids=half, labels=half).loss.backward()
         grads.append(model.get_input_embeddings().reserved_weight.grad.clone())

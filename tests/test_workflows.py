@@ -23,6 +23,7 @@ from reserved_kernels.models import (  # noqa: E402
     patch_model,
     save_reserved,
 )
+from reserved_kernels.models import frozen as frozen_positions  # noqa: E402
 from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path  # noqa: E402
 from tests.families import tiny_gemma  # noqa: E402
 from tests.oracle import assert_same_table_logits, captured_input  # noqa: E402
@@ -37,10 +38,14 @@ def _quiet_transformers():
     transformers.logging.set_verbosity_error()
 
 
-def _batch(seed=0, batch=2, length=16):
+def _batch(seed=0, batch=2, length=16, ordinary_every=None):
+    """Rows with reserved ids at 3 and 9; with ``ordinary_every=n`` every n-th row is ordinary text instead (no
+    reserved id: the patched training forward runs it without a backward, models.frozen)."""
     ids = torch.randint(108, 1024, (batch, length), generator=torch.Generator().manual_seed(seed))
     ids[:, 3] = 7
     ids[:, 9] = 8
+    if ordinary_every:
+        ids[::ordinary_every, 3], ids[::ordinary_every, 9] = 500, 600
     return ids
 
 
@@ -88,7 +93,7 @@ def test_bf16_checkpoint_keeps_float32_master_rows_and_a_bf16_merged_table(tmp_p
 
 class _Data(torch.utils.data.Dataset):
     def __init__(self):
-        self.ids = _batch(seed=1, batch=24, length=16)
+        self.ids = _batch(seed=1, batch=24, length=16, ordinary_every=3)
 
     def __len__(self):
         return len(self.ids)
@@ -140,7 +145,7 @@ class _PaddedData(torch.utils.data.Dataset):
     the loss's normaliser (num_items_in_batch, over the whole accumulated batch) matters."""
 
     def __init__(self):
-        self.ids = _batch(seed=2, batch=12, length=16)
+        self.ids = _batch(seed=2, batch=12, length=16, ordinary_every=3)
         self.mask = torch.ones_like(self.ids)
         for i in range(12):
             self.mask[i, 16 - 2 * (i % 6):] = 0
@@ -183,7 +188,9 @@ def _sft_setup(tmp_path):
     vocab.save(tmp_path / "tok")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
     term = vocab.plan["[summary]"].id
-    rows = [[2, term] + _batch(seed=s, batch=1, length=10)[0].tolist() for s in range(8)]
+    # Every other line ordinary text: TRL's fused_lm_head statistics then split the batch (models.frozen).
+    rows = [[2, term] + _batch(seed=s, batch=1, length=10)[0].tolist() if s % 2 else
+            [2] + _batch(seed=s, batch=1, length=10, ordinary_every=1)[0].tolist() for s in range(8)]
     dataset = datasets.Dataset.from_dict({"input_ids": rows})
     args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=4,
                          learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
@@ -191,14 +198,18 @@ def _sft_setup(tmp_path):
     return trl, vocab, tokenizer, dataset, args
 
 
-def test_trl_sft_trainer_trains_a_patched_model_through_the_fused_loss(tmp_path):
+def test_trl_sft_trainer_trains_a_patched_model_through_the_fused_loss(tmp_path, monkeypatch):
     trl, vocab, tokenizer, dataset, args = _sft_setup(tmp_path)
     model = tiny_gemma("gemma")
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     patch_model(trainer.model, vocab, init="description")  # after the trainer: it replaces the model's forward
     start = model.get_input_embeddings().reserved_weight.detach().clone()
+    splits = []
+    split = frozen_positions.hf_split
+    monkeypatch.setattr(frozen_positions, "hf_split", lambda *a, **k: splits.append(split(*a, **k)) or splits[-1])
     trainer.train()
+    assert any(parts is not None for parts in splits)  # the ordinary lines ran without a backward
     assert not torch.equal(model.get_input_embeddings().reserved_weight, start)
     for name, p in model.named_parameters():
         if not name.endswith("reserved_weight"):
