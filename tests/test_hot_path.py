@@ -73,11 +73,13 @@ class _SyncDetector(TorchDispatchMode):
         name = func.name()
         if func in (aten._local_scalar_dense.default, aten.item.default) or "nonzero" in name:
             self.syncs.append(name)
-        elif func in (aten._to_copy.default, aten.copy_.default, aten.lift_fresh.default, aten.lift_fresh_copy.default):
+        elif func in (aten.lift_fresh.default, aten.lift_fresh_copy.default):
+            if args[0].device.type != "cpu":  # a constant made on the device from host data
+                self.syncs.append(name)
+        elif func in (aten._to_copy.default, aten.copy_.default):
             src = args[1] if func is aten.copy_.default else args[0]
             target = args[0].device if func is aten.copy_.default else kwargs.get("device", getattr(src, "device", None))
-            if func in (aten.lift_fresh.default, aten.lift_fresh_copy.default) or (
-                    isinstance(src, torch.Tensor) and src.device.type == "cpu" and target is not None
+            if (isinstance(src, torch.Tensor) and src.device.type == "cpu" and target is not None
                     and torch.device(target).type == "cuda"):
                 self.syncs.append(name)
         return func(*args, **kwargs)
@@ -212,3 +214,37 @@ def test_the_fused_loss_host_code_never_synchronises(backend, dtype, monkeypatch
         rows, cols = tile_shape(1024, 5000, 1 << 20, bytes_per_tile_element(dtype, "cuda", False, True))
         blocks, tiles = -(-1024 // rows), -(-5000 // cols)
         assert len(log) == blocks * (tiles + 1), (len(log), blocks, tiles)  # + the reserved tile per block
+
+
+def test_the_frozen_position_split_copies_its_indices_to_the_device_once(monkeypatch):
+    """models.frozen.split_hidden on fake CUDA (a runner standing for the body): the plan's row and position
+    indices cross to the device in one copy, and nothing reads the device back. (The plan itself comes from the
+    one host read of the ids a step, models.frozen.split_points.)"""
+    from reserved_kernels.models import frozen
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # page-locking: no fake implementation
+    plan = frozen.SplitPlan.of([300, 100, 300, 20, 100], 300)
+    assert plan.frozen == [0, 2] and plan.whole == [3] and plan.prefixes == {100: [1, 4]}
+    calls = []
+
+    class Body:
+        def whole(self, rows):
+            calls.append(("whole", torch.is_grad_enabled()))
+            return torch.zeros(rows.shape[0], 300, 8, device=rows.device)
+
+        def prefix(self, rows, stop):
+            calls.append(("prefix", torch.is_grad_enabled()))
+            return torch.zeros(rows.shape[0], stop, 8, device=rows.device), "its cache"
+
+        def suffix(self, rows, start, prefix):
+            calls.append(("suffix", torch.is_grad_enabled(), prefix))
+            return torch.ones(rows.shape[0], 300 - start, 8, device=rows.device)
+
+    with _fake_cuda():
+        detector = _SyncDetector()
+        with detector:
+            frozen_part, live = frozen.split_hidden(plan, Body(), torch.device("cuda"))
+        assert frozen_part.hidden.shape == (2 * 300 + 2 * 100, 8) and live.hidden.shape == (300 + 2 * 200, 8)
+        assert frozen_part.where.is_cuda and live.where.shape == (700,)
+    assert calls == [("whole", False), ("whole", True), ("prefix", False), ("suffix", True, "its cache")]
+    assert detector.syncs == ["aten::_to_copy"], detector.syncs
