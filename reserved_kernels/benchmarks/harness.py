@@ -111,6 +111,8 @@ def run_interleaved(cmds: dict, device_type: str, memory_runs: int = 3, time_run
     """
     if device_type == "cuda":
         return {name: _child_json(cmd + ["--measure=both"], dict(os.environ)) for name, cmd in cmds.items()}
+    if memory_runs < 1 or time_runs < 1:
+        raise ValueError(f"memory_runs and time_runs must be at least 1, got {memory_runs} and {time_runs}")
     names = list(cmds)
     timed: dict = {name: [] for name in names}
     for i in range(time_runs):
