@@ -146,9 +146,9 @@ def frozen_share(batch, reserved_ids) -> float:
     without one): what the frozen-position skip runs without a backward."""
     import torch
 
-    hit = torch.isin(batch, reserved_ids)
-    first = torch.where(hit.any(1), hit.int().argmax(1), batch.shape[1])
-    return float(first.sum()) / batch.numel()
+    from reserved_kernels.models.frozen import first_positions
+
+    return float(first_positions(torch.isin(batch, reserved_ids)).sum()) / batch.numel()
 
 
 def child(args) -> None:

@@ -122,6 +122,11 @@ def reserved_hits(input_ids: Tensor, slot_map: Tensor) -> Tensor:
     return slot_map.index_select(0, input_ids.reshape(-1).long()).view(input_ids.shape) >= 0
 
 
+def first_positions(hit: Tensor) -> Tensor:
+    """(B,) each row's first ``True`` in the (B, T) ``hit``, or T where the row has none."""
+    return torch.where(hit.any(1), hit.int().argmax(1), hit.shape[1])
+
+
 def split_points(input_ids: Tensor, slot_map: Tensor, attention_mask: Tensor | None) -> list[int]:
     """Where each row's live positions start: its first reserved id (the row's length where there is none), or
     0 for a left-padded row that has one. One host read.
@@ -130,9 +135,8 @@ def split_points(input_ids: Tensor, slot_map: Tensor, attention_mask: Tensor | N
     every key of the call — future ones included — so what they hold (and predict: the position before the
     first real token predicts it) depends on the whole row: such a row with a reserved id is not split.
     """
-    hit = reserved_hits(input_ids, slot_map)
     length = input_ids.shape[1]
-    first = torch.where(hit.any(1), hit.int().argmax(1), length)
+    first = first_positions(reserved_hits(input_ids, slot_map))
     if attention_mask is not None:
         first = torch.where((attention_mask[:, 0] == 0) & (first < length), 0, first)
     return first.tolist()
