@@ -245,7 +245,7 @@ def _run(args: argparse.Namespace) -> None:
             if not (args.frozen_only or args.frozen_text):
                 step_main(step)  # ours beside PEFT, the hook recipe and the body alone
             if not args.frozen_text:  # the frozen-position skip on and off, three kinds of text: 3 timed processes
-                # a recipe, in turn (the three differ by 10-30%, under a shared machine's drift), 5 steps each
+                # a recipe taken in turn (a shared machine drifts by up to 9% over minutes), 5 steps each
                 step_main(step + ["--frozen", "--repeat", "5", "--time-runs", "3"])
             if not args.frozen_only:  # ordinary text through FrozenText beside the full forward
                 frozen_text_main(["--device", args.device, "--model", args.model, "--out", args.out])
