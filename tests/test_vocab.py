@@ -33,7 +33,7 @@ def test_embedded_tokenizer_has_gemma_layout(vocab):
 def test_round_trip_of_every_term_and_other_ids_unchanged(vocab, tmp_path):
     plan = vocab.assign(TERMS)
     assert plan.ids == list(range(7, 7 + 2 * len(TERMS)))  # each term and its spaced form
-    assert plan.terms == [form for term in TERMS for form in (term, " " + term)]
+    assert plan.terms == [form for term in TERMS for form in (" " + term, term)]  # the spaced form first (Ollama)
     tok_path, plan_path = vocab.save(tmp_path)
     renamed = spm.SentencePieceProcessor(model_file=tok_path)
     original = spm.SentencePieceProcessor(model_file=default_tokenizer_path())
@@ -83,7 +83,7 @@ def test_assign_is_idempotent(vocab):
 def test_exhaustion_is_refused_and_changes_nothing(vocab):
     vocab.assign(["[a]"])
     before = vocab.plan
-    with pytest.raises(PlanError, match=r"98 new slots asked for \('\[term0\]', ' \[term0\]'.* but only 97 reserved "):
+    with pytest.raises(PlanError, match=r"98 new slots asked for \(' \[term0\]', '\[term0\]'.* but only 97 reserved "):
         vocab.assign([f"[term{i}]" for i in range(49)])
     assert vocab.plan is before
 
@@ -213,7 +213,7 @@ def test_a_script_the_tokenizer_never_saw_plans_from_its_byte_pieces(vocab):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (lambda e: e.update(id=500), r"plan entry 0 \('\[summary\]'\): field 'id' = 500 is not a reserved slot"),
+    (lambda e: e.update(id=500), r"plan entry 0 \(' \[summary\]'\): field 'id' = 500 is not a reserved slot"),
     (lambda e: e.update(piece="<unused9>"), r"plan entry 0 .*field 'piece' = '<unused9>', but id 7 is '<unused0>'"),
     (lambda e: e.update(source_ids=[5, 99999]), r"plan entry 0 .*field 'source_ids' has ids outside \[0, 1024\)"),
     (lambda e: e.update(source_ids="abc"), r"plan entry 0 .*field 'source_ids' has the wrong type"),
@@ -238,7 +238,7 @@ def test_a_plan_repeating_an_id_is_refused(vocab, tmp_path):
     raw["entries"][2].update(id=7, piece="<unused0>")
     with open(plan_path, "w", encoding="utf-8") as f:
         json.dump(raw, f)
-    with pytest.raises(PlanError, match=r"plan entry 2 \('\[qa\]'\): field 'id' repeats entry 0"):
+    with pytest.raises(PlanError, match=r"plan entry 2 \(' \[qa\]'\): field 'id' repeats entry 0"):
         ReservedVocab.from_file(default_tokenizer_path(), plan=plan_path)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import struct
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
@@ -21,6 +22,18 @@ PLAN_FORMAT_VERSION = 1
 
 class PlanError(ValueError):
     """A plan cannot be made, saved or loaded as asked; nothing was changed."""
+
+
+def pieces_digest(pieces: Iterable[str]) -> str:
+    """A tokenizer's vocabulary as one sha256, whatever file format carries it: each piece length-prefixed (as a
+    GGUF writes a string), SentencePiece's ``▁`` read as the space it stands for (a GGUF spells some pieces with
+    the space itself: Gemma 3's runs of spaces). Two files with the same pieces in the same order agree."""
+    digest = hashlib.sha256()
+    for piece in pieces:
+        data = piece.replace("\u2581", " ").encode("utf-8", "surrogatepass")
+        digest.update(struct.pack("<Q", len(data)))
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def default_tokenizer_path() -> str:
@@ -46,6 +59,8 @@ class ReservedPlan:
     tokenizer_sha256: str
     entries: tuple[PlanEntry, ...] = ()
     model_vocab_size: int | None = None  # set when the plan uses a model's rows beyond the tokenizer
+    # the tokenizer's pieces (pieces_digest): recognises the same vocabulary in another format (a GGUF's tokens)
+    pieces_sha256: str | None = None
 
     @property
     def ids(self) -> list[int]:
@@ -77,7 +92,7 @@ class ReservedPlan:
     def to_json(self, output_sha256: str | None = None) -> str:
         return json.dumps(dict(format_version=PLAN_FORMAT_VERSION, tokenizer_sha256=self.tokenizer_sha256,
                                output_sha256=output_sha256, model_vocab_size=self.model_vocab_size,
-                               entries=[dataclasses.asdict(e) for e in self.entries]), ensure_ascii=False, indent=2)
+                               pieces_sha256=self.pieces_sha256, entries=[dataclasses.asdict(e) for e in self.entries]), ensure_ascii=False, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> tuple[ReservedPlan, str | None]:
@@ -99,8 +114,11 @@ class ReservedPlan:
         rows = raw.get("model_vocab_size")
         if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
             raise PlanError(f"corrupt plan file: field 'model_vocab_size' must be a positive integer, got {rows!r}")
+        pieces = raw.get("pieces_sha256")  # absent from plans written before it existed
+        if pieces is not None and not isinstance(pieces, str):
+            raise PlanError(f"corrupt plan file: field 'pieces_sha256' must be a string, got {pieces!r}")
         return cls(str(raw["tokenizer_sha256"]), tuple(_entry(k, e) for k, e in enumerate(raw["entries"])),
-                   rows), raw.get("output_sha256")
+                   rows, pieces), raw.get("output_sha256")
 
 
 def _entry(index: int, raw) -> PlanEntry:
@@ -179,6 +197,8 @@ class ReservedVocab:
         if self.plan.tokenizer_sha256 != self.sha256:
             raise PlanError("the plan was made for another tokenizer "
                             f"(sha256 {self.plan.tokenizer_sha256[:12]}…, this one {self.sha256[:12]}…)")
+        if self.plan.pieces_sha256 is None:  # a plan of an earlier release learns it from its very tokenizer file
+            self.plan = dataclasses.replace(self.plan, pieces_sha256=pieces_digest(self.backend.pieces()))
         self._check_plan(self.plan)
 
     def _check_plan(self, plan: ReservedPlan) -> None:
@@ -279,17 +299,20 @@ class ReservedVocab:
 
         A tokenizer spells a word differently at the start of a text or after punctuation (``keyword``)
         and after a space (``▁keyword``); a term is one token in both places only as two pieces. So a
-        term ``T`` planned with ``spaced=True`` takes two slots: ``T`` and ``" T"`` (the space is part
-        of the piece, as in the tokenizer's own word pieces). Each form starts from the description in
+        term ``T`` planned with ``spaced=True`` takes two slots: ``" T"`` and ``T``, in this order (the space
+        is part of the piece, as in the tokenizer's own word pieces). Each form starts from the description in
         the same form: ``"[lr]"`` from the pieces of ``"learning rate"`` (``learning ▁rate``), ``" [lr]"``
         from those of ``" learning rate"`` (``▁learning ▁rate``). Whitespace around the term and the
         description is normalised away first.
         """
         term = term.strip()
         description = description.strip() if description is not None else None
-        forms = {term: description}
+        forms = {}
         if spaced:
+            # The spaced form first, so that it gets the lower id: Ollama splits text on user-defined tokens in
+            # id order, and a bare form split out first would leave its space to a token of its own.
             forms[" " + term] = " " + description if description is not None else None
+        forms[term] = description
         return forms
 
     def _refuse_existing(self, forms: Iterable[str]) -> None:
