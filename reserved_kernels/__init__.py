@@ -42,6 +42,8 @@ _EXPORTS = {
     "causal_lm_logits": "reserved_kernels.models",
     "causal_lm_loss": "reserved_kernels.models",
     "is_gemma_pytorch": "reserved_kernels.models",
+    "export_gguf": "reserved_kernels.models",
+    "ExportError": "reserved_kernels.models",
     "pretrained": "reserved_kernels.pretrained",
 }
 __all__ = [*_EXPORTS, "__version__"]
@@ -64,8 +66,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what a type checker and an IDE see; at run time __getattr__ imports on first use
     from reserved_kernels import pretrained
     from reserved_kernels.functional import build_slot_map, linear_cross_entropy, mean_init_, reserved_embedding
-    from reserved_kernels.models import (FrozenText, PerplexityCallback, StaleFrozenText, UntrainedRows,
-                                         causal_lm_logits, causal_lm_loss, freeze_rows, is_gemma_pytorch,
+    from reserved_kernels.models import (ExportError, FrozenText, PerplexityCallback, StaleFrozenText, UntrainedRows,
+                                         causal_lm_logits, causal_lm_loss, export_gguf, freeze_rows, is_gemma_pytorch,
                                          load_reserved, merge, patch_model, perplexity, perplexity_change,
                                          save_pretrained, save_reserved, untrained_rows)
     from reserved_kernels.modules.embedding import ReservedEmbedding

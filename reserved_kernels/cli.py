@@ -180,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo = sub.add_parser("demo", help="the main job: plan terms, train only their rows of a pretrained Gemma, "
                                          "check everything else")
     add_demo_arguments(p_demo)
+    p_export = sub.add_parser("export-gguf", help="write trained rows and their tokens into a copy of the model's "
+                                                  "GGUF, for llama.cpp and Ollama")
+    p_export.add_argument("rows", help="a folder save_reserved, save_pretrained or the main job wrote (the rows and "
+                                       "reserved_plan.json)")
+    p_export.add_argument("--base", required=True, help="the model's GGUF file, or a named checkpoint "
+                                                        "(gemma-3-270m: its package's file)")
+    p_export.add_argument("--out", required=True, help="the new GGUF file")
+    p_export.add_argument("--force", action="store_true", help="replace --out if it exists")
     p_bench = sub.add_parser("bench", help="measure kernels, loss and training steps beside what users would "
                                            "pick instead")
     p_bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -253,6 +261,11 @@ def _run(args: argparse.Namespace) -> None:
             from reserved_kernels.benchmarks.suite import main as bench_main
 
             bench_main(args)
+    elif args.command == "export-gguf":
+        from reserved_kernels.models.gguf import export_gguf
+
+        out = export_gguf(args.rows, args.base, args.out, force=args.force, log=print)
+        print(f"wrote {out}: run it with llama-cli -m {out}, or in Ollama from a Modelfile 'FROM {out}'")
     elif args.command == "demo":
         check_model(args.model)
         check_out_folder(args.out)

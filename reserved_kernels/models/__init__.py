@@ -1,7 +1,8 @@
 """Model integration: patch a causal LM so only planned rows train, merge back, keep the rows as a small artifact.
 
 :class:`FrozenText` keeps ordinary text for the exact loss at the current rows at O(K·D) a token, and
-:class:`PerplexityCallback` (a ``transformers.TrainerCallback``) watches it during training.
+:class:`PerplexityCallback` (a ``transformers.TrainerCallback``) watches it during training. :func:`export_gguf`
+writes the rows and their tokens into a copy of the model's GGUF, for llama.cpp and Ollama.
 
 Hugging Face Gemma 1/2/3, Llama 3 and Qwen2 (tied or untied heads, PEFT models around them) and
 gemma_pytorch-layout models.
@@ -9,6 +10,7 @@ gemma_pytorch-layout models.
 
 from reserved_kernels.models.frozen_text import FrozenText, StaleFrozenText
 from reserved_kernels.models.gemma_pytorch import causal_lm_logits, causal_lm_loss
+from reserved_kernels.models.gguf import ExportError, export_gguf
 from reserved_kernels.models.layout import is_gemma_pytorch
 from reserved_kernels.models.patch import (freeze_rows, load_reserved, merge, patch_model, save_pretrained,
                                           save_reserved)
@@ -17,7 +19,7 @@ from reserved_kernels.models.untrained import UntrainedRows, untrained_rows
 
 __all__ = ["patch_model", "merge", "save_pretrained", "save_reserved", "load_reserved", "freeze_rows", "perplexity",
            "perplexity_change", "untrained_rows", "UntrainedRows", "causal_lm_logits", "causal_lm_loss",
-           "is_gemma_pytorch", "FrozenText", "StaleFrozenText", "PerplexityCallback"]
+           "is_gemma_pytorch", "FrozenText", "StaleFrozenText", "PerplexityCallback", "export_gguf", "ExportError"]
 
 
 def __getattr__(name: str):

@@ -1,0 +1,595 @@
+"""The trained rows and their tokens written into a copy of the user's own GGUF, for llama.cpp and Ollama.
+
+:func:`export_gguf` copies a GGUF file and changes only what the plan changed: the K planned slots'
+token texts and types, the K rows of the token table (and of an untied ``output.weight``), and one new
+metadata key, ``reserved_kernels.plan``. Every other key, tensor and row is copied byte for byte; the
+file is streamed (tensor data goes from file to file through the kernel) and never held in memory.
+
+The format (version 2 and 3; little-endian): ``GGUF``, the version (u32), the tensor and key counts
+(u64); each key as a string (u64 length, UTF-8 bytes), a value type (u32) and the value (arrays: item
+type u32, count u64, the items); each tensor's name, dimension count (u32), dimensions (u64, innermost
+first), GGML type (u32) and offset (u64) from the data section, which starts at the header's end rounded up
+to ``general.alignment`` (32 by default). Renaming changes the header's length; the tensors' offsets are
+relative to the data section, so they stay as they are.
+
+How llama.cpp treats the renamed slots (``src/llama-vocab.cpp``): tokens of type USER_DEFINED (4) are split out
+of raw text before anything else, longest first, ``parse_special`` or not, and printed as their text. So
+each planned form is written as its text with a literal space (``" [gpu]"``, never ``"▁[gpu]"``) and typed
+USER_DEFINED. The ``<unusedN>`` slots ship as CONTROL (3), which llama.cpp matches only with
+``parse_special`` and prints as nothing. A vocabulary with two equal texts fails llama.cpp's load, so one
+is refused here. Ollama splits on user-defined tokens in id order: a plan gives a term's spaced form the
+lower id (:meth:`~reserved_kernels.ReservedVocab.surface_forms`); an older plan is exported with a warning.
+
+Rows go in in the table's own type: F32, F16, BF16 and the types gguf-py quantises (Q8_0, Q4_0, Q4_1,
+Q5_0, Q5_1; its Q8_0 is bit-identical to ggml's reference quantiser). A table in another type (the
+K-quants, the IQ types) is refused: gguf-py has no quantiser for them, and re-quantising the rows any
+other way would not be ggml's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import struct
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from torch import nn
+
+from reserved_kernels.vocab.planning import PLAN_FILENAME, PlanError, ReservedPlan, pieces_digest
+
+PLAN_KEY = "reserved_kernels.plan"
+TABLE, OUTPUT = "token_embd.weight", "output.weight"
+TOKENS, TOKEN_TYPES = "tokenizer.ggml.tokens", "tokenizer.ggml.token_type"
+USER_DEFINED = 4  # llama.cpp's LLAMA_TOKEN_TYPE_USER_DEFINED
+
+_STRING, _ARRAY = 8, 9
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_INTEGERS = {0, 1, 2, 3, 4, 5, 10, 11}
+_DEFAULT_ALIGNMENT = 32
+
+
+class ExportError(ValueError):
+    """A GGUF export that cannot be made as asked; the message names the file and the key. Nothing was written."""
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+    """One metadata key: its value type and where its record and its value lie in the header bytes."""
+
+    name: str
+    vtype: int
+    start: int  # the key's record (name, type, value)
+    value: int  # the value
+    end: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    name: str
+    dims: tuple[int, ...]  # innermost first, as GGUF stores them: a V x D table is (D, V)
+    ggml_type: int
+    offset: int  # from the start of the data section
+
+
+@dataclasses.dataclass
+class _Header:
+    """A GGUF file's header, parsed: its bytes are held (megabytes: the token list), its tensor data is not."""
+
+    path: str
+    data: bytes  # the file's first ``tensors_end`` bytes
+    keys: dict[str, _Key]
+    keys_end: int
+    tensors: dict[str, _Tensor]
+    tensors_end: int
+    alignment: int
+    data_start: int  # where the tensor data begins in the file
+    size: int  # the file's size
+
+    def integer(self, name: str) -> int | None:
+        key = self.keys.get(name)
+        if key is None or key.vtype not in _INTEGERS:
+            return None
+        return struct.unpack_from("<" + _SCALARS[key.vtype], self.data, key.value)[0]
+
+
+class _Cursor:
+    """Reads a file's header front to back, fetching more of the file as the parse reaches it; a file that
+    ends early is an :class:`ExportError` naming what was being read."""
+
+    def __init__(self, f, path: str):
+        self.f, self.path, self.buf, self.pos = f, path, bytearray(), 0
+
+    def need(self, n: int, what: str) -> None:
+        missing = self.pos + n - len(self.buf)
+        if missing > 0:
+            chunk = self.f.read(max(missing, 1 << 20))
+            self.buf += chunk
+            if len(chunk) < missing:
+                raise ExportError(f"{self.path}: truncated (the file ends inside {what})")
+
+    def scalar(self, fmt: str, what: str):
+        size = struct.calcsize("<" + fmt)
+        self.need(size, what)
+        value = struct.unpack_from("<" + fmt, self.buf, self.pos)[0]
+        self.pos += size
+        return value
+
+    def string(self, what: str) -> bytes:
+        n = self.scalar("Q", what)
+        self.need(n, what)
+        self.pos += n
+        return bytes(self.buf[self.pos - n:self.pos])
+
+    def skip_value(self, vtype: int, what: str) -> None:
+        if vtype in _SCALARS:
+            size = struct.calcsize("<" + _SCALARS[vtype])
+            self.need(size, what)
+            self.pos += size
+        elif vtype == _STRING:
+            n = self.scalar("Q", what)
+            self.need(n, what)
+            self.pos += n
+        elif vtype == _ARRAY:
+            item, count = self.scalar("I", what), self.scalar("Q", what)
+            if item in _SCALARS:
+                size = struct.calcsize("<" + _SCALARS[item]) * count
+                self.need(size, what)
+                self.pos += size
+            else:
+                for _ in range(count):
+                    self.skip_value(item, what)
+        else:
+            raise ExportError(f"{self.path}: {what} has the unknown value type {vtype} (not a GGUF file, or a newer "
+                              "format)")
+
+
+def _read_header(path: str) -> _Header:
+    """Parse ``path``'s header (:class:`ExportError` for anything but a complete GGUF of version 2 or 3)."""
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot be read ({exc.strerror})") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        cur = _Cursor(f, path)
+        cur.need(4, "the magic number")
+        if bytes(cur.buf[:4]) != b"GGUF":
+            raise ExportError(f"{path}: not a GGUF file (it starts with {bytes(cur.buf[:4])!r}, not b'GGUF')")
+        cur.pos = 4
+        version = cur.scalar("I", "the version")
+        if version not in (2, 3):
+            raise ExportError(f"{path}: GGUF version {version}; versions 2 and 3 are read")
+        n_tensors, n_keys = cur.scalar("Q", "the tensor count"), cur.scalar("Q", "the key count")
+        keys: dict[str, _Key] = {}
+        for k in range(n_keys):
+            start = cur.pos
+            name = cur.string(f"key {k}'s name").decode("utf-8", "replace")
+            vtype = cur.scalar("I", f"key {name!r}")
+            value = cur.pos
+            cur.skip_value(vtype, f"key {name!r}")
+            keys[name] = _Key(name, vtype, start, value, cur.pos)
+        keys_end = cur.pos
+        tensors: dict[str, _Tensor] = {}
+        for t in range(n_tensors):
+            name = cur.string(f"tensor {t}'s name").decode("utf-8", "replace")
+            n_dims = cur.scalar("I", f"tensor {name!r}")
+            dims = tuple(cur.scalar("Q", f"tensor {name!r}") for _ in range(n_dims))
+            tensors[name] = _Tensor(name, dims, cur.scalar("I", f"tensor {name!r}"), cur.scalar("Q", f"tensor {name!r}"))
+        header = _Header(path, bytes(cur.buf[:cur.pos]), keys, keys_end, tensors, cur.pos, _DEFAULT_ALIGNMENT, 0, size)
+    alignment = header.integer("general.alignment")
+    if alignment is not None:
+        if alignment <= 0 or alignment % 8:
+            raise ExportError(f"{path}: key 'general.alignment' is {alignment}, not a positive multiple of 8")
+        header.alignment = alignment
+    header.data_start = _aligned(header.tensors_end, header.alignment)
+    ends = [header.data_start + t.offset + n for t in tensors.values() if (n := _nbytes(t)) is not None]
+    if ends and max(ends) > size:
+        worst = max(tensors.values(), key=lambda t: t.offset + (_nbytes(t) or 0))
+        raise ExportError(f"{path}: truncated ({size:,} bytes; tensor {worst.name!r} ends at byte {max(ends):,})")
+    return header
+
+
+def _aligned(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def _nbytes(tensor: _Tensor) -> int | None:
+    """The tensor's size in bytes, or None for a type this gguf package does not know."""
+    import gguf
+
+    try:
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor.ggml_type)]
+    except (ValueError, KeyError):
+        return None
+    return int(np.prod(tensor.dims, dtype=np.int64)) // block * type_size
+
+
+def _type_name(ggml_type: int) -> str:
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"type {ggml_type}"
+
+
+def _string_spans(header: _Header, key: _Key) -> list[tuple[int, int]]:
+    """(start, end) of each string of a string-array key, in the header bytes (a string's bytes, not its length)."""
+    item, count = struct.unpack_from("<IQ", header.data, key.value)
+    if item != _STRING:
+        raise ExportError(f"{header.path}: key {key.name!r} is an array of value type {item}, not of strings")
+    spans, pos, data = [], key.value + 12, header.data
+    unpack = struct.Struct("<Q").unpack_from
+    for _ in range(count):
+        n = unpack(data, pos)[0]
+        spans.append((pos + 8, pos + 8 + n))
+        pos += 8 + n
+    return spans
+
+
+# ------------------------------------------------------------------------------------------------ the rows
+
+@dataclasses.dataclass(frozen=True)
+class ExportRows:
+    """What an export writes: the plan, and the trained rows in the plan's id order."""
+
+    plan: ReservedPlan
+    rows: np.ndarray  # K x D float32, row k for plan.entries[k]
+    head_rows: np.ndarray | None  # an untied head's own K x D rows; None where the head is tied
+    table_shape: tuple[int, int] | None  # (V, D) of the table the rows were trained in, where it is known
+    source: str  # where they came from, for messages
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ExportRows:
+        """A patched model's rows and the plan it was patched with (:func:`~reserved_kernels.patch_model` given a
+        :class:`~reserved_kernels.ReservedVocab`)."""
+        from reserved_kernels.models.layout import input_embedding, output_head
+        from reserved_kernels.models.state import patch_state
+        from reserved_kernels.modules.embedding import ReservedEmbedding
+        from reserved_kernels.modules.lm_head import ReservedLMHead
+
+        embedding, state = input_embedding(model), patch_state(model)
+        if not isinstance(embedding, ReservedEmbedding) or state is None:
+            raise ExportError(f"{type(model).__name__} is not a patched model (patch_model(model, vocab) first), nor "
+                              "a folder of saved rows")
+        vocab = state.vocab
+        if vocab is None:
+            raise ExportError(f"{type(model).__name__} was patched with ids or a bare plan: the export needs the "
+                              "ReservedVocab (its tokenizer); patch with it, or save_reserved(model, folder, vocab) "
+                              "and export the folder")
+        head = output_head(model)
+        untied = isinstance(head, ReservedLMHead) and head.tied is None
+        ids = embedding.reserved_ids.tolist()
+        rows = embedding.reserved_weight.detach().float().cpu().numpy()
+        head_rows = head.reserved_weight.detach().float().cpu().numpy() if untied else None
+        return cls._in_plan_order(vocab.plan, ids, rows, head_rows, tuple(embedding.weight.shape),
+                                  f"the patched {type(model).__name__}")
+
+    @classmethod
+    def from_folder(cls, folder: str) -> ExportRows:
+        """The rows of a folder :func:`~reserved_kernels.save_reserved` (a PEFT trainable-tokens adapter) or
+        :func:`~reserved_kernels.save_pretrained` wrote, with the plan beside them; read without a model."""
+        from safetensors import safe_open
+
+        from reserved_kernels.models.adapter import CONFIG_NAME, KEY_SUFFIX, TABLE_KEY
+
+        plan_path = os.path.join(folder, PLAN_FILENAME)
+        if not os.path.isdir(folder):
+            raise ExportError(f"{folder}: not a folder of saved rows (save_reserved or save_pretrained writes one)")
+        try:
+            with open(plan_path, encoding="utf-8") as f:
+                plan = ReservedPlan.from_json(f.read())[0]
+        except OSError:
+            raise ExportError(f"{plan_path}: missing; the export names the tokens by the plan (save_reserved(model, "
+                              "folder, vocab) writes it)") from None
+        except PlanError as exc:
+            raise ExportError(f"{plan_path}: {exc}") from None
+        files = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".safetensors"))
+        tensors: dict[str, tuple[str, object]] = {}
+        metadata: dict[str, str] = {}
+        for path in files:
+            try:
+                with safe_open(path, framework="pt") as f:
+                    metadata.update(f.metadata() or {})
+                    for key in f.keys():
+                        if key.endswith((KEY_SUFFIX, ".reserved_weight", ".reserved_ids")) or key.endswith(".weight"):
+                            tensors[key] = (path, f.get_slice(key))
+            except Exception as exc:  # safetensors raises its own SafetensorError for a damaged file
+                raise ExportError(f"{path}: not a readable safetensors file ({exc})") from None
+        head_names = ("lm_head", "output", "embed_out")
+
+        def is_head(key: str) -> bool:
+            return key.rsplit(".", 2)[-2] in head_names
+
+        def load(key: str) -> np.ndarray:
+            return tensors[key][1][:].float().numpy()
+
+        if os.path.exists(os.path.join(folder, CONFIG_NAME)):  # a PEFT trainable-tokens adapter
+            config_path = os.path.join(folder, CONFIG_NAME)
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+            ids = config.get("token_indices")
+            if isinstance(ids, dict):  # PEFT's per-module form
+                ids = next(iter(ids.values()), None)
+            if config.get("peft_type") != "TRAINABLE_TOKENS" or not isinstance(ids, list):
+                raise ExportError(f"{config_path}: not a trainable-tokens adapter (key 'peft_type' is "
+                                  f"{config.get('peft_type')!r}); the export reads the rows save_reserved writes")
+            deltas = [k for k in tensors if k.endswith(KEY_SUFFIX)]
+            embedding = [k for k in deltas if not is_head(k)]
+            head = [k for k in deltas if is_head(k)]
+            if len(embedding) != 1:
+                raise ExportError(f"{files}: expected one key '*.embed_tokens{KEY_SUFFIX}' (the table's rows), found "
+                                  f"{embedding}")
+            rows = load(embedding[0])
+            head_rows = load(head[0]) if head else None
+            shape = metadata.get(TABLE_KEY)
+            table_shape = tuple(int(x) for x in shape.split("x")) if shape else None
+        else:  # a patched model's save_pretrained: the merged table and the master rows under the module names
+            masters = [k[:-len(".reserved_weight")] for k in tensors if k.endswith(".reserved_weight")]
+            embedding = [m for m in masters if m.rsplit(".", 1)[-1] not in head_names]
+            if len(embedding) != 1 or embedding[0] + ".reserved_ids" not in tensors:
+                raise ExportError(f"{folder}: holds neither an adapter ({CONFIG_NAME}) nor one module's "
+                                  "'*.reserved_weight' and '*.reserved_ids' (save_reserved or save_pretrained writes "
+                                  "them)")
+            name = embedding[0]
+            ids = tensors[name + ".reserved_ids"][1][:].tolist()
+            rows = load(name + ".reserved_weight")
+            head = [m for m in masters if m != name]
+            head_rows = load(head[0] + ".reserved_weight") if head else None
+            table = tensors.get(name + ".weight")
+            table_shape = tuple(table[1].get_shape()) if table is not None else None
+        if head_rows is not None and np.array_equal(head_rows, rows):
+            head_rows = None  # a tied head's copy of the same rows (PEFT writes one)
+        return cls._in_plan_order(plan, ids, rows, head_rows, table_shape, folder)
+
+    @classmethod
+    def _in_plan_order(cls, plan: ReservedPlan, ids: list[int], rows: np.ndarray, head_rows: np.ndarray | None,
+                       table_shape: tuple[int, int] | None, source: str) -> ExportRows:
+        if sorted(ids) != sorted(plan.ids):
+            raise ExportError(f"{source}: its rows are for the ids {sorted(ids)[:8]}, its plan ({PLAN_FILENAME}) "
+                              f"names {sorted(plan.ids)[:8]}: rows and plan must be saved together")
+        if rows.ndim != 2 or rows.shape[0] != len(ids) or (head_rows is not None and head_rows.shape != rows.shape):
+            raise ExportError(f"{source}: rows of shape {rows.shape} for {len(ids)} ids")
+        order = [ids.index(i) for i in plan.ids]
+        return cls(plan, np.ascontiguousarray(rows[order], dtype=np.float32),
+                   None if head_rows is None else np.ascontiguousarray(head_rows[order], dtype=np.float32),
+                   table_shape, source)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+def _quantised(rows: np.ndarray, tensor: _Tensor, path: str) -> np.ndarray:
+    """``rows`` in ``tensor``'s own type, as bytes (K x row bytes); :class:`ExportError` for a type gguf-py does not
+    write."""
+    import gguf
+
+    name = _type_name(tensor.ggml_type)
+    try:
+        qtype = gguf.GGMLQuantizationType(tensor.ggml_type)
+        data = gguf.quants.quantize(rows, qtype)
+    except (ValueError, NotImplementedError, gguf.quants.QuantError):
+        raise ExportError(f"{path}: tensor {tensor.name!r} is {name}, which gguf-py cannot write (it quantises F32, "
+                          "F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1): export into a GGUF whose table is one of "
+                          f"those (llama-quantize --token-embedding-type q8_0), or quantise after the export") from None
+    return np.ascontiguousarray(data).view(np.uint8).reshape(rows.shape[0], -1)
+
+
+def _check_table(header: _Header, tensor: _Tensor, rows: ExportRows) -> None:
+    if len(tensor.dims) != 2:
+        raise ExportError(f"{header.path}: tensor {tensor.name!r} has dimensions {list(tensor.dims)}, not a table's two")
+    dim, vocab_size = tensor.dims
+    trained = tuple(rows.table_shape) if rows.table_shape is not None else (None, rows.rows.shape[1])
+    if trained[1] != dim or trained[0] not in (None, vocab_size):
+        what = "x".join("?" if n is None else str(n) for n in trained)
+        raise ExportError(f"{header.path}: tensor {tensor.name!r} is {vocab_size}x{dim}; the rows of {rows.source} "
+                          f"were trained in a {what} table: another model")
+
+
+def _check_vocabulary(header: _Header, rows: ExportRows) -> tuple[list[tuple[int, int]], list[bytes]]:
+    """The token list's string spans and the new texts; :class:`ExportError` where the base is not the plan's."""
+    path, plan = header.path, rows.plan
+    for name in (TOKENS, TOKEN_TYPES):
+        if name not in header.keys:
+            raise ExportError(f"{path}: no key {name!r} (a GGUF without its tokenizer)")
+    spans = _string_spans(header, header.keys[TOKENS])
+    vocab_size = header.tensors[TABLE].dims[1]
+    if len(spans) != vocab_size:
+        raise ExportError(f"{path}: key {TOKENS!r} has {len(spans):,} tokens, tensor {TABLE!r} {vocab_size:,} rows")
+    data = header.data
+    types = header.keys[TOKEN_TYPES]
+    item, count = struct.unpack_from("<IQ", data, types.value)
+    if item not in (4, 5) or count != vocab_size:  # llama.cpp reads the types as 32-bit integers
+        raise ExportError(f"{path}: key {TOKEN_TYPES!r} is not {vocab_size:,} 32-bit integers")
+    new = [e.term.encode("utf-8") for e in plan.entries]
+    for e in plan.entries:
+        if e.id >= vocab_size:
+            raise ExportError(f"{path}: key {TOKENS!r} has {vocab_size:,} tokens, and the plan names id {e.id} (a row "
+                              "beyond the tokenizer): such rows get no token in a GGUF")
+        a, b = spans[e.id]
+        text = data[a:b].decode("utf-8", "replace")
+        if text != e.piece:
+            what = "the term itself: exported already" if text == e.term else repr(text)
+            raise ExportError(f"{path}: key {TOKENS!r}: id {e.id} is {what}, not the plan's free slot {e.piece!r}")
+    if plan.pieces_sha256 is not None:
+        texts = (data[a:b].decode("utf-8", "replace") for a, b in spans)
+        if pieces_digest(texts) != plan.pieces_sha256:
+            raise ExportError(f"{path}: key {TOKENS!r} is not the vocabulary of the tokenizer the rows were planned "
+                              f"with (sha256 {plan.tokenizer_sha256[:12]}…): another model")
+    planned = set(plan.ids)
+    taken = set(new)
+    clashes = [(i, data[a:b].decode("utf-8", "replace")) for i, (a, b) in enumerate(spans)
+               if i not in planned and data[a:b] in taken]
+    if clashes:
+        raise ExportError(f"{path}: key {TOKENS!r} already has {clashes[:5]} (id, text): llama.cpp refuses a "
+                          "vocabulary with two equal texts")
+    return spans, new
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+@contextlib.contextmanager
+def _atomic_output(path: str) -> Iterator:
+    """A file object for a temporary sibling of ``path``, renamed over it only when the block completes."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # the data reaches the disk before the name does
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _copy_range(src, dst, offset: int, count: int) -> None:
+    """``count`` bytes of ``src`` from ``offset`` to ``dst``'s position, in the kernel where it can (no user
+    memory: a GGUF is gigabytes), else in 16 MiB blocks."""
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    dst.flush()
+    position = dst.tell()
+    copy = getattr(os, "copy_file_range", None)
+    done = 0
+    while done < count:
+        n = 0
+        if copy is not None:
+            try:
+                n = copy(src_fd, dst_fd, count - done, offset + done, position + done)
+            except OSError:
+                copy = None  # another file system, or another device: copy by hand
+        if n == 0:
+            block = os.pread(src_fd, min(16 << 20, count - done), offset + done)
+            if not block:
+                raise ExportError(f"{src.name}: truncated (ended while copying its tensor data)")
+            n = os.pwrite(dst_fd, block, position + done)
+        done += n
+    dst.seek(position + count)
+
+
+def _header_bytes(header: _Header, spans: list[tuple[int, int]], rows: ExportRows, new: list[bytes]) -> bytes:
+    """The new header: the counts, every key as it was but the token texts and types (and the plan key), every
+    tensor record as it was, padded to the alignment."""
+    data, plan = header.data, rows.plan
+    renamed = dict(zip(plan.ids, new))
+    out = bytearray(data[:16])  # magic, version, tensor count
+    keys = [k for k in header.keys.values() if k.name != PLAN_KEY]
+    out += struct.pack("<Q", len(keys) + 1)
+    for key in keys:
+        if key.name == TOKENS:
+            tokens = bytearray(data[key.start:key.value + 12])
+            pos = key.value + 12
+            for token_id in sorted(renamed):
+                a, b = spans[token_id]
+                tokens += data[pos:a - 8] + struct.pack("<Q", len(renamed[token_id])) + renamed[token_id]
+                pos = b
+            tokens += data[pos:key.end]
+            out += tokens
+        elif key.name == TOKEN_TYPES:
+            record = bytearray(data[key.start:key.end])
+            first = key.value + 12 - key.start
+            for token_id in plan.ids:
+                struct.pack_into("<i", record, first + 4 * token_id, USER_DEFINED)
+            out += record
+        else:
+            out += data[key.start:key.end]
+    record = json.dumps(dict(format_version=1, tokenizer_sha256=plan.tokenizer_sha256,
+                             pieces_sha256=plan.pieces_sha256,
+                             entries=[dict(term=e.term, id=e.id, piece=e.piece) for e in plan.entries]),
+                        ensure_ascii=False).encode("utf-8")
+    name = PLAN_KEY.encode("utf-8")
+    out += struct.pack("<Q", len(name)) + name + struct.pack("<IQ", _STRING, len(record)) + record
+    out += data[header.keys_end:header.tensors_end]
+    out += bytes(_aligned(len(out), header.alignment) - len(out))
+    return bytes(out)
+
+
+def _warn_ollama_order(plan: ReservedPlan) -> None:
+    late = [e.term for e in plan.entries if e.term.startswith(" ") and e.term[1:] in plan
+            and plan[e.term[1:]].id < e.id]
+    if late:
+        warnings.warn(f"the spaced forms {late} have higher ids than their bare forms (a plan of an earlier release): "
+                      "llama.cpp matches the longer form first, but Ollama splits on user-defined tokens in id order, "
+                      "so there a space before the term becomes a token of its own. Re-plan to give the spaced forms "
+                      "the lower ids.", UserWarning, stacklevel=3)
+
+
+def _resolve_base(base: str | os.PathLike) -> str:
+    from reserved_kernels import pretrained
+
+    base = os.fspath(base)
+    if pretrained.is_named(base):
+        return pretrained.gguf_file(base)
+    return base
+
+
+def export_gguf(rows: str | os.PathLike | nn.Module, base: str | os.PathLike, out: str | os.PathLike, *,
+                force: bool = False, log: Callable[[str], None] | None = None) -> str:
+    """Copy the GGUF ``base`` to ``out`` with the trained rows and their tokens written in; returns ``out``.
+
+    Args:
+        rows: a folder :func:`~reserved_kernels.save_reserved`, :func:`~reserved_kernels.save_pretrained` or the
+            main job wrote (the rows, ``reserved_plan.json``), or a model patched with a
+            :class:`~reserved_kernels.ReservedVocab`.
+        base: the user's GGUF of the same model, or a named checkpoint (``"gemma-3-270m"``: its package's file).
+        out: the new file. Each planned slot's token becomes its term (the spaced form with a literal space),
+            typed USER_DEFINED, so llama.cpp and Ollama split it out of plain text and print it back; the K rows
+            are written into ``token_embd.weight`` (and an untied ``output.weight``) in the tensor's own type; the
+            key ``reserved_kernels.plan`` records the terms, ids and the tokenizer's hash. Everything else is
+            byte-identical to ``base``.
+        force: replace an existing ``out``.
+
+    Raises :class:`ExportError` (a ``ValueError``) naming the file and the key, and writes nothing, for: rows whose
+    table shape or tokenizer is not the base's, slots that are not the plan's free pieces, an ``out`` that exists
+    (without ``force``) or is the base, a table type gguf-py cannot write, an unreadable or truncated file. The
+    file is written to a temporary sibling and renamed into place when complete.
+    """
+    export = rows if isinstance(rows, ExportRows) else (
+        ExportRows.from_model(rows) if isinstance(rows, nn.Module) else ExportRows.from_folder(os.fspath(rows)))
+    base, out = _resolve_base(base), os.fspath(out)
+    if os.path.isdir(out):
+        raise ExportError(f"{out}: is a folder; give the new GGUF file's path")
+    if os.path.exists(out) and os.path.exists(base) and os.path.samefile(out, base):
+        raise ExportError(f"{out}: is the base file itself; write the export to a new file")
+    if os.path.exists(out) and not force:
+        raise ExportError(f"{out}: exists (pass force=True, or --force, to replace it)")
+    header = _read_header(base)
+    if TABLE not in header.tensors:
+        raise ExportError(f"{base}: no tensor {TABLE!r} (not a language model's GGUF)")
+    table = header.tensors[TABLE]
+    _check_table(header, table, export)
+    spans, new = _check_vocabulary(header, export)
+    writes = [(table, _quantised(export.rows, table, base))]
+    if OUTPUT in header.tensors:  # an untied head: its own rows, or the table's where the rows were trained tied
+        output = header.tensors[OUTPUT]
+        _check_table(header, output, export)
+        writes.append((output, _quantised(export.rows if export.head_rows is None else export.head_rows, output,
+                                          base)))
+    elif export.head_rows is not None:
+        raise ExportError(f"{base}: no tensor {OUTPUT!r} (its head is tied to {TABLE!r}), but {export.source} has an "
+                          "untied head's own rows: another model")
+    _warn_ollama_order(export.plan)
+    new_header = _header_bytes(header, spans, export, new)
+    if log is not None:
+        log(f"writing {out}: {len(export.plan)} tokens renamed, {len(export.plan)} rows of "
+            f"{' and '.join(f'{t.name} ({_type_name(t.ggml_type)})' for t, _ in writes)}")
+    with open(base, "rb") as src, _atomic_output(out) as dst:
+        dst.write(new_header)
+        _copy_range(src, dst, header.data_start, header.size - header.data_start)
+        start = len(new_header)
+        for tensor, data in writes:
+            row_bytes = data.shape[1]
+            for k, token_id in enumerate(export.plan.ids):
+                os.pwrite(dst.fileno(), data[k].tobytes(), start + tensor.offset + token_id * row_bytes)
+    return out
+
