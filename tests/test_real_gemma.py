@@ -24,10 +24,20 @@ if OK:
     import transformers
 
     from reserved_kernels import demo, demo_training
-    from reserved_kernels.models import merge, patch_model, perplexity, untrained_rows
+    from reserved_kernels.models import (export_gguf, load_reserved, merge, patch_model, perplexity, save_reserved,
+                                         untrained_rows)
+    from reserved_kernels.models.gguf import TABLE
     from reserved_kernels.stories import pydoc_sentences, pydoc_text
     from reserved_kernels.vocab import PlanError, ReservedVocab
+    from tests import gguf_files
     from tests.oracle import assert_same_table_logits, captured_input
+
+try:
+    import llama_cpp
+except ImportError:
+    llama_cpp = None
+needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason="llama.cpp's checks need llama-cpp-python "
+                                                               "(pip install 'reserved-kernels[llama-cpp]')")
 
 TERMS = demo.PYDOC.terms
 
@@ -176,3 +186,65 @@ def test_the_frozen_text_benchmark_runs_and_its_cache_is_exact_on_the_real_model
     assert results["rows_moved"] > 0.01 and results["positions"] == 127
     assert results["store_bytes"] == 127 * (640 + 2) * 4
     assert "| perplexity of the batch |" in path.with_suffix(".md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ the GGUF export
+
+@pytest.fixture(scope="module")
+def exported(model, vocab, tmp_path_factory):
+    """(rows folder, the exported GGUF, the rows as written): the demo's terms, each row its description's mean
+    moved by a tenth of its spread (as training moves it), saved as the main job saves them, exported into a copy
+    of the real model's own Q8_0-table GGUF."""
+    folder = tmp_path_factory.mktemp("real-rows")
+    patched = patch_model(copy.deepcopy(model), vocab, init="description")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        rows = patched.get_input_embeddings().reserved_weight
+        rows.add_(torch.randn(rows.shape, generator=generator) * rows.std() / 10)
+    save_reserved(patched, folder, plan=vocab)
+    out = export_gguf(folder, "gemma-3-270m", folder / "model.gguf")
+    return str(folder), out, rows.detach().numpy().copy()
+
+
+def test_the_export_changes_the_planned_tokens_and_rows_of_the_real_gguf_and_nothing_else(vocab, exported):
+    folder, out, rows = exported
+    base = pretrained.gguf_file("gemma-3-270m")
+    assert gguf_files.read(base).fields["general.file_type"].contents() == 15  # Q4_K_M, its table Q8_0
+    gguf_files.assert_only_the_plan_changed(base, out, vocab.plan, {TABLE: rows})
+
+
+@needs_llama_cpp
+def test_llama_cpp_reads_each_term_as_one_token_and_all_of_pythons_documentation_as_before(vocab, exported):
+    folder, out, rows = exported
+    llm = llama_cpp.Llama(out, vocab_only=True, verbose=False)
+    base = llama_cpp.Llama(pretrained.gguf_file("gemma-3-270m"), vocab_only=True, verbose=False)
+    gguf_files.assert_each_term_is_one_token(llm, vocab.plan)
+    text = pydoc_text()  # ~0.5 MB of real text without the terms
+    assert gguf_files.tokenize(llm, text) == gguf_files.tokenize(base, text)
+    sentence = "Pass it as a [kwarg], not a [posarg]: see the [codeblock]."
+    assert gguf_files.tokenize(llm, sentence) == vocab.renamed_encoder()(sentence)  # the ids the rows trained on
+
+
+@needs_llama_cpp
+def test_llama_cpp_runs_the_export_as_the_patched_model_computes(model, vocab, exported):
+    folder, out, rows = exported
+    patched = copy.deepcopy(model)
+    load_reserved(patched, folder, vocab=vocab)
+    ordinary = [2] + vocab.encode("The built-in function len() returns the number of items in a container, and "
+                                  "sorted() returns a new list.")
+    with_terms = [2] + vocab.renamed_encoder()("The [builtin] len() returns the number of items; a [kwarg] follows "
+                                               "every [posarg] in the [codeblock].")
+    gguf_files.assert_logits_agree(model, patched, pretrained.gguf_file("gemma-3-270m"), out, ordinary, with_terms,
+                                   gguf_files.Q8_0)
+
+
+def test_transformers_reads_each_term_of_the_export_as_one_token(vocab, exported):
+    import os
+
+    folder, out, rows = exported
+    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(out), gguf_file=os.path.basename(out))
+    encode = vocab.renamed_encoder()
+    for place in gguf_files.PLACES:
+        for term in {t.strip() for t in vocab.plan.terms}:
+            text = place.format(t=term)
+            assert tokenizer(text, add_special_tokens=False).input_ids == encode(text), text
