@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--frozen-text", action="store_true",
                          help="with --model: only FrozenText's cached perplexity and training step on ordinary text "
                               "beside the full forward, and their exactness")
+    p_bench.add_argument("--gguf", action="store_true",
+                         help="only the GGUF export beside a plain copy of the model's file (--model, default "
+                              "gemma-3-270m), each in fresh processes: time and peak memory")
     p_bench.add_argument("--out", default="bench/results", help="folder for <device>-<date>.json/.md/.png")
     p_bench.add_argument("--readme", metavar="README", nargs="?", const="README.md",
                          help="only regenerate README's Results section from the files in --out")
@@ -236,6 +239,10 @@ def _run(args: argparse.Namespace) -> None:
 
             update_readme(args.readme, args.out)
             print(f"updated {args.readme} from {args.out}")
+        elif args.gguf:
+            from reserved_kernels.benchmarks.gguf_export import main as gguf_main
+
+            gguf_main(["--model", args.model or "gemma-3-270m", "--out", args.out])
         elif args.loss:
             from reserved_kernels.benchmarks.loss import main as loss_main
 

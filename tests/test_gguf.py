@@ -275,3 +275,34 @@ def test_llama_cpp_runs_the_exported_gemma_as_the_patched_model_computes(gemma, 
     ordinary = [2] + vocab.encode("the cat sat on the mat and then it ran away from the dog")
     with_terms = [2] + encode("[summary] the cat sat. [translate] le chat, and [summary] again")
     gguf_files.assert_logits_agree(shipped_model(), patched, gemma_base, out, ordinary, with_terms, Q.Q8_0)
+
+
+@pytest.mark.parametrize("kind", ["short", "empty", "nul", "long", "one byte"])
+def test_the_token_list_is_parsed_as_the_one_by_one_walk_does(kind):
+    """The numpy proposal of where each string starts is taken only where it is the walk itself: on token lists
+    it cannot read (a NUL inside a text, a text of 65,536 bytes) the walk runs, with the same answer; the texts joined for the vocabulary's digest are the texts."""
+    import io
+    import struct
+
+    rng = np.random.default_rng(0)
+    texts = [bytes(rng.integers(1, 256, rng.integers(1, 300), dtype=np.uint8)) for _ in range(5000)]
+    if kind == "empty":
+        texts[2500] = b""
+    elif kind == "nul":
+        texts[100] = b"a\0\0\0\0\0\0\0b"
+    elif kind == "long":
+        texts[7] = b"x" * 70_000
+    elif kind == "one byte":
+        texts = [b"a"] * 5000
+    raw = b"".join(struct.pack("<Q", len(t)) + t for t in texts) + b"\0" * 16
+    cursor = export._Cursor(io.BytesIO(raw), "list.gguf")
+    starts = cursor.strings(len(texts), "a token list")
+    expected, pos = [], 0
+    for text in texts:
+        expected.append(pos + 8)
+        pos += 8 + len(text)
+    assert list(starts) == expected and cursor.pos == pos
+    fast = export._proposed_starts(bytearray(raw), 0, len(texts))
+    assert fast is None or list(fast) == expected  # a proposal is the walk, or nothing
+    assert (fast is None) == (kind in ("nul", "long"))  # ordinary lists (an empty token too) are read in numpy
+    assert export._joined(bytearray(raw), starts, pos) == b"\0".join(texts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 
 import pytest
@@ -239,8 +240,6 @@ def test_llama_cpp_runs_the_export_as_the_patched_model_computes(model, vocab, e
 
 
 def test_transformers_reads_each_term_of_the_export_as_one_token(vocab, exported):
-    import os
-
     folder, out, rows = exported
     tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(out), gguf_file=os.path.basename(out))
     encode = vocab.renamed_encoder()
@@ -248,3 +247,18 @@ def test_transformers_reads_each_term_of_the_export_as_one_token(vocab, exported
         for term in {t.strip() for t in vocab.plan.terms}:
             text = place.format(t=term)
             assert tokenizer(text, add_special_tokens=False).input_ids == encode(text), text
+
+
+def test_the_gguf_export_benchmark_runs_on_the_real_file(tmp_path):
+    """Its smoke run (one term, one run a process): both recipes measured, the export's file removed afterwards."""
+    import json
+
+    from reserved_kernels.benchmarks import gguf_export
+
+    gguf_export.main(["--terms", "1", "--repeat", "1", "--time-runs", "1", "--out", str(tmp_path)])
+    [path] = tmp_path.glob("gguf-export-gemma-3-270m-cpu-*.json")
+    payload = json.loads(path.read_text())
+    assert set(payload["results"]) == {"copy", "export"} and payload["slots"] == 2
+    assert all(r["median_ms"] > 0 and len(r["extra_bytes_runs"]) == 3 for r in payload["results"].values())
+    assert "| export |" in path.with_suffix(".md").read_text()
+    assert not [n for n in os.listdir(os.path.dirname(pretrained.gguf_file("gemma-3-270m"))) if n.startswith(".bench-")]

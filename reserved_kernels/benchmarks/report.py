@@ -136,7 +136,7 @@ def _kernel_lines(path: str) -> list[str]:
 
 def _loss_and_step_lines(results_dir: str, device: str) -> list[str]:
     """The fused loss alone beside the unfused path, and the real Gemma 3 270M training step, where measured."""
-    from reserved_kernels.benchmarks import frozen_text, loss, train_step
+    from reserved_kernels.benchmarks import frozen_text, gguf_export, loss, train_step
 
     lines = []
     for prefix, what, module, command in (
@@ -144,7 +144,9 @@ def _loss_and_step_lines(results_dir: str, device: str) -> list[str]:
             (f"step-gemma-3-270m-{device}", "the real Gemma 3 270M training step", train_step,
              f"reserved-kernels bench --model gemma-3-270m --device {device}"),
             (f"frozen-text-gemma-3-270m-{device}", "ordinary text through FrozenText on the real Gemma 3 270M",
-             frozen_text, f"reserved-kernels bench --model gemma-3-270m --frozen-text --device {device}")):
+             frozen_text, f"reserved-kernels bench --model gemma-3-270m --frozen-text --device {device}"),
+            (f"gguf-export-gemma-3-270m-{device}", "the GGUF export beside a plain copy of the real Gemma 3 270M file",
+             gguf_export, "reserved-kernels bench --gguf")):
         path = latest(results_dir, prefix)
         if path:
             with open(path) as f:

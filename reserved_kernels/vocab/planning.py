@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import struct
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 
@@ -24,16 +23,12 @@ class PlanError(ValueError):
     """A plan cannot be made, saved or loaded as asked; nothing was changed."""
 
 
-def pieces_digest(pieces: Iterable[str]) -> str:
-    """A tokenizer's vocabulary as one sha256, whatever file format carries it: each piece length-prefixed (as a
-    GGUF writes a string), SentencePiece's ``▁`` read as the space it stands for (a GGUF spells some pieces with
-    the space itself: Gemma 3's runs of spaces). Two files with the same pieces in the same order agree."""
-    digest = hashlib.sha256()
-    for piece in pieces:
-        data = piece.replace("\u2581", " ").encode("utf-8", "surrogatepass")
-        digest.update(struct.pack("<Q", len(data)))
-        digest.update(data)
-    return digest.hexdigest()
+def pieces_digest(pieces: Iterable[str] | bytes) -> str:
+    """A tokenizer's vocabulary as one sha256, whatever file format carries it: the pieces in id order joined by NUL,
+    SentencePiece's ``▁`` read as the space it stands for (a GGUF spells some pieces with the space itself: Gemma 3's
+    runs of spaces). ``pieces`` may be that joined text already, as UTF-8 bytes (the GGUF side, 10⁵ pieces)."""
+    data = pieces if isinstance(pieces, bytes) else "\0".join(pieces).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data.replace("\u2581".encode("utf-8"), b" ")).hexdigest()
 
 
 def default_tokenizer_path() -> str:
@@ -92,7 +87,8 @@ class ReservedPlan:
     def to_json(self, output_sha256: str | None = None) -> str:
         return json.dumps(dict(format_version=PLAN_FORMAT_VERSION, tokenizer_sha256=self.tokenizer_sha256,
                                output_sha256=output_sha256, model_vocab_size=self.model_vocab_size,
-                               pieces_sha256=self.pieces_sha256, entries=[dataclasses.asdict(e) for e in self.entries]), ensure_ascii=False, indent=2)
+                               pieces_sha256=self.pieces_sha256,
+                               entries=[dataclasses.asdict(e) for e in self.entries]), ensure_ascii=False, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> tuple[ReservedPlan, str | None]:
