@@ -1,5 +1,5 @@
 # Sourced by scripts/demo.sh and scripts/test.sh before an install whose extras include llama-cpp: llama-cpp-python
-# builds llama.cpp from source with cmake and the C++ compiler (about 7 minutes on 2 cores, once: pip caches the
+# builds llama.cpp from source with cmake and the C++ compiler (4½ minutes on 2 cores, once: pip caches the
 # built wheel and later installs take seconds). The install runs without build isolation, so its build backend
 # comes first. Only the library is built (no tests, examples, server, multimodal tools or curl), for any x86-64
 # with AVX2 rather than this machine's exact CPU, so that the cached wheel serves another machine of the same kind.

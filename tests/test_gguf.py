@@ -6,7 +6,6 @@ installed, loaded by llama.cpp itself. The real Gemma 3 270M file is tested in t
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf", reason="the GGUF export needs the gguf package (pip install 'reserved-kernels[gguf]')")
+gguf = pytest.importorskip("gguf", reason="the GGUF export needs the gguf package "
+                                          "(pip install 'reserved-kernels[gguf]')")
 transformers = pytest.importorskip("transformers")
 
 import reserved_kernels as rk  # noqa: E402
@@ -122,7 +122,8 @@ def test_a_llama3_gguf_gets_its_reserved_specials_renamed_and_the_untied_heads_o
     out = rk.export_gguf(rows, base, tmp_path / "out.gguf")
     head = model.get_output_embeddings().reserved_weight.detach().numpy()
     assert not np.array_equal(head, plan_rows(model))
-    gguf_files.assert_only_the_plan_changed(base, out, vocab.plan, {export.TABLE: plan_rows(model), export.OUTPUT: head})
+    gguf_files.assert_only_the_plan_changed(base, out, vocab.plan,
+                                            {export.TABLE: plan_rows(model), export.OUTPUT: head})
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -262,7 +263,8 @@ def test_llama_cpp_reads_each_llama3_term_as_one_token(llama3, tmp_path):
     llm = llama_cpp.Llama(out, vocab_only=True, verbose=False)
     gguf_files.assert_each_term_is_one_token(llm, vocab.plan)
     ordinary = families.TEXT
-    assert gguf_files.tokenize(llm, ordinary) == gguf_files.tokenize(llama_cpp.Llama(base, vocab_only=True, verbose=False), ordinary)
+    base_llm = llama_cpp.Llama(base, vocab_only=True, verbose=False)
+    assert gguf_files.tokenize(llm, ordinary) == gguf_files.tokenize(base_llm, ordinary)
 
 
 @needs_llama_cpp
@@ -280,7 +282,8 @@ def test_llama_cpp_runs_the_exported_gemma_as_the_patched_model_computes(gemma, 
 @pytest.mark.parametrize("kind", ["short", "empty", "nul", "long", "one byte"])
 def test_the_token_list_is_parsed_as_the_one_by_one_walk_does(kind):
     """The numpy proposal of where each string starts is taken only where it is the walk itself: on token lists
-    it cannot read (a NUL inside a text, a text of 65,536 bytes) the walk runs, with the same answer; the texts joined for the vocabulary's digest are the texts."""
+    it cannot read (a NUL inside a text, a text of 65,536 bytes) the walk runs, with the same answer; the texts
+    joined for the vocabulary's digest are the texts."""
     import io
     import struct
 

@@ -86,12 +86,12 @@ def test_planning_finds_every_unused_slot_and_auto_tokenizer_round_trips(vocab, 
     assert len(vocab.reserved_ids) == 6242 and vocab.families == ("gemma",)
     assert vocab.reserved_ids[:99] == list(range(6, 105))
     assert [vocab.piece(i) for i in (6, 104)] == ["<unused0>", "<unused98>"]
-    assert vocab.plan.ids == list(range(6, 14))  # [kwarg], " [kwarg]", [posarg], " [posarg]", ...
+    assert vocab.plan.ids == list(range(6, 14))  # " [kwarg]", [kwarg], " [posarg]", [posarg], ...
     vocab.save(tmp_path)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     sentence = "Pass a [posarg] and a [kwarg]; len() is a [builtin] and the body is a [codeblock].\n[kwarg]s come last."
     ids = tok(sentence).input_ids
-    assert ids[0] == 2 and {7, 9, 11, 13, 6} <= set(ids)  # <bos>, each term after a space, and one opening a line
+    assert ids[0] == 2 and {6, 8, 10, 12, 7} <= set(ids)  # <bos>, each term after a space, and one opening a line
     assert not set(vocab.plan.terms) & set(tok.all_special_tokens)
     assert tok.decode(ids, skip_special_tokens=True) == sentence
     plain = "The capital of France is Paris; Python's len() returns 4096 for a list of 4096 items — twice!"
@@ -262,3 +262,22 @@ def test_the_gguf_export_benchmark_runs_on_the_real_file(tmp_path):
     assert all(r["median_ms"] > 0 and len(r["extra_bytes_runs"]) == 3 for r in payload["results"].values())
     assert "| export |" in path.with_suffix(".md").read_text()
     assert not [n for n in os.listdir(os.path.dirname(pretrained.gguf_file("gemma-3-270m"))) if n.startswith(".bench-")]
+
+
+def test_the_main_job_writes_the_models_gguf_and_shows_llama_cpp_reading_it(vocab, exported):
+    """The demo's last step on a named checkpoint: OUT/model.gguf from the rows it saved and, with llama.cpp
+    installed, the prompt's tokens (each term one) and a greedy continuation."""
+    import argparse
+
+    folder, out, rows = exported
+    lines: list[str] = []
+    shipped = demo.ship_to_gguf(argparse.Namespace(model="gemma-3-270m", out=folder), demo.PYDOC, vocab,
+                                lines.append)
+    assert shipped["path"] == os.path.join(folder, "model.gguf")
+    assert gguf_files.read(shipped["path"]).fields["reserved_kernels.plan"]
+    if llama_cpp is not None:
+        plan = vocab.plan
+        assert shipped["tokens"][1:] == vocab.renamed_encoder()(demo.PYDOC.prompt)
+        assert {plan[" [posarg]"].id, plan[" [kwarg]"].id} <= set(shipped["tokens"])
+        assert shipped["continuation"] and any(line.startswith("llama.cpp reads") for line in lines)
+    assert demo.ship_to_gguf(argparse.Namespace(model=None, out=folder), demo.PYDOC, vocab, lines.append) is None

@@ -10,7 +10,7 @@ import sentencepiece as spm
 
 import reserved_kernels as rk
 from reserved_kernels.cli import main as cli_main
-from reserved_kernels.vocab import PlanError, ReservedVocab, default_tokenizer_path
+from reserved_kernels.vocab import PlanError, ReservedPlan, ReservedVocab, default_tokenizer_path
 
 SAMPLE = "The model trains every row, then stops. Le réseau mesure 4096 tokens; 東京 data — twice!\n"
 TERMS = {"[summary]": "a short summary of the text", "machine learning": None, "東京タワー": "the tower in Tokyo",
@@ -317,3 +317,25 @@ def test_a_term_that_would_take_over_a_token_is_refused(any_vocab, term):
     with pytest.raises(PlanError, match=r"would take it over in ordinary text: .*'▁the' \(id 369\)"):
         any_vocab.assign([term, "[new]"])
     assert any_vocab.plan is before
+
+
+def test_the_plan_records_its_vocabulary_digest_and_an_older_plan_learns_it(vocab, tmp_path):
+    """pieces_sha256: the pieces joined by NUL, ▁ read as a space (how a GGUF's token list is compared with the
+    tokenizer); saved with the plan, and filled in for a plan file written before it existed."""
+    import hashlib
+
+    from reserved_kernels.vocab.planning import pieces_digest
+
+    pieces = [vocab.piece(i) for i in range(vocab.vocab_size)]
+    expected = hashlib.sha256("\0".join(pieces).replace("\u2581", " ").encode("utf-8")).hexdigest()
+    assert vocab.plan.pieces_sha256 == expected == pieces_digest(pieces)
+    assert pieces_digest("\0".join(pieces).encode("utf-8")) == expected
+    vocab.assign({"[summary]": "a short summary"})
+    _, plan_path = vocab.save(tmp_path)
+    raw = json.loads(open(plan_path, encoding="utf-8").read())
+    assert raw["pieces_sha256"] == expected
+    del raw["pieces_sha256"]
+    with open(plan_path, "w", encoding="utf-8") as f:
+        json.dump(raw, f)
+    assert ReservedPlan.from_json(open(plan_path, encoding="utf-8").read())[0].pieces_sha256 is None
+    assert ReservedVocab.from_file(default_tokenizer_path(), plan=plan_path).plan.pieces_sha256 == expected

@@ -88,8 +88,9 @@ def measure(args) -> dict:
     try:
         rows = _rows_folder(args.model, args.terms, os.path.join(work, "rows"))
         target = os.path.join(os.path.dirname(base), f".bench-{os.getpid()}.gguf")  # the base's file system
-        cmds = {recipe: [sys.executable, "-m", "reserved_kernels.benchmarks.gguf_export", "--child", f"--recipe={recipe}", f"--rows={rows}",
-                         f"--base={base}", f"--target={target}", f"--repeat={args.repeat}"] for recipe in RECIPES}
+        cmds = {recipe: [sys.executable, "-m", "reserved_kernels.benchmarks.gguf_export", "--child",
+                         f"--recipe={recipe}", f"--rows={rows}", f"--base={base}", f"--target={target}",
+                         f"--repeat={args.repeat}"] for recipe in RECIPES}
         results = run_interleaved(cmds, "cpu", memory_runs=3, time_runs=args.time_runs)
     finally:
         import shutil
@@ -122,7 +123,8 @@ def table(payload: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gemma-3-270m", help="a named checkpoint with a GGUF (default: gemma-3-270m)")
+    parser.add_argument("--model", default="gemma-3-270m",
+                        help="a named checkpoint with a GGUF (default: gemma-3-270m)")
     parser.add_argument("--terms", type=int, default=4, help="terms planned (two rows each)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--time-runs", type=int, default=3)

@@ -242,7 +242,8 @@ def _read_header(path: str) -> _Header:
             name = cur.string(f"tensor {t}'s name").decode("utf-8", "replace")
             n_dims = cur.scalar("I", f"tensor {name!r}")
             dims = tuple(cur.scalar("Q", f"tensor {name!r}") for _ in range(n_dims))
-            tensors[name] = _Tensor(name, dims, cur.scalar("I", f"tensor {name!r}"), cur.scalar("Q", f"tensor {name!r}"))
+            ggml_type = cur.scalar("I", f"tensor {name!r}")
+            tensors[name] = _Tensor(name, dims, ggml_type, cur.scalar("Q", f"tensor {name!r}"))
         del cur.buf[cur.pos:]  # the header alone, kept without a copy
         header = _Header(path, cur.buf, keys, keys_end, tensors, cur.pos, _DEFAULT_ALIGNMENT, 0, size, token_starts)
     alignment = header.integer("general.alignment")
@@ -431,7 +432,8 @@ def _quantised(rows: np.ndarray, tensor: _Tensor, path: str) -> np.ndarray:
 
 def _check_table(header: _Header, tensor: _Tensor, rows: ExportRows) -> None:
     if len(tensor.dims) != 2:
-        raise ExportError(f"{header.path}: tensor {tensor.name!r} has dimensions {list(tensor.dims)}, not a table's two")
+        raise ExportError(f"{header.path}: tensor {tensor.name!r} has dimensions {list(tensor.dims)}, not a table's "
+                          "two")
     dim, vocab_size = tensor.dims
     trained = tuple(rows.table_shape) if rows.table_shape is not None else (None, rows.rows.shape[1])
     if trained[1] != dim or trained[0] not in (None, vocab_size):
@@ -554,7 +556,7 @@ def _header_bytes(header: _Header, rows: ExportRows, new: list[bytes]) -> bytear
     pages as in the base's, which the kernel copies page to page (misaligned by the renaming, the copy took 1.5x
     as long)."""
     data, plan = header.data, rows.plan
-    renamed = dict(zip(plan.ids, new))
+    renamed = dict(zip(plan.ids, new, strict=True))
     out = bytearray(data[:16])  # magic, version, tensor count
     keys = [k for k in header.keys.values() if k.name != PLAN_KEY]
     out += struct.pack("<Q", len(keys) + 1)
