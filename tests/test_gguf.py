@@ -89,12 +89,13 @@ def test_a_patched_model_and_a_save_pretrained_folder_export_the_same_file(gemma
     assert data[0] == data[1] == data[2]
 
 
-def test_a_custom_alignment_is_kept(gemma, tmp_path):
+@pytest.mark.parametrize("alignment", [256, 16384])  # within a page, and beyond one (the data moves by a multiple)
+def test_a_custom_alignment_is_kept(gemma, tmp_path, alignment):
     model, vocab, rows = gemma
     base = gguf_files.write_gemma(str(tmp_path / "base.gguf"), shipped_model(), default_tokenizer_path(),
-                                  alignment=256)
+                                  alignment=alignment)
     out = rk.export_gguf(rows, base, tmp_path / "out.gguf")
-    assert gguf_files.read(out).alignment == 256
+    assert gguf_files.read(out).alignment == alignment
     gguf_files.assert_only_the_plan_changed(base, out, vocab.plan, {export.TABLE: plan_rows(model)})
 
 
@@ -211,7 +212,7 @@ def test_rows_without_their_plan_or_of_an_unpatched_model_are_refused(gemma, gem
 def test_an_interrupted_export_leaves_nothing_behind(gemma, gemma_base, tmp_path, monkeypatch):
     model, vocab, rows = gemma
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):  # Ctrl-C while the tensor data is copied
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export, "_copy_range", interrupted)

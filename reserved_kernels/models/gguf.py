@@ -31,11 +31,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import mmap
 import os
 import struct
 import tempfile
+import threading
 import warnings
 from array import array
 from collections.abc import Callable, Iterator
@@ -248,8 +248,8 @@ def _read_header(path: str) -> _Header:
         header = _Header(path, cur.buf, keys, keys_end, tensors, cur.pos, _DEFAULT_ALIGNMENT, 0, size, token_starts)
     alignment = header.integer("general.alignment")
     if alignment is not None:
-        if alignment <= 0 or alignment % 8:
-            raise ExportError(f"{path}: key 'general.alignment' is {alignment}, not a positive multiple of 8")
+        if alignment < 8 or alignment & (alignment - 1):  # as ggml requires
+            raise ExportError(f"{path}: key 'general.alignment' is {alignment}, not a power of two of at least 8")
         header.alignment = alignment
     header.data_start = _aligned(header.tensors_end, header.alignment)
     ends = [header.data_start + t.offset + n for t in tensors.values() if (n := _nbytes(t)) is not None]
@@ -524,37 +524,71 @@ def _atomic_output(path: str) -> Iterator:
             os.unlink(tmp)
 
 
-def _copy_range(src, dst, offset: int, count: int) -> None:
-    """``count`` bytes of ``src`` from ``offset`` appended to ``dst``, by the kernel (``sendfile``, as ``shutil``
-    copies: no user memory, and a GGUF is gigabytes), else in 16 MiB blocks."""
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    dst.flush()
-    position = dst.tell()
-    os.lseek(dst_fd, position, os.SEEK_SET)
+def _copy_range(src: int, dst: int, offset: int, count: int, at: int, stop: threading.Event | None = None) -> None:
+    """``count`` bytes of the file ``src`` from ``offset`` into the file ``dst`` at ``at`` (file descriptors), by the
+    kernel where it can (``sendfile``, as ``shutil`` copies: no user memory, and a GGUF is gigabytes), else in
+    blocks; 64 MiB a step, so that ``stop`` ends it early."""
     done, kernel = 0, hasattr(os, "sendfile")
-    while done < count:
+    os.lseek(dst, at, os.SEEK_SET)
+    while done < count and not (stop is not None and stop.is_set()):
+        step = min(count - done, 64 << 20)
         n = 0
         if kernel:
             try:
-                n = os.sendfile(dst_fd, src_fd, offset + done, min(count - done, 1 << 30))
+                n = os.sendfile(dst, src, offset + done, step)
             except OSError:
                 kernel = False  # a file system without it: copy by hand
         if n == 0:
-            block = os.pread(src_fd, min(16 << 20, count - done), offset + done)
+            block = os.pread(src, min(step, 16 << 20), offset + done)
             if not block:
-                raise ExportError(f"{src.name}: truncated (ended while copying its tensor data)")
-            n = os.pwrite(dst_fd, block, position + done)
-            os.lseek(dst_fd, position + done + n, os.SEEK_SET)
+                raise ExportError(f"the base ended while its tensor data was copied (byte {offset + done:,})")
+            n = os.pwrite(dst, block, at + done)
+            os.lseek(dst, at + done + n, os.SEEK_SET)
         done += n
-    dst.seek(position + count)
 
 
-def _header_bytes(header: _Header, rows: ExportRows, new: list[bytes]) -> bytearray:
+class _BackgroundCopy(threading.Thread):
+    """:func:`_copy_range` in a thread (``sendfile`` releases the GIL): the base's bytes go to the new file while
+    its header is parsed and checked. :meth:`finish` waits, and raises what the copy raised."""
+
+    def __init__(self, src: int, dst: int, count: int, at: int):
+        super().__init__(daemon=True)
+        self.args_, self.stop, self.error = (src, dst, 0, count, at), threading.Event(), None
+
+    def run(self) -> None:
+        try:
+            _copy_range(*self.args_, stop=self.stop)
+        except BaseException as exc:  # handed to the caller's thread by finish()
+            self.error = exc
+
+    def finish(self, cancel: bool = False) -> None:
+        if cancel:
+            self.stop.set()
+        self.join()
+        if self.error is not None and not cancel:
+            raise self.error
+
+
+def _plan_record(plan: ReservedPlan) -> bytes:
+    """The plan key's value: the terms, ids, replaced pieces and the tokenizer's hashes, as JSON."""
+    return json.dumps(dict(format_version=1, tokenizer_sha256=plan.tokenizer_sha256, pieces_sha256=plan.pieces_sha256,
+                           entries=[dict(term=e.term, id=e.id, piece=e.piece) for e in plan.entries]),
+                      ensure_ascii=False).encode("utf-8")
+
+
+def _shift(plan: ReservedPlan) -> int:
+    """How far the base's bytes move in the new file: a whole number of pages at least as long as the header can
+    grow (the renamed texts, the plan key), known before the base is read, so that the copy can start at once and
+    run page-aligned on both sides (misaligned by the renaming, the kernel took 1.5x as long)."""
+    growth = 8 + len(PLAN_KEY.encode("utf-8")) + 12 + len(_plan_record(plan))
+    growth += sum(len(e.term.encode("utf-8")) - len(e.piece.encode("utf-8")) for e in plan.entries)
+    return _aligned(max(growth, 1), mmap.PAGESIZE)
+
+
+def _header_bytes(header: _Header, rows: ExportRows, new: list[bytes], shift: int) -> bytearray:
     """The new header: the counts, every key as it was but the token texts and types (and the plan key), every
-    tensor record as it was. Its length is the base's data offset modulo the page size (the plan's JSON ends in as
-    many spaces as that takes): a multiple of the alignment, and the tensor data then lies at the same place in its
-    pages as in the base's, which the kernel copies page to page (misaligned by the renaming, the copy took 1.5x
-    as long)."""
+    tensor record as it was; exactly ``shift`` bytes longer than the base's header and its padding (the plan's
+    JSON ends in as many spaces as that takes), so that the tensor data follows it where the copy put it."""
     data, plan = header.data, rows.plan
     renamed = dict(zip(plan.ids, new, strict=True))
     out = bytearray(data[:16])  # magic, version, tensor count
@@ -578,14 +612,10 @@ def _header_bytes(header: _Header, rows: ExportRows, new: list[bytes]) -> bytear
             out += record
         else:
             out += data[key.start:key.end]
-    record = json.dumps(dict(format_version=1, tokenizer_sha256=plan.tokenizer_sha256,
-                             pieces_sha256=plan.pieces_sha256,
-                             entries=[dict(term=e.term, id=e.id, piece=e.piece) for e in plan.entries]),
-                        ensure_ascii=False).encode("utf-8")
+    record = _plan_record(plan)
     name = PLAN_KEY.encode("utf-8")
     length = len(out) + 8 + len(name) + 12 + len(record) + header.tensors_end - header.keys_end
-    period = math.lcm(header.alignment, mmap.PAGESIZE)
-    record += b" " * ((header.data_start - length) % period)
+    record += b" " * (header.data_start + shift - length)  # never negative: _shift bounds the growth
     out += struct.pack("<Q", len(name)) + name + struct.pack("<IQ", _STRING, len(record)) + record
     out += data[header.keys_end:header.tensors_end]
     return out
@@ -608,6 +638,26 @@ def _resolve_base(base: str | os.PathLike) -> str:
     if pretrained.is_named(base):
         return pretrained.gguf_file(base)
     return base
+
+
+def _checked(base: str, export: ExportRows) -> tuple[_Header, list[tuple[_Tensor, np.ndarray]], list[bytes]]:
+    """(the base's header, the (tensor, rows in its type) to write, the new texts): every check of the base."""
+    header = _read_header(base)
+    if TABLE not in header.tensors:
+        raise ExportError(f"{base}: no tensor {TABLE!r} (not a language model's GGUF)")
+    table = header.tensors[TABLE]
+    _check_table(header, table, export)
+    new = _check_vocabulary(header, export)
+    writes = [(table, _quantised(export.rows, table, base))]
+    if OUTPUT in header.tensors:  # an untied head: its own rows, or the table's where the rows were trained tied
+        output = header.tensors[OUTPUT]
+        _check_table(header, output, export)
+        writes.append((output, _quantised(export.rows if export.head_rows is None else export.head_rows, output,
+                                          base)))
+    elif export.head_rows is not None:
+        raise ExportError(f"{base}: no tensor {OUTPUT!r} (its head is tied to {TABLE!r}), but {export.source} has an "
+                          "untied head's own rows: another model")
+    return header, writes, new
 
 
 def export_gguf(rows: str | os.PathLike | nn.Module, base: str | os.PathLike, out: str | os.PathLike, *,
@@ -640,34 +690,31 @@ def export_gguf(rows: str | os.PathLike | nn.Module, base: str | os.PathLike, ou
         raise ExportError(f"{out}: is the base file itself; write the export to a new file")
     if os.path.exists(out) and not force:
         raise ExportError(f"{out}: exists (pass force=True, or --force, to replace it)")
-    header = _read_header(base)
-    if TABLE not in header.tensors:
-        raise ExportError(f"{base}: no tensor {TABLE!r} (not a language model's GGUF)")
-    table = header.tensors[TABLE]
-    _check_table(header, table, export)
-    new = _check_vocabulary(header, export)
-    writes = [(table, _quantised(export.rows, table, base))]
-    if OUTPUT in header.tensors:  # an untied head: its own rows, or the table's where the rows were trained tied
-        output = header.tensors[OUTPUT]
-        _check_table(header, output, export)
-        writes.append((output, _quantised(export.rows if export.head_rows is None else export.head_rows, output,
-                                          base)))
-    elif export.head_rows is not None:
-        raise ExportError(f"{base}: no tensor {OUTPUT!r} (its head is tied to {TABLE!r}), but {export.source} has an "
-                          "untied head's own rows: another model")
-    _warn_ollama_order(export.plan)
-    new_header = _header_bytes(header, export, new)
-    if log is not None:
-        log(f"writing {out}: {len(export.plan)} tokens renamed, {len(export.plan)} rows of "
-            f"{' and '.join(f'{t.name} ({_type_name(t.ggml_type)})' for t, _ in writes)}")
-    # The copy starts at the page holding the base's first tensor byte (the same offset in its page as in the new
-    # file: _header_bytes), the base's header tail it brings along overwritten by the new header.
-    page = header.data_start - header.data_start % mmap.PAGESIZE
-    start = len(new_header)
-    with open(base, "rb") as src, _atomic_output(out) as dst:
-        dst.seek(start - (header.data_start - page))
-        _copy_range(src, dst, page, header.size - page)
-        os.pwrite(dst.fileno(), new_header, 0)
+    # The base goes to the new file whole, `shift` bytes on, while its header is read and checked; the new header
+    # then overwrites the base's, and the planned rows their rows.
+    shift = _shift(export.plan)
+    try:
+        src = open(base, "rb")
+    except OSError as exc:
+        raise ExportError(f"{base}: cannot be read ({exc.strerror})") from None
+    with src, _atomic_output(out) as dst:
+        copy = _BackgroundCopy(src.fileno(), dst.fileno(), os.fstat(src.fileno()).st_size, shift)
+        copy.start()
+        try:
+            header, writes, new = _checked(base, export)
+        except BaseException:
+            copy.finish(cancel=True)
+            raise
+        copy.finish()
+        if shift % header.alignment:  # an alignment beyond a page: the data must move by a multiple of it
+            shift = _aligned(shift, header.alignment)
+            _copy_range(src.fileno(), dst.fileno(), 0, header.size, shift)
+        _warn_ollama_order(export.plan)
+        if log is not None:
+            log(f"writing {out}: {len(export.plan)} tokens renamed, {len(export.plan)} rows of "
+                f"{' and '.join(f'{t.name} ({_type_name(t.ggml_type)})' for t, _ in writes)}")
+        start = header.data_start + shift
+        os.pwrite(dst.fileno(), _header_bytes(header, export, new, shift), 0)
         for tensor, data in writes:
             row_bytes = data.shape[1]
             for k, token_id in enumerate(export.plan.ids):
