@@ -310,3 +310,19 @@ def test_the_token_list_is_parsed_as_the_one_by_one_walk_does(kind):
     assert fast is None or list(fast) == expected  # a proposal is the walk, or nothing
     assert (fast is None) == (kind in ("nul", "long"))  # ordinary lists (an empty token too) are read in numpy
     assert export._joined(bytearray(raw), starts, pos) == b"\0".join(texts)
+
+
+def test_a_term_whose_text_the_base_already_has_is_refused(gemma, tmp_path):
+    """llama.cpp fails to load a vocabulary with two equal texts. Planning refuses a term its tokenizer has, and the
+    vocabulary digest refuses a base whose pieces differ; a plan of an earlier release has no digest, so the export
+    looks for the terms among the base's texts itself."""
+    import dataclasses
+
+    model, vocab, rows = gemma
+    texts = gguf_files.sentencepiece_vocab(default_tokenizer_path())[0]
+    texts[500] = "[summary]"
+    base = gguf_files.write_gemma(str(tmp_path / "clash.gguf"), shipped_model(), default_tokenizer_path(), texts=texts)
+    loaded = export.ExportRows.from_folder(rows)
+    older = dataclasses.replace(loaded, plan=dataclasses.replace(loaded.plan, pieces_sha256=None))
+    refused(older, base, str(tmp_path / "out.gguf"), r"clash\.gguf: key 'tokenizer\.ggml\.tokens' already has "
+            r"\[\(500, '\[summary\]'\)\] \(id, text\): llama\.cpp refuses")

@@ -660,14 +660,14 @@ def _checked(base: str, export: ExportRows) -> tuple[_Header, list[tuple[_Tensor
     return header, writes, new
 
 
-def export_gguf(rows: str | os.PathLike | nn.Module, base: str | os.PathLike, out: str | os.PathLike, *,
+def export_gguf(rows: str | os.PathLike | nn.Module | ExportRows, base: str | os.PathLike, out: str | os.PathLike, *,
                 force: bool = False, log: Callable[[str], None] | None = None) -> str:
     """Copy the GGUF ``base`` to ``out`` with the trained rows and their tokens written in; returns ``out``.
 
     Args:
         rows: a folder :func:`~reserved_kernels.save_reserved`, :func:`~reserved_kernels.save_pretrained` or the
-            main job wrote (the rows, ``reserved_plan.json``), or a model patched with a
-            :class:`~reserved_kernels.ReservedVocab`.
+            main job wrote (the rows, ``reserved_plan.json``), a model patched with a
+            :class:`~reserved_kernels.ReservedVocab`, or an :class:`ExportRows` read from either.
         base: the user's GGUF of the same model, or a named checkpoint (``"gemma-3-270m"``: its package's file).
         out: the new file. Each planned slot's token becomes its term (the spaced form with a literal space),
             typed USER_DEFINED, so llama.cpp and Ollama split it out of plain text and print it back; the K rows
