@@ -5,7 +5,7 @@
 # steps: ours, PEFT, the hook recipe, peak memory in a fresh process each), the fused loss beside the
 # unfused path (and Liger-Kernel / Cut Cross-Entropy where installed) at Gemma 2's shape in bf16, and the
 # real Gemma 3 270M step in bf16 (where its packages are installed). Logs and results go to DIR; copy
-# them to bench/results/<gpu>/ and run `reserved-kernels bench --readme`.
+# them to bench/results/<gpu>/ and run `reserved-kernels bench readme`.
 #   bash bench/gpu_check.sh DIR [--quick]
 set -uo pipefail
 out="${1:?usage: gpu_check.sh DIR [--quick]}"
@@ -37,7 +37,7 @@ stage host
 timeout 120 $py -m reserved_kernels.benchmarks.host --device cuda --out "$out" --tokens 2048 --vocab 262144 \
   --dim 3840 --dtype bfloat16 2>&1 | tee "$out/host.log"
 stage suite
-timeout 300 $py -m reserved_kernels bench --device cuda --out "$out" $quick 2>&1 | tail -60
+timeout 300 $py -m reserved_kernels bench kernels --device cuda --out "$out" $quick 2>&1 | tail -60
 stage loss
 timeout 240 $py -m reserved_kernels.benchmarks.loss --device cuda --vocab 256000 --dim 2304 --tokens 8192 \
   --slots 64 --dtype bfloat16 --out "$out" 2>&1 | tee "$out/loss.log" | tail -12

@@ -137,6 +137,40 @@ def test_loss_benchmark_smoke(tmp_path):
     assert "**fused (ours)**" in md.read_text()
 
 
+@pytest.mark.parametrize("argv, commands, deprecated", [
+    (["bench", "loss"], ["loss"], False),
+    (["bench", "gguf", "--model", "gemma-3-270m"], ["gguf"], False),
+    (["bench", "readme", "OTHER.md"], ["readme"], False),
+    (["bench", "--loss"], ["loss"], True),
+    (["bench", "--host", "--device", "cuda"], ["host"], True),
+    (["bench", "--gguf"], ["gguf"], True),
+    (["bench", "--readme"], ["readme"], True),
+    (["bench", "--model", "gemma-3-270m"], ["step", "frozen", "frozen-text"], True),
+    (["bench", "--model", "gemma-3-270m", "--frozen-only"], ["frozen"], True),
+    (["bench", "--model", "gemma-3-270m", "--frozen-text"], ["frozen-text"], True),
+    (["bench", "--device", "cpu"], ["kernels"], True),
+])
+def test_bench_takes_subcommands_and_the_earlier_flags_with_a_deprecation(argv, commands, deprecated, capsys):
+    from reserved_kernels.cli import bench_commands, build_parser
+
+    args = build_parser().parse_args(argv)
+    assert bench_commands(args) == commands
+    message = capsys.readouterr().err
+    assert ("deprecated" in message) == deprecated
+    if deprecated:  # it names the new spelling
+        assert all(f"reserved-kernels bench {c}" in message for c in commands)
+
+
+def test_bench_readme_regenerates_the_results_section_of_the_readme_given(tmp_path):
+    from reserved_kernels.cli import main
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{report.README_START}\nstale\n{report.README_END}\n", encoding="utf-8")
+    main(["bench", "readme", str(readme), "--out", os.path.join(REPO, "bench", "results")])
+    text = readme.read_text(encoding="utf-8")
+    assert "stale" not in text and report.readme_section(os.path.join(REPO, "bench", "results")) in text
+
+
 def test_readme_results_are_generated_from_the_committed_files():
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()

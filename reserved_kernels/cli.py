@@ -189,29 +189,125 @@ def build_parser() -> argparse.ArgumentParser:
     p_export.add_argument("--out", required=True, help="the new GGUF file")
     p_export.add_argument("--force", action="store_true", help="replace --out if it exists")
     p_bench = sub.add_parser("bench", help="measure kernels, loss and training steps beside what users would "
-                                           "pick instead")
-    p_bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p_bench.add_argument("--quick", action="store_true", help="one shape per workload")
-    p_bench.add_argument("--smoke", action="store_true", help="tiny shapes: checks that everything runs")
-    p_bench.add_argument("--host", action="store_true", help="only the host time per call (N=16, V=1,000, D=64)")
-    p_bench.add_argument("--loss", action="store_true", help="only the loss alone, fused beside unfused "
-                                                               "(V=262,144, D=640, N=2,048), each in a fresh process")
-    p_bench.add_argument("--model", help="only the training step (2 x 512 tokens, 16 rows) of 'gemma-3-270m' or a "
-                                         "Hugging Face checkpoint folder (any family): ours, PEFT, the hook recipe and "
-                                         "the body alone, each in a fresh process")
-    p_bench.add_argument("--frozen-only", action="store_true",
-                         help="with --model: only the frozen-position skip on and off (ordinary text, a term at a "
-                              "random position, a term at position 0), not the peers")
-    p_bench.add_argument("--frozen-text", action="store_true",
-                         help="with --model: only FrozenText's cached perplexity and training step on ordinary text "
-                              "beside the full forward, and their exactness")
-    p_bench.add_argument("--gguf", action="store_true",
-                         help="only the GGUF export beside a plain copy of the model's file (--model, default "
-                              "gemma-3-270m), each in fresh processes: time and peak memory")
-    p_bench.add_argument("--out", default="bench/results", help="folder for <device>-<date>.json/.md/.png")
-    p_bench.add_argument("--readme", metavar="README", nargs="?", const="README.md",
-                         help="only regenerate README's Results section from the files in --out")
+                                           "pick instead", epilog="Run 'reserved-kernels bench WHAT --help' for its "
+                                           "options. The flags below are the earlier spelling, kept for one release.")
+    add_bench_commands(p_bench)
     return parser
+
+
+# What `reserved-kernels bench` measures, each a subcommand: (help, its options).
+BENCH_COMMANDS = {
+    "kernels": "the kernel matrix: our backends beside the peers users pick instead (CPU: about 15 minutes)",
+    "host": "the host time per call (N=16, V=1,000, D=64)",
+    "loss": "the loss alone, fused beside unfused (V=262,144, D=640, N=2,048), each in a fresh process",
+    "step": "the training step (2 x 512 tokens, 16 rows) of a real model: ours, PEFT, the hook recipe and the body "
+            "alone, each in fresh processes",
+    "frozen": "the real model's step with the frozen-position skip on and off, on three kinds of text",
+    "frozen-text": "FrozenText's cached perplexity and training step beside the full forward, and their exactness",
+    "gguf": "the GGUF export beside a plain copy of the model's file: time and peak memory, in fresh processes",
+    "readme": "regenerate README's Results section from the files in --out",
+}
+# The earlier flags, each the subcommand it now is.
+_BENCH_FLAGS = {"readme": "readme", "gguf": "gguf", "loss": "loss", "host": "host", "frozen_only": "frozen",
+                "frozen_text": "frozen-text"}
+
+
+def add_bench_commands(parser: argparse.ArgumentParser) -> None:
+    """``reserved-kernels bench WHAT``, and the earlier flags (``bench --loss`` ...), which still work for one release
+    and say what replaces them."""
+    from reserved_kernels.pretrained import CHECKPOINTS
+
+    commands = parser.add_subparsers(dest="bench_command", metavar="WHAT", title="what to measure")
+    for name, text in BENCH_COMMANDS.items():
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("--out", default="bench/results", help="folder for the result files (default: "
+                                                                    "bench/results)")
+        if name in ("kernels", "host", "loss", "step", "frozen", "frozen-text"):
+            command.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        if name == "kernels":
+            command.add_argument("--quick", action="store_true", help="one shape per workload")
+            command.add_argument("--smoke", action="store_true", help="tiny shapes: checks that everything runs")
+        if name in ("step", "frozen", "frozen-text", "gguf"):
+            command.add_argument("--model", default="gemma-3-270m",
+                                 help=f"a named checkpoint ({', '.join(CHECKPOINTS)}, the default)"
+                                      + ("" if name == "gguf" else " or a Hugging Face checkpoint folder"))
+        if name == "readme":
+            command.add_argument("readme", nargs="?", default="README.md", help="the README to update")
+    legacy = parser.add_argument_group("the earlier flags (deprecated)")
+    legacy.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help=argparse.SUPPRESS)
+    legacy.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
+    legacy.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    legacy.add_argument("--host", action="store_true", help="bench host")
+    legacy.add_argument("--loss", action="store_true", help="bench loss")
+    legacy.add_argument("--model", help="bench step, frozen and frozen-text --model MODEL")
+    legacy.add_argument("--frozen-only", action="store_true", help="bench frozen")
+    legacy.add_argument("--frozen-text", action="store_true", help="bench frozen-text")
+    legacy.add_argument("--gguf", action="store_true", help="bench gguf")
+    legacy.add_argument("--out", default="bench/results", help=argparse.SUPPRESS)
+    legacy.add_argument("--readme", metavar="README", nargs="?", const="README.md", help="bench readme [README]")
+
+
+def bench_commands(args: argparse.Namespace) -> list[str]:
+    """The subcommands a ``bench`` call runs: its own, or those its earlier flags stand for (with a deprecation
+    message on stderr saying the new spelling)."""
+    if args.bench_command:
+        return [args.bench_command]
+    flag = next((f for f in _BENCH_FLAGS if getattr(args, f)), None)
+    if flag is not None:
+        commands = [_BENCH_FLAGS[flag]]
+    elif args.model:
+        commands = ["step", "frozen", "frozen-text"]
+    else:
+        commands = ["kernels"]
+    if flag == "readme" and args.readme != "README.md":
+        args.bench_readme = args.readme
+    spelled = " && ".join(f"reserved-kernels bench {c}" for c in commands)
+    print(f"reserved-kernels bench: the flag spelling is deprecated and goes in the next release; use: {spelled}",
+          file=sys.stderr)
+    return commands
+
+
+def run_bench(command: str, args: argparse.Namespace) -> None:
+    """One ``bench`` subcommand (:data:`BENCH_COMMANDS`) with the options in ``args``."""
+    model = getattr(args, "model", None)
+    if command in ("step", "frozen", "frozen-text", "gguf"):
+        check_model(model)
+    if command == "readme":
+        from reserved_kernels.benchmarks.report import update_readme
+
+        readme = args.readme if args.bench_command else getattr(args, "bench_readme", "README.md")
+        update_readme(readme, args.out)
+        print(f"updated {readme} from {args.out}")
+    elif command == "gguf":
+        from reserved_kernels.benchmarks.gguf_export import main as gguf_main
+
+        gguf_main(["--model", model or "gemma-3-270m", "--out", args.out])
+    elif command == "loss":
+        from reserved_kernels.benchmarks.loss import main as loss_main
+
+        loss_main(["--device", args.device, "--out", args.out])
+    elif command == "host":
+        from reserved_kernels.benchmarks.host import main as host_main
+
+        host_main(["--device", args.device, "--out", args.out])
+    elif command in ("step", "frozen"):
+        from reserved_kernels.benchmarks.train_step import main as step_main
+
+        step = ["--device", args.device, "--model", model, "--head", "--slots", "16", "--tokens", "1024",
+                "--repeat", "3", "--out", args.out]
+        if command == "step":
+            step_main(step)  # ours beside PEFT, the hook recipe and the body alone
+        else:  # the frozen-position skip on and off, three kinds of text: 3 timed processes a recipe taken in turn
+            # (a shared machine drifts by up to 9% over minutes), 5 steps each
+            step_main(step + ["--frozen", "--repeat", "5", "--time-runs", "3"])
+    elif command == "frozen-text":  # ordinary text through FrozenText beside the full forward
+        from reserved_kernels.benchmarks.frozen_text import main as frozen_text_main
+
+        frozen_text_main(["--device", args.device, "--model", model, "--out", args.out])
+    else:
+        from reserved_kernels.benchmarks.suite import main as bench_main
+
+        bench_main(args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,41 +329,8 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "plan":
         print(plan(args))
     elif args.command == "bench":
-        check_model(args.model)
-        if args.readme:
-            from reserved_kernels.benchmarks.report import update_readme
-
-            update_readme(args.readme, args.out)
-            print(f"updated {args.readme} from {args.out}")
-        elif args.gguf:
-            from reserved_kernels.benchmarks.gguf_export import main as gguf_main
-
-            gguf_main(["--model", args.model or "gemma-3-270m", "--out", args.out])
-        elif args.loss:
-            from reserved_kernels.benchmarks.loss import main as loss_main
-
-            loss_main(["--device", args.device, "--out", args.out])
-        elif args.host:
-            from reserved_kernels.benchmarks.host import main as host_main
-
-            host_main(["--device", args.device, "--out", args.out])
-        elif args.model:
-            from reserved_kernels.benchmarks.frozen_text import main as frozen_text_main
-            from reserved_kernels.benchmarks.train_step import main as step_main
-
-            step = ["--device", args.device, "--model", args.model, "--head", "--slots", "16", "--tokens", "1024",
-                    "--repeat", "3", "--out", args.out]
-            if not (args.frozen_only or args.frozen_text):
-                step_main(step)  # ours beside PEFT, the hook recipe and the body alone
-            if not args.frozen_text:  # the frozen-position skip on and off, three kinds of text: 3 timed processes
-                # a recipe taken in turn (a shared machine drifts by up to 9% over minutes), 5 steps each
-                step_main(step + ["--frozen", "--repeat", "5", "--time-runs", "3"])
-            if not args.frozen_only:  # ordinary text through FrozenText beside the full forward
-                frozen_text_main(["--device", args.device, "--model", args.model, "--out", args.out])
-        else:
-            from reserved_kernels.benchmarks.suite import main as bench_main
-
-            bench_main(args)
+        for command in bench_commands(args):
+            run_bench(command, args)
     elif args.command == "export-gguf":
         from reserved_kernels.models.gguf import export_gguf
 

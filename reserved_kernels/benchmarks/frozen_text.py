@@ -3,7 +3,7 @@ training step, their exactness before and after the rows train, and the one pass
 
     python -m reserved_kernels.benchmarks.frozen_text [--model gemma-3-270m|DIR] [--device cpu|cuda]
         [--tokens 1024] [--slots 16] [--repeat 5] [--out DIR]
-    reserved-kernels bench --model gemma-3-270m --frozen-text
+    reserved-kernels bench frozen-text
 
 The batch is ordinary text (random ids of the tokenizer, no reserved id) in sequences of 512. Measured, each the
 median of ``--repeat`` runs, alternating the ways of each group so that a noisy machine slows them alike:

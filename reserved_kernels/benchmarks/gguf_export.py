@@ -2,7 +2,7 @@
 
     python -m reserved_kernels.benchmarks.gguf_export [--model gemma-3-270m] [--terms 4] [--repeat 5]
         [--time-runs 3] [--out bench/results]
-    reserved-kernels bench --gguf
+    reserved-kernels bench gguf
 
 The rows: ``--terms`` terms planned on the model's own tokenizer (two slots each: bare and after a space), each row
 its description's mean, saved as :func:`~reserved_kernels.save_reserved` saves them (a PEFT adapter folder and the

@@ -2,7 +2,7 @@
 
     python -m reserved_kernels.benchmarks.host [--device cpu|cuda] [--out bench/results]
         [--tokens 16 --vocab 1000 --dim 64 --dtype float32]
-    reserved-kernels bench --host [--device cpu|cuda]
+    reserved-kernels bench host [--device cpu|cuda]
 
 The default shapes are tiny (N=16 tokens, V=1,000, D=64), so a call's time is the host's: Python,
 dispatch, autograd, allocation, launch. Each recipe does the same work per call:

@@ -2,7 +2,7 @@
 
     python -m reserved_kernels.benchmarks.loss [--device cpu|cuda] [--vocab 262144] [--dim 640] [--tokens 2048]
         [--slots 16] [--dtype float32] [--softcap 30] [--out bench/results]
-    reserved-kernels bench --loss [--device cpu|cuda]
+    reserved-kernels bench loss [--device cpu|cuda]
 
 Implementations, all computing the cross-entropy of ``hidden @ merged.T`` over a tied table with K
 trainable rows, and the gradients of ``hidden`` and the rows:

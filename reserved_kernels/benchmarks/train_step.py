@@ -2,7 +2,7 @@
 
     python -m reserved_kernels.benchmarks.train_step [--device cpu|cuda] [--vocab 256000] [--dim 2048]
         [--slots 99] [--tokens 4096] [--dtype float32] [--head] [--model gemma-3-270m|DIR] [--out DIR]
-    reserved-kernels bench --model gemma-3-270m|DIR
+    reserved-kernels bench step|frozen --model gemma-3-270m|DIR
 
 Without ``--head`` the step is embedding forward, backward and AdamW. With ``--head`` it is a
 whole tied embedding + output-head step: a Gemma model with no decoder layers (embedding, final
