@@ -90,18 +90,11 @@ def is_adapter_folder(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_NAME))
 
 
-def read_adapter(folder: str, model: nn.Module, vocab=None) -> dict:
-    """``{reserved_ids, reserved_weight, head_reserved_weight, plan}`` from a PEFT trainable-tokens adapter folder
-    (ours or PEFT's), checked against ``model`` (patched or not): :class:`AdapterError` naming the file and the key
-    for indices out of range, rows of the wrong shape, or another base model (the table's shape, the plan's
-    tokenizer); a warning for indices that are not reserved slots of ``vocab`` (by default the one the model was
-    patched with)."""
-    from safetensors import safe_open
-
-    from reserved_kernels.models.state import patch_state
-    from reserved_kernels.vocab.planning import PLAN_FILENAME, ReservedPlan
-
-    config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
+def read_config(folder: str) -> tuple[str, list[int]]:
+    """(the config's path, its ``token_indices``) of a PEFT trainable-tokens adapter folder, without a model:
+    :class:`AdapterError` naming the file and the key for an unreadable config, another adapter type, or indices
+    that are not a non-empty list of ids."""
+    config_path = os.path.join(folder, CONFIG_NAME)
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
@@ -113,11 +106,26 @@ def read_adapter(folder: str, model: nn.Module, vocab=None) -> dict:
     indices = config.get("token_indices")
     if isinstance(indices, dict):  # PEFT's per-module form {"embed_tokens": [...]}
         indices = next(iter(indices.values()), None)
-    table = input_embedding(model).weight
-    vocab_size, dim = table.shape
     if not (isinstance(indices, list) and indices and all(isinstance(i, int) and not isinstance(i, bool)
                                                           for i in indices)):
         raise AdapterError(f"{config_path}: key 'token_indices' must be a non-empty list of ids, got {indices!r}")
+    return config_path, indices
+
+
+def read_adapter(folder: str, model: nn.Module, vocab=None) -> dict:
+    """``{reserved_ids, reserved_weight, head_reserved_weight, plan}`` from a PEFT trainable-tokens adapter folder
+    (ours or PEFT's), checked against ``model`` (patched or not): :class:`AdapterError` naming the file and the key
+    for indices out of range, rows of the wrong shape, or another base model (the table's shape, the plan's
+    tokenizer); a warning for indices that are not reserved slots of ``vocab`` (by default the one the model was
+    patched with)."""
+    from safetensors import safe_open
+
+    from reserved_kernels.models.state import patch_state
+    from reserved_kernels.vocab.planning import PLAN_FILENAME, ReservedPlan
+
+    config_path, indices = read_config(folder)
+    weights_path = os.path.join(folder, WEIGHTS_NAME)
+    vocab_size, dim = input_embedding(model).weight.shape
     bad = [i for i in indices if not 0 <= i < vocab_size]
     if bad:
         raise AdapterError(f"{config_path}: key 'token_indices' holds {bad[:5]}, outside this model's "

@@ -136,8 +136,7 @@ class _Cursor:
         :func:`_proposed_starts` can, else in one tight loop."""
         starts = _proposed_starts(self.buf, self.pos, count) if count >= 4096 else None  # a vocabulary, not a list
         if starts is not None:
-            last = starts[-1]
-            self.pos = last + struct.unpack_from("<Q", self.buf, last - 8)[0]
+            self.pos = _end(self.buf, starts[-1])
             return starts
         starts = array("q")
         append, unpack = starts.append, struct.Struct("<Q").unpack_from
@@ -252,10 +251,10 @@ def _read_header(path: str) -> _Header:
             raise ExportError(f"{path}: key 'general.alignment' is {alignment}, not a power of two of at least 8")
         header.alignment = alignment
     header.data_start = _aligned(header.tensors_end, header.alignment)
-    ends = [header.data_start + t.offset + n for t in tensors.values() if (n := _nbytes(t)) is not None]
-    if ends and max(ends) > size:
-        worst = max(tensors.values(), key=lambda t: t.offset + (_nbytes(t) or 0))
-        raise ExportError(f"{path}: truncated ({size:,} bytes; tensor {worst.name!r} ends at byte {max(ends):,})")
+    ends = {t.name: header.data_start + t.offset + n for t in tensors.values() if (n := _nbytes(t)) is not None}
+    worst = max(ends, key=ends.get, default=None)
+    if worst is not None and ends[worst] > size:
+        raise ExportError(f"{path}: truncated ({size:,} bytes; tensor {worst!r} ends at byte {ends[worst]:,})")
     return header
 
 
@@ -327,7 +326,7 @@ class ExportRows:
         :func:`~reserved_kernels.save_pretrained` wrote, with the plan beside them; read without a model."""
         from safetensors import safe_open
 
-        from reserved_kernels.models.adapter import CONFIG_NAME, KEY_SUFFIX, TABLE_KEY
+        from reserved_kernels.models.adapter import CONFIG_NAME, KEY_SUFFIX, TABLE_KEY, AdapterError, read_config
 
         plan_path = os.path.join(folder, PLAN_FILENAME)
         if not os.path.isdir(folder):
@@ -341,15 +340,13 @@ class ExportRows:
         except PlanError as exc:
             raise ExportError(f"{plan_path}: {exc}") from None
         files = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".safetensors"))
-        tensors: dict[str, tuple[str, object]] = {}
+        where: dict[str, str] = {}  # key -> its file; only the few tensors needed are read, below
         metadata: dict[str, str] = {}
         for path in files:
             try:
                 with safe_open(path, framework="pt") as f:
                     metadata.update(f.metadata() or {})
-                    for key in f.keys():
-                        if key.endswith((KEY_SUFFIX, ".reserved_weight", ".reserved_ids")) or key.endswith(".weight"):
-                            tensors[key] = (path, f.get_slice(key))
+                    where.update(dict.fromkeys(f.keys(), path))
             except Exception as exc:  # safetensors raises its own SafetensorError for a damaged file
                 raise ExportError(f"{path}: not a readable safetensors file ({exc})") from None
         head_names = ("lm_head", "output", "embed_out")
@@ -357,43 +354,41 @@ class ExportRows:
         def is_head(key: str) -> bool:
             return key.rsplit(".", 2)[-2] in head_names
 
-        def load(key: str) -> np.ndarray:
-            return tensors[key][1][:].float().numpy()
+        def load(key: str):
+            with safe_open(where[key], framework="pt") as f:
+                return f.get_tensor(key)
 
         if os.path.exists(os.path.join(folder, CONFIG_NAME)):  # a PEFT trainable-tokens adapter
-            config_path = os.path.join(folder, CONFIG_NAME)
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
-            ids = config.get("token_indices")
-            if isinstance(ids, dict):  # PEFT's per-module form
-                ids = next(iter(ids.values()), None)
-            if config.get("peft_type") != "TRAINABLE_TOKENS" or not isinstance(ids, list):
-                raise ExportError(f"{config_path}: not a trainable-tokens adapter (key 'peft_type' is "
-                                  f"{config.get('peft_type')!r}); the export reads the rows save_reserved writes")
-            deltas = [k for k in tensors if k.endswith(KEY_SUFFIX)]
+            try:
+                _, ids = read_config(folder)
+            except AdapterError as exc:
+                raise ExportError(str(exc)) from None
+            deltas = [k for k in where if k.endswith(KEY_SUFFIX)]
             embedding = [k for k in deltas if not is_head(k)]
             head = [k for k in deltas if is_head(k)]
             if len(embedding) != 1:
                 raise ExportError(f"{files}: expected one key '*.embed_tokens{KEY_SUFFIX}' (the table's rows), found "
                                   f"{embedding}")
-            rows = load(embedding[0])
-            head_rows = load(head[0]) if head else None
+            rows = load(embedding[0]).float().numpy()
+            head_rows = load(head[0]).float().numpy() if head else None
             shape = metadata.get(TABLE_KEY)
             table_shape = tuple(int(x) for x in shape.split("x")) if shape else None
         else:  # a patched model's save_pretrained: the merged table and the master rows under the module names
-            masters = [k[:-len(".reserved_weight")] for k in tensors if k.endswith(".reserved_weight")]
+            masters = [k[:-len(".reserved_weight")] for k in where if k.endswith(".reserved_weight")]
             embedding = [m for m in masters if m.rsplit(".", 1)[-1] not in head_names]
-            if len(embedding) != 1 or embedding[0] + ".reserved_ids" not in tensors:
+            if len(embedding) != 1 or embedding[0] + ".reserved_ids" not in where:
                 raise ExportError(f"{folder}: holds neither an adapter ({CONFIG_NAME}) nor one module's "
                                   "'*.reserved_weight' and '*.reserved_ids' (save_reserved or save_pretrained writes "
                                   "them)")
             name = embedding[0]
-            ids = tensors[name + ".reserved_ids"][1][:].tolist()
-            rows = load(name + ".reserved_weight")
+            ids = load(name + ".reserved_ids").tolist()
+            rows = load(name + ".reserved_weight").float().numpy()
             head = [m for m in masters if m != name]
-            head_rows = load(head[0] + ".reserved_weight") if head else None
-            table = tensors.get(name + ".weight")
-            table_shape = tuple(table[1].get_shape()) if table is not None else None
+            head_rows = load(head[0] + ".reserved_weight").float().numpy() if head else None
+            table_shape = None
+            if name + ".weight" in where:
+                with safe_open(where[name + ".weight"], framework="pt") as f:
+                    table_shape = tuple(f.get_slice(name + ".weight").get_shape())
         if head_rows is not None and np.array_equal(head_rows, rows):
             head_rows = None  # a tied head's copy of the same rows (PEFT writes one)
         return cls._in_plan_order(plan, ids, rows, head_rows, table_shape, folder)
@@ -442,9 +437,13 @@ def _check_table(header: _Header, tensor: _Tensor, rows: ExportRows) -> None:
                           f"were trained in a {what} table: another model")
 
 
+def _end(data: bytearray, start: int) -> int:
+    """Where the string whose bytes start at ``start`` (its u64 length just before) ends."""
+    return start + struct.unpack_from("<Q", data, start - 8)[0]
+
+
 def _text(data: bytearray, start: int) -> bytes:
-    """The string whose bytes start at ``start`` (its u64 length just before)."""
-    return bytes(data[start:start + struct.unpack_from("<Q", data, start - 8)[0]])
+    return bytes(data[start:_end(data, start)])
 
 
 def _joined(data: bytearray, starts: array, end: int) -> bytes:
@@ -601,7 +600,7 @@ def _header_bytes(header: _Header, rows: ExportRows, new: list[bytes], shift: in
             for token_id in sorted(renamed):
                 start = header.token_starts[token_id]
                 tokens += data[pos:start - 8] + struct.pack("<Q", len(renamed[token_id])) + renamed[token_id]
-                pos = start + struct.unpack_from("<Q", data, start - 8)[0]
+                pos = _end(data, start)
             tokens += data[pos:key.end]
             out += tokens
         elif key.name == TOKEN_TYPES:
