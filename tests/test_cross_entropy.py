@@ -268,7 +268,7 @@ def test_a_detached_hidden_costs_no_accumulator_and_gives_the_rows_the_same_grad
     """Frozen positions: hidden needs no gradient, so the loss runs one GEMM per tile (no accumulator GEMM, no
     (N, D) gradient buffer) and the rows' gradient is what the full computation gives them, bit for bit (the
     same K-column formula from the same statistics)."""
-    from reserved_kernels import fused_loss
+    from reserved_kernels.ops import fused_loss
 
     _, head = _head()
     hidden, targets = _batch()

@@ -209,7 +209,7 @@ def test_the_fused_loss_host_code_never_synchronises(backend, dtype, monkeypatch
         assert frozen_lse.shape == (1024,)
     assert not detector.syncs, detector.syncs
     if backend == "triton":
-        from reserved_kernels.fused_loss import bytes_per_tile_element, tile_shape
+        from reserved_kernels.ops.fused_loss import bytes_per_tile_element, tile_shape
 
         rows, cols = tile_shape(1024, 5000, 1 << 20, bytes_per_tile_element(dtype, "cuda", False, True))
         blocks, tiles = -(-1024 // rows), -(-5000 // cols)

@@ -9,7 +9,7 @@
   ``out[k] = mean(row(src_ids[offsets[k]:offsets[k+1]]))``, (K, D) in float32 (float64 for a float64 table).
 * ``reserved_kernels::linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index,
   softcap, tile_bytes, grad_hidden, grad_rows, stats)`` — each token's cross-entropy over the merged table's
-  (soft-capped) logits, never building them (see :mod:`reserved_kernels.fused_loss`), with
+  (soft-capped) logits, never building them (see :mod:`reserved_kernels.ops.fused_loss`), with
   its entropy, whether the target is the top token and the log-sum-exp of the table's columns alone (``stats``:
   the frozen columns' share, for :class:`~reserved_kernels.models.FrozenText`) and each token's gradients, computed in
   the forward pass: for ``hidden`` when ``grad_hidden``, for the K reserved columns when ``grad_rows`` (each

@@ -6,13 +6,13 @@ benchmarks."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Callable
 
 import torch
 
 from reserved_kernels import _backend
-from reserved_kernels import reference as _reference
 from reserved_kernels.ops._checks import CHECKS
 from reserved_kernels.ops._schemas import (COMPILED_OPS, DEVICE_KEYS, NAMESPACE, SCHEMAS, gather_backward,
                                            gather_setup_context, linear_cross_entropy_backward,
@@ -29,15 +29,15 @@ def _checked(name: str, fn: Callable) -> Callable:
     return impl
 
 
-def _triton(name: str) -> Callable:
-    """Triton's launcher for ``name``, imported on first call (importing Triton costs about a second)."""
+def _on_first_call(module: str, name: str) -> Callable:
+    """``module``'s function ``name``, imported on its first call: importing Triton costs about a second, and
+    the reference imports the fused-loss driver from this package (:mod:`reserved_kernels.ops.fused_loss`), so it
+    cannot be read while this package loads."""
     loaded: list[Callable] = []
 
     def call(*args):
         if not loaded:
-            from reserved_kernels.triton import launchers
-
-            loaded.append(getattr(launchers, name))
+            loaded.append(getattr(importlib.import_module(module), name))
         return loaded[0](*args)
 
     return call
@@ -62,9 +62,8 @@ def _python_impl(backend: str, name: str, device_type: str) -> Callable:
     ok, why = _backend.availability(backend, device_type)
     if not ok:
         return _unavailable(backend, name, device_type, why)
-    if backend == "triton":
-        return _checked(name, _triton(name))
-    return _checked(name, getattr(_reference, name))
+    module = "reserved_kernels.triton.launchers" if backend == "triton" else "reserved_kernels.reference"
+    return _checked(name, _on_first_call(module, name))
 
 
 # Keys the compiled extension serves, read before any Python kernel is registered next to them.

@@ -15,7 +15,7 @@ import struct
 import torch
 from torch import Tensor
 
-from reserved_kernels import fused_loss
+from reserved_kernels.ops import fused_loss
 from reserved_kernels._table import acc_dtype, dequantised, table_dtype
 from reserved_kernels.reference import cross_entropy
 

@@ -1,7 +1,7 @@
 """The fused loss's per-tile step in PyTorch: the CPU path, and the oracle of its Triton twin.
 
 The driver that tiles the vocabulary and runs the GEMMs around this step is
-:mod:`reserved_kernels.fused_loss`, shared by every backend.
+:mod:`reserved_kernels.ops.fused_loss`, shared by every backend.
 """
 
 from __future__ import annotations

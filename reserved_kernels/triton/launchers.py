@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from reserved_kernels import fused_loss, reference
+from reserved_kernels import reference
+from reserved_kernels.ops import fused_loss
 from reserved_kernels._table import table_dtype
 from reserved_kernels.reference import cross_entropy as _ce
 from reserved_kernels.triton.kernels import (
@@ -146,7 +147,7 @@ def lse_tile(z, masked, target_col, softcap, m, s, a, zt, p_out, scratch=None):
 
 def linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap, tile_bytes,
                          grad_hidden, grad_rows, stats):
-    """The shared driver (:mod:`reserved_kernels.fused_loss`) with the tile step as a Triton kernel (the GEMMs stay
+    """The shared driver (:mod:`reserved_kernels.ops.fused_loss`) with the tile step as a Triton kernel (the GEMMs stay
     cuBLAS's)."""
     return fused_loss.linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap,
                                            tile_bytes, grad_hidden, grad_rows, stats, tile_step=lse_tile,
