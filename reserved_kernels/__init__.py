@@ -37,8 +37,8 @@ _EXPORTS = {
     "FrozenText": "reserved_kernels.models",
     "StaleFrozenText": "reserved_kernels.models",
     "PerplexityCallback": "reserved_kernels.models",
-    "untrained_rows": "reserved_kernels.models",
-    "UntrainedRows": "reserved_kernels.models",
+    "untrained_rows": "reserved_kernels.vocab",
+    "UntrainedRows": "reserved_kernels.vocab",
     "causal_lm_logits": "reserved_kernels.models",
     "causal_lm_loss": "reserved_kernels.models",
     "is_gemma_pytorch": "reserved_kernels.models",
@@ -66,10 +66,11 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what a type checker and an IDE see; at run time __getattr__ imports on first use
     from reserved_kernels import pretrained
     from reserved_kernels.functional import build_slot_map, linear_cross_entropy, mean_init_, reserved_embedding
-    from reserved_kernels.models import (ExportError, FrozenText, PerplexityCallback, StaleFrozenText, UntrainedRows,
+    from reserved_kernels.models import (ExportError, FrozenText, PerplexityCallback, StaleFrozenText,
                                          causal_lm_logits, causal_lm_loss, export_gguf, freeze_rows, is_gemma_pytorch,
                                          load_reserved, merge, patch_model, perplexity, perplexity_change,
-                                         save_pretrained, save_reserved, untrained_rows)
+                                         save_pretrained, save_reserved)
     from reserved_kernels.modules.embedding import ReservedEmbedding
     from reserved_kernels.modules.lm_head import ReservedLMHead
-    from reserved_kernels.vocab import PlanEntry, PlanError, ReservedPlan, ReservedVocab, default_tokenizer_path
+    from reserved_kernels.vocab import (PlanEntry, PlanError, ReservedPlan, ReservedVocab, UntrainedRows,
+                                        default_tokenizer_path, untrained_rows)

@@ -15,7 +15,7 @@ from reserved_kernels.models.layout import is_gemma_pytorch
 from reserved_kernels.models.patch import (freeze_rows, load_reserved, merge, patch_model, save_pretrained,
                                           save_reserved)
 from reserved_kernels.models.perplexity import perplexity, perplexity_change
-from reserved_kernels.models.untrained import UntrainedRows, untrained_rows
+from reserved_kernels.vocab import UntrainedRows, untrained_rows  # kept here too: rk.models.untrained_rows worked
 
 __all__ = ["patch_model", "merge", "save_pretrained", "save_reserved", "load_reserved", "freeze_rows", "perplexity",
            "perplexity_change", "untrained_rows", "UntrainedRows", "causal_lm_logits", "causal_lm_loss",

@@ -19,7 +19,7 @@ from reserved_kernels.models import causal_lm, peft_tokens
 from reserved_kernels.models.layout import (base_model, has_peft_layers, input_embedding, output_head,
                                            set_input_embedding)
 from reserved_kernels.models.state import PatchState, attach, patch_state
-from reserved_kernels.models.untrained import untrained_rows
+from reserved_kernels.vocab.untrained import untrained_rows
 from reserved_kernels.modules.embedding import ReservedEmbedding
 from reserved_kernels.modules.lm_head import ReservedLMHead
 from reserved_kernels.vocab.planning import ReservedPlan, ReservedVocab

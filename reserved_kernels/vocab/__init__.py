@@ -1,4 +1,5 @@
-"""Tokenizer planning: find the reserved ``<unusedN>`` slots, assign new terms to them, write the renamed tokenizer."""
+"""Tokenizer planning: find the reserved ``<unusedN>`` slots, assign new terms to them, write the renamed tokenizer;
+and :func:`untrained_rows`, which finds the rows of a weight table that were never trained."""
 
 from reserved_kernels.vocab.planning import (
     PlanEntry,
@@ -7,5 +8,7 @@ from reserved_kernels.vocab.planning import (
     ReservedVocab,
     default_tokenizer_path,
 )
+from reserved_kernels.vocab.untrained import UntrainedRows, untrained_rows
 
-__all__ = ["ReservedVocab", "ReservedPlan", "PlanEntry", "PlanError", "default_tokenizer_path"]
+__all__ = ["ReservedVocab", "ReservedPlan", "PlanEntry", "PlanError", "default_tokenizer_path", "untrained_rows",
+           "UntrainedRows"]
