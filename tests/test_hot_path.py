@@ -217,13 +217,13 @@ def test_the_fused_loss_host_code_never_synchronises(backend, dtype, monkeypatch
 
 
 def test_the_frozen_position_split_copies_its_indices_to_the_device_once(monkeypatch):
-    """models.frozen.split_hidden on fake CUDA (a runner standing for the body): the plan's row and position
+    """models.position_split.split_hidden on fake CUDA (a runner standing for the body): the plan's row and position
     indices cross to the device in one copy, and nothing reads the device back. (The plan itself comes from the
-    one host read of the ids a step, models.frozen.split_points.)"""
-    from reserved_kernels.models import frozen
+    one host read of the ids a step, models.position_split.split_points.)"""
+    from reserved_kernels.models import position_split
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)  # page-locking: no fake implementation
-    plan = frozen.SplitPlan.of([300, 100, 300, 20, 100], 300)
+    plan = position_split.SplitPlan.of([300, 100, 300, 20, 100], 300)
     assert plan.frozen == [0, 2] and plan.whole == [3] and plan.prefixes == {100: [1, 4]}
     calls = []
 
@@ -243,7 +243,7 @@ def test_the_frozen_position_split_copies_its_indices_to_the_device_once(monkeyp
     with _fake_cuda():
         detector = _SyncDetector()
         with detector:
-            frozen_part, live = frozen.split_hidden(plan, Body(), torch.device("cuda"))
+            frozen_part, live = position_split.split_hidden(plan, Body(), torch.device("cuda"))
         assert frozen_part.hidden.shape == (2 * 300 + 2 * 100, 8) and live.hidden.shape == (300 + 2 * 200, 8)
         assert frozen_part.where.is_cuda and live.where.shape == (700,)
     assert calls == [("whole", False), ("whole", True), ("prefix", False), ("suffix", True, "its cache")]

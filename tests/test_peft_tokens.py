@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft", reason="accelerates PEFT's trainable tokens: 
 transformers = pytest.importorskip("transformers", reason="PEFT's trainable tokens wrap transformers models")
 
 from reserved_kernels.models import FrozenText, merge, patch_model  # noqa: E402
-from reserved_kernels.models import frozen as frozen_positions  # noqa: E402
+from reserved_kernels.models import position_split  # noqa: E402
 from tests.families import tiny_gemma, tiny_llama  # noqa: E402
 
 TOKENS = [7, 8, 9, 10]
@@ -92,9 +92,9 @@ def test_the_trainable_parameters_are_peft_s_and_the_step_skips_frozen_positions
     before = {n for n, p in model.named_parameters() if p.requires_grad}
     patch_model(model)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == before
-    assert frozen_positions.skip_unavailable(model) is None
+    assert position_split.skip_unavailable(model) is None
     lora = patch_model(_peft_model("lora-gemma3"))
-    assert frozen_positions.skip_unavailable(lora) == "a parameter other than the reserved rows trains"
+    assert position_split.skip_unavailable(lora) == "a parameter other than the reserved rows trains"
 
 
 def test_peft_s_workflow_runs_as_it_is_on_the_accelerated_model(tmp_path):

@@ -23,7 +23,7 @@ from reserved_kernels.models import (  # noqa: E402
     patch_model,
     save_reserved,
 )
-from reserved_kernels.models import frozen as frozen_positions  # noqa: E402
+from reserved_kernels.models import position_split  # noqa: E402
 from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path  # noqa: E402
 from tests.families import tiny_gemma  # noqa: E402
 from tests.oracle import assert_same_table_logits, captured_input  # noqa: E402
@@ -40,7 +40,7 @@ def _quiet_transformers():
 
 def _batch(seed=0, batch=2, length=16, ordinary_every=None):
     """Rows with reserved ids at 3 and 9; with ``ordinary_every=n`` every n-th row is ordinary text instead (no
-    reserved id: the patched training forward runs it without a backward, models.frozen)."""
+    reserved id: the patched training forward runs it without a backward, models.position_split)."""
     ids = torch.randint(108, 1024, (batch, length), generator=torch.Generator().manual_seed(seed))
     ids[:, 3] = 7
     ids[:, 9] = 8
@@ -188,7 +188,7 @@ def _sft_setup(tmp_path):
     vocab.save(tmp_path / "tok")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
     term = vocab.plan["[summary]"].id
-    # Every other line ordinary text: TRL's fused_lm_head statistics then split the batch (models.frozen).
+    # Every other line ordinary text: TRL's fused_lm_head statistics then split the batch (models.position_split).
     rows = [[2, term] + _batch(seed=s, batch=1, length=10)[0].tolist() if s % 2 else
             [2] + _batch(seed=s, batch=1, length=10, ordinary_every=1)[0].tolist() for s in range(8)]
     dataset = datasets.Dataset.from_dict({"input_ids": rows})
@@ -206,7 +206,7 @@ def test_trl_sft_trainer_trains_a_patched_model_through_the_fused_loss(tmp_path,
     patch_model(trainer.model, vocab, init="description")  # after the trainer: it replaces the model's forward
     start = model.get_input_embeddings().reserved_weight.detach().clone()
     splits = []
-    split = frozen_positions.hf_split
+    split = position_split.hf_split
     monkeypatch.setattr(frozen_positions, "hf_split", lambda *a, **k: splits.append(split(*a, **k)) or splits[-1])
     trainer.train()
     assert any(parts is not None for parts in splits)  # the ordinary lines ran without a backward

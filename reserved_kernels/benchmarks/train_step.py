@@ -146,7 +146,7 @@ def frozen_share(batch, reserved_ids) -> float:
     without one): what the frozen-position skip runs without a backward."""
     import torch
 
-    from reserved_kernels.models.frozen import first_positions
+    from reserved_kernels.models.position_split import first_positions
 
     return float(first_positions(torch.isin(batch, reserved_ids)).sum()) / batch.numel()
 

@@ -10,7 +10,7 @@ previous one back. What it does, by call:
   shift (or ``shift_labels``), ``ignore_index=-100``, ``num_items_in_batch`` (Trainer's normaliser under
   gradient accumulation) and the config's ``final_logit_softcapping``. No (B, T, V) logits are built, in
   the forward or the backward; the output's ``logits`` is None, as with Liger-Kernel. Positions no
-  reserved id can reach run without a backward (:mod:`reserved_kernels.models.frozen`); the output then
+  reserved id can reach run without a backward (:mod:`reserved_kernels.models.position_split`); the output then
   carries the loss alone.
 * **labels, evaluation** (``model.eval()``): the model's own forward, logits and loss as unpatched — so a
   Trainer's ``compute_metrics`` still gets its logits. ``return_logits=False`` asks for the fused loss
@@ -30,7 +30,7 @@ import types
 import torch.nn.functional as F
 from torch import nn
 
-from reserved_kernels.models import frozen
+from reserved_kernels.models import position_split
 from reserved_kernels.models.layout import output_head
 from reserved_kernels.models.state import ForwardSwap, PatchState, patch_state
 
@@ -106,8 +106,8 @@ def patched_forward(self, *args, labels=None, return_logits: bool | None = None,
     body_kwargs = {k: v for k, v in kwargs.items() if k not in _LOSS_ONLY}
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    if frozen.frozen_split_unsupported(self, body_kwargs) is None:
-        loss = frozen.split_loss(self, body_kwargs, shift_labels, ignore_index=ignore_index, num_items_in_batch=num_items,
+    if position_split.frozen_split_unsupported(self, body_kwargs) is None:
+        loss = position_split.split_loss(self, body_kwargs, shift_labels, ignore_index=ignore_index, num_items_in_batch=num_items,
                                  softcap=_softcap(self))
         if loss is not None:
             return CausalLMOutputWithPast(loss=loss, logits=None)
@@ -127,7 +127,7 @@ def _softcap(model: nn.Module) -> float | None:
 
 def _token_statistics(self, labels, kwargs):
     """TRL's ``fused_lm_head=True`` output: per-token log-probabilities, entropy and top-1, no logits. Frozen
-    positions run without a backward here too (:mod:`reserved_kernels.models.frozen`)."""
+    positions run without a backward here too (:mod:`reserved_kernels.models.position_split`)."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     shift_labels, num_items = kwargs.get("shift_labels"), kwargs.get("num_items_in_batch")
@@ -139,7 +139,7 @@ def _token_statistics(self, labels, kwargs):
     def stats_of(hidden, part_targets):
         return head(hidden, part_targets, reduction="none", softcap=softcap, return_stats=True)
 
-    parts = frozen.hf_split(self, body_kwargs) if frozen.frozen_split_unsupported(self, body_kwargs) is None else None
+    parts = position_split.hf_split(self, body_kwargs) if position_split.frozen_split_unsupported(self, body_kwargs) is None else None
     if parts is None:
         hidden = self.base_model(**{**body_kwargs, "use_cache": False}).last_hidden_state
         targets = targets.to(hidden.device)
@@ -148,7 +148,7 @@ def _token_statistics(self, labels, kwargs):
         targets = targets.to(parts[0].hidden.device)
         flat = targets.reshape(-1)
         per_part = [stats_of(p.hidden, flat.index_select(0, p.where)) for p in parts if p is not None]
-        loss, entropy, is_top1 = (frozen.in_batch_order(parts, [getattr(s, name) for s in per_part], targets.shape)
+        loss, entropy, is_top1 = (position_split.in_batch_order(parts, [getattr(s, name) for s in per_part], targets.shape)
                                   for name in ("loss", "entropy", "is_top1"))
     if shift_labels is None:  # TRL's layout without shift_labels: the T - 1 positions that predict a label
         loss, entropy, is_top1, targets = (t[:, :-1] for t in (loss, entropy, is_top1, targets))

@@ -1,7 +1,7 @@
 """Frozen text: the exact loss of ordinary text at the model's current rows, for O(K·D) a token.
 
 In text without a reserved id (at or before a position, in its row) a patched model's hidden state ``h`` is a
-constant while only the K rows train (:mod:`reserved_kernels.models.frozen`), and so are the log-sum-exp over the
+constant while only the K rows train (:mod:`reserved_kernels.models.position_split`), and so are the log-sum-exp over the
 V − K frozen columns of the head and the target's logit when the target is a frozen token. Only the K reserved
 columns move. So the loss of such a position at the current rows ``R`` is exactly::
 
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from reserved_kernels._progress import Ticker
 from reserved_kernels._table import acc_dtype, cap_slope, softcapped
-from reserved_kernels.models import frozen
+from reserved_kernels.models import position_split
 from reserved_kernels.models.layout import base_model, is_gemma_pytorch, output_head
 from reserved_kernels.models.state import patch_state
 
@@ -102,7 +102,7 @@ def _batch_parts(batch, index: int) -> tuple[Tensor, Tensor | None, Tensor]:
 
 def _refuse_reached(index: int, ids: Tensor, targets: Tensor, slot_map: Tensor) -> None:
     """A counted position at or after a reserved id of its row is not frozen: refused, by batch, row and position."""
-    hit = frozen.reserved_hits(ids, slot_map)[:, :-1]  # the last position predicts nothing
+    hit = position_split.reserved_hits(ids, slot_map)[:, :-1]  # the last position predicts nothing
     reached = hit.int().cummax(1).values.bool() & (targets != -100)
     if bool(reached.any()):
         row = int(reached.any(1).int().argmax())
@@ -223,7 +223,7 @@ class FrozenText:
     # ------------------------------------------------------------------------------------------ evaluation
 
     def _parameter_versions(self) -> dict[int, int]:
-        rows = {id(p) for p in frozen.reserved_rows(self._model)}
+        rows = {id(p) for p in position_split.reserved_rows(self._model)}
         return {id(p): p._version for p in self._model.parameters() if id(p) not in rows}
 
     def _check_current(self) -> None:
@@ -231,10 +231,10 @@ class FrozenText:
         if patch_state(model) is None:
             raise StaleFrozenText("the model was merged or unpatched after the pass: FrozenText evaluates a patched "
                                   "model's rows")
-        if not any(p is self._rows for p in frozen.reserved_rows(model)):
+        if not any(p is self._rows for p in position_split.reserved_rows(model)):
             raise StaleFrozenText("the model was patched again after the pass: its rows are not the ones the "
                                   "store was made for; make a new FrozenText")
-        other = frozen.other_trainable(model)
+        other = position_split.other_trainable(model)
         if other is not None:
             raise StaleFrozenText(f"{other} requires grad: with a parameter besides the reserved rows training "
                                   "(a LoRA adapter), the hidden states the store holds go stale; FrozenText "

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from reserved_kernels._table import dequantised
 from reserved_kernels.functional import reserved_logits
-from reserved_kernels.models import frozen
+from reserved_kernels.models import position_split
 from reserved_kernels.models.layout import embedder_name, is_gemma_pytorch
 
 # gemma_pytorch's additive mask value (its generate() fills masked positions with this).
@@ -57,7 +57,7 @@ def _masks(config, length: int, device: torch.device) -> tuple[Tensor, Tensor | 
 
 class _Decoder:
     """The decoder of a gemma_pytorch-layout model over runs of positions of ``input_ids`` (B, T), differentiable:
-    the :class:`~reserved_kernels.models.frozen.BodyRunner` of this layout. Each call gets kv caches of all T
+    the :class:`~reserved_kernels.models.position_split.BodyRunner` of this layout. Each call gets kv caches of all T
     positions (fresh, or a prefix's, which it extends) and the rows of the causal and sliding-window masks of its
     positions, as gemma_pytorch's ``generate`` decodes: a run's queries see the cached keys before it and its own."""
 
@@ -143,7 +143,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
     final soft-cap): no (B, T, V) logits, and a patched model's rows get their K x D gradient.
     ``reduction`` is "mean" over the predicted tokens, or "sum".
 
-    Positions no reserved id reaches run without a backward (:mod:`reserved_kernels.models.frozen`): rows
+    Positions no reserved id reaches run without a backward (:mod:`reserved_kernels.models.position_split`): rows
     without one, and each row's positions before its first one (the rest of the row then reads their kv
     caches). The attention mask only removes targets here (gemma_pytorch's attention has no padding mask), so
     every row can be split. One host read of the ids a step.
@@ -165,11 +165,11 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
                                     reduction="sum")
 
     plan = None
-    if frozen.skip_unavailable(model) is None:
-        plan = frozen.SplitPlan.of(frozen.split_points(input_ids, slot_map, None), input_ids.shape[1])
+    if position_split.skip_unavailable(model) is None:
+        plan = position_split.SplitPlan.of(position_split.split_points(input_ids, slot_map, None), input_ids.shape[1])
     if plan is None:
         total = loss_sum(decoder.whole(), targets)
     else:
-        parts = frozen.split_hidden(plan, decoder, input_ids.device)
-        total = frozen.summed_loss(parts, targets, loss_sum, frozen.reserved_rows(model))
+        parts = position_split.split_hidden(plan, decoder, input_ids.device)
+        total = position_split.summed_loss(parts, targets, loss_sum, position_split.reserved_rows(model))
     return reduced_loss(total, targets, reduction=reduction)

@@ -78,7 +78,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             the model's own loss from logits.
         skip_frozen: with the fused loss, positions that no reserved id can reach (before a row's first
             reserved id, and rows without one) run without a backward through the body, and only their K
-            head columns' gradient is computed (:mod:`reserved_kernels.models.frozen`): in the training loss,
+            head columns' gradient is computed (:mod:`reserved_kernels.models.position_split`): in the training loss,
             TRL's ``fused_lm_head`` statistics and gemma_pytorch's ``causal_lm_loss``; the same loss and
             gradients up to floating-point summation order. It reads the batch's ids on the host once a
             step. It turns itself off — the usual path runs — whenever a parameter other than the rows
@@ -86,7 +86,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             or inputs it does not slice (anything but ``input_ids``, a (B, T) ``attention_mask`` and
             ``position_ids``). A row is cut at its first reserved id only where that leaves at least
             max(T/8, 64) positions before it; never under gradient checkpointing (transformers turns the KV
-            cache off there) or in a left-padded row (:func:`~reserved_kernels.models.frozen.split_points`):
+            cache off there) or in a left-padded row (:func:`~reserved_kernels.models.position_split.split_points`):
             such rows run whole, and rows without a reserved id still run without a backward.
             False (or ``RESERVED_KERNELS_SKIP_FROZEN=0``) turns it off.
 

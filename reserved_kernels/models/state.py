@@ -35,7 +35,7 @@ class PatchState:
     guard: RemovableHandle  # the training-call pre-hook on the base model
     vocab: Any = None  # the ReservedVocab given to patch_model, if one was (its tokenizer for save_pretrained)
     rows_frozen_on_purpose: bool = False  # freeze_rows was called: frozen rows beside PEFT layers are intended
-    skip_frozen: bool = True  # positions no reserved id reaches run without a backward (models.frozen)
+    skip_frozen: bool = True  # positions no reserved id reaches run without a backward (models.position_split)
     forward: ForwardSwap | None = None
     accelerated: list[nn.Module] = dataclasses.field(default_factory=list)  # PEFT token layers (models.peft_tokens)
 

@@ -19,7 +19,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the frozen-position split is for transformers models")
 
-from reserved_kernels.models import frozen, patch_model  # noqa: E402
+from reserved_kernels.models import patch_model, position_split  # noqa: E402
 from tests.families import tiny_gemma, tiny_llama, tiny_qwen2  # noqa: E402
 
 RESERVED = [7, 8, 9, 10, 11]
@@ -86,18 +86,18 @@ def _split_calls():
     """Record whether each call of hf_split (the training loss's and TRL's statistics') split the batch (None:
     nothing was frozen)."""
     calls = []
-    original = frozen.hf_split
+    original = position_split.hf_split
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
         calls.append(out is not None)
         return out
 
-    frozen.hf_split = spy
+    position_split.hf_split = spy
     try:
         yield calls
     finally:
-        frozen.hf_split = original
+        position_split.hf_split = original
 
 
 @pytest.mark.parametrize("kind", ["gemma", "gemma2", "gemma3", "llama-untied", "qwen2"])
@@ -173,7 +173,7 @@ def test_the_skip_turns_itself_off_where_it_cannot_be_exact(monkeypatch):
     with _split_calls() as calls:
         _assert_close(_ours(model, tied, skip=False, **batch), reference)
     assert calls == []
-    monkeypatch.setenv(frozen.SKIP_ENV_VAR, "0")
+    monkeypatch.setenv(position_split.SKIP_ENV_VAR, "0")
     with _split_calls() as calls:
         _ours(model, tied, **batch)
     assert calls == []
