@@ -207,7 +207,7 @@ def test_trl_sft_trainer_trains_a_patched_model_through_the_fused_loss(tmp_path,
     start = model.get_input_embeddings().reserved_weight.detach().clone()
     splits = []
     split = position_split.hf_split
-    monkeypatch.setattr(frozen_positions, "hf_split", lambda *a, **k: splits.append(split(*a, **k)) or splits[-1])
+    monkeypatch.setattr(position_split, "hf_split", lambda *a, **k: splits.append(split(*a, **k)) or splits[-1])
     trainer.train()
     assert any(parts is not None for parts in splits)  # the ordinary lines ran without a backward
     assert not torch.equal(model.get_input_embeddings().reserved_weight, start)

@@ -9,7 +9,7 @@ gemma_pytorch-layout models.
 """
 
 from reserved_kernels.models.frozen_text import FrozenText, StaleFrozenText
-from reserved_kernels.models.gemma_pytorch import causal_lm_logits, causal_lm_loss
+from reserved_kernels.models.integrations.gemma_pytorch import causal_lm_logits, causal_lm_loss
 from reserved_kernels.models.gguf import ExportError, export_gguf
 from reserved_kernels.models.layout import is_gemma_pytorch
 from reserved_kernels.models.patch import (freeze_rows, load_reserved, merge, patch_model, save_pretrained,
@@ -24,7 +24,7 @@ __all__ = ["patch_model", "merge", "save_pretrained", "save_reserved", "load_res
 
 def __getattr__(name: str):
     if name == "PerplexityCallback":  # a transformers.TrainerCallback: transformers is imported only when asked for
-        from reserved_kernels.models.callback import PerplexityCallback
+        from reserved_kernels.models.integrations.trainer_callback import PerplexityCallback
 
         return PerplexityCallback
     raise AttributeError(f"module 'reserved_kernels.models' has no attribute {name!r}")

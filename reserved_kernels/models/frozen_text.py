@@ -59,7 +59,7 @@ def _head(model: nn.Module) -> _Head:
     base = base_model(model)
     softcap = getattr(getattr(base, "config", None), "final_logit_softcapping", None)
     if is_gemma_pytorch(base):
-        from reserved_kernels.models.gemma_pytorch import _tied_table
+        from reserved_kernels.models.integrations.gemma_pytorch import _tied_table
 
         table, rows, _, slot_map = _tied_table(base)
         return _Head(table, rows, slot_map, softcap)
@@ -75,7 +75,7 @@ def _hidden_states(model: nn.Module, ids: Tensor, mask: Tensor | None) -> Tensor
     """(B, T, D) final hidden states (before the head) of a Hugging Face or gemma_pytorch-layout model."""
     base = base_model(model)
     if is_gemma_pytorch(base):
-        from reserved_kernels.models.gemma_pytorch import _decoder_states
+        from reserved_kernels.models.integrations.gemma_pytorch import _decoder_states
 
         return _decoder_states(base, ids)
     return base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state

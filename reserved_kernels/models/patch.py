@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from reserved_kernels._progress import announced
-from reserved_kernels.models import causal_lm, peft_tokens
+from reserved_kernels.models.integrations import huggingface, peft_tokens
 from reserved_kernels.models.layout import (base_model, has_peft_layers, input_embedding, output_head,
                                            set_input_embedding)
 from reserved_kernels.models.state import PatchState, attach, patch_state
@@ -74,7 +74,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             frozen. A PEFT model always keeps its adapter trainable.
         reserved_dtype: dtype of the trainable rows (default float32 for a 16-bit table).
         fused_loss: a Hugging Face model's ``labels=`` loss in training goes through the fused linear
-            cross-entropy, without the (B, T, V) logits (:mod:`reserved_kernels.models.causal_lm`); False keeps
+            cross-entropy, without the (B, T, V) logits (:mod:`reserved_kernels.models.integrations.huggingface`); False keeps
             the model's own loss from logits.
         skip_frozen: with the fused loss, positions that no reserved id can reach (before a row's first
             reserved id, and rows without one) run without a backward through the body, and only their K
@@ -95,7 +95,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
     freezes every non-adapter parameter); the next training forward raises an error saying so.
 
     **PEFT's trainable tokens** (``TrainableTokensConfig``, or ``LoraConfig(trainable_token_indices=...)``):
-    ``patch_model(peft_model)`` accelerates them in place (:mod:`reserved_kernels.models.peft_tokens`): PEFT's
+    ``patch_model(peft_model)`` accelerates them in place (:mod:`reserved_kernels.models.integrations.peft_tokens`): PEFT's
     ``trainable_tokens_delta`` stays the trainable parameter and PEFT's layers stay in the model, computing
     through our fused gather and fused loss. ``reserved`` may then be omitted, or name the same ids (a
     :class:`ReservedVocab` is kept for :func:`save_pretrained`); ``init`` initialises PEFT's rows; the other
@@ -156,7 +156,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
                        vocab=reserved if isinstance(reserved, ReservedVocab) else None, skip_frozen=skip_frozen)
     attach(model, state)
     if isinstance(new_head, ReservedLMHead) and hasattr(base, "base_model_prefix") and hasattr(base, "config"):
-        causal_lm.install(base, state, fused_loss)  # a transformers model: its labels= path, and TRL's fused head
+        huggingface.install(base, state, fused_loss)  # a transformers model: its labels= path, and TRL's fused head
     return model
 
 
@@ -196,7 +196,7 @@ def _accelerate_peft(model: nn.Module, reserved, embedding: nn.Module, *, init, 
                        accelerated=swapped)
     attach(model, state)
     if head is not None and hasattr(base, "base_model_prefix") and hasattr(base, "config"):
-        causal_lm.install(base, state, fused_loss)
+        huggingface.install(base, state, fused_loss)
     return model
 
 
@@ -208,7 +208,7 @@ def _training_guard(module: nn.Module, args) -> None:
     state = patch_state(module)
     if state is None:
         return
-    if state.forward is not None and not causal_lm.is_reached(module):
+    if state.forward is not None and not huggingface.is_reached(module):
         raise RuntimeError(FORWARD_REPLACED_MESSAGE)
     if state.accelerated:  # PEFT's own adapter: PEFT says what trains
         return
@@ -301,7 +301,7 @@ def merge(model: nn.Module) -> nn.Module:
     if state is not None and state.accelerated:  # PEFT's rows stay PEFT's: undo the acceleration only
         peft_tokens.restore(state.accelerated)
         state.guard.remove()
-        causal_lm.uninstall(base_model(model), state)
+        huggingface.uninstall(base_model(model), state)
         attach(model, None)
         return model
     embedding = _patched_embedding(model)
@@ -313,7 +313,7 @@ def merge(model: nn.Module) -> nn.Module:
             head.merge_()
         base_model(model).set_output_embeddings(state.head)
     state.guard.remove()
-    causal_lm.uninstall(base_model(model), state)
+    huggingface.uninstall(base_model(model), state)
     attach(model, None)
     for name, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(name, p.requires_grad))

@@ -16,7 +16,7 @@ def _summed_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
     (B, T, V) logits. An unpatched Hugging Face model computes its own (``num_items_in_batch=1`` turns its
     mean into the sum); a gemma_pytorch-layout model goes through ``causal_lm_loss``.
     """
-    from reserved_kernels.models.gemma_pytorch import causal_lm_loss
+    from reserved_kernels.models.integrations.gemma_pytorch import causal_lm_loss
     from reserved_kernels.models.layout import is_gemma_pytorch
     from reserved_kernels.models.state import patch_state
 

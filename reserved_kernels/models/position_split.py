@@ -19,7 +19,7 @@ floating-point sums (different GEMM shapes). Deciding the split reads the ids on
 plan's row and position indices go to the device in one copy; nothing else synchronises.
 
 Users: the patched Hugging Face training forward and TRL's ``fused_lm_head`` statistics
-(:mod:`reserved_kernels.models.causal_lm`, through :func:`split_loss` and :func:`hf_split`;
+(:mod:`reserved_kernels.models.integrations.huggingface`, through :func:`split_loss` and :func:`hf_split`;
 :func:`frozen_split_unsupported` and :func:`prefix_split_unsupported` say when they do not apply), and
 gemma_pytorch's :func:`~reserved_kernels.models.causal_lm_loss` (:func:`skip_unavailable`).
 """
