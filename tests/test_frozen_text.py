@@ -243,7 +243,7 @@ def test_bad_callback_arguments_are_refused():
 def test_an_evaluation_in_many_chunks_gives_the_one_chunk_result(monkeypatch):
     """Chunks of 7 positions (reserved targets fall inside some): the same loss and gradient as one chunk, up to
     the order of the sums across chunks (within the module's tolerance)."""
-    from reserved_kernels.models import frozen_text
+    from reserved_kernels.models.evaluation import frozen_text
 
     model, tied = _model("gemma2")
     patched = patch_model(copy.deepcopy(model), RESERVED)

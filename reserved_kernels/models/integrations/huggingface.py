@@ -14,7 +14,7 @@ previous one back. What it does, by call:
   carries the loss alone.
 * **labels, evaluation** (``model.eval()``): the model's own forward, logits and loss as unpatched — so a
   Trainer's ``compute_metrics`` still gets its logits. ``return_logits=False`` asks for the fused loss
-  there too (what :func:`~reserved_kernels.models.perplexity` does); ``return_logits=True`` asks for the
+  there too (what :func:`~reserved_kernels.models.evaluation.perplexity` does); ``return_logits=True`` asks for the
   logits in training.
 * **``fused_lm_head=True``** (TRL's ``SFTTrainer`` contract, TRL >= 1.16): per-token ``log_probs``,
   ``entropy``, ``is_top1`` and ``label_mask`` from the fused loss, never the logits. TRL's own fused head

@@ -6,7 +6,7 @@ import logging
 
 from transformers import TrainerCallback
 
-from reserved_kernels.models.frozen_text import FrozenText
+from reserved_kernels.models.evaluation.frozen_text import FrozenText
 
 logger = logging.getLogger(__name__)
 
