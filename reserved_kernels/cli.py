@@ -332,7 +332,7 @@ def _run(args: argparse.Namespace) -> None:
         for command in bench_commands(args):
             run_bench(command, args)
     elif args.command == "export-gguf":
-        from reserved_kernels.models.gguf import export_gguf
+        from reserved_kernels.models.artifacts.gguf import export_gguf
 
         out = export_gguf(args.rows, args.base, args.out, force=args.force, log=print)
         print(f"wrote {out}: run it with llama-cli -m {out}, or in Ollama from a Modelfile 'FROM {out}'")

@@ -166,7 +166,7 @@ def ship_to_gguf(args: argparse.Namespace, story: Story, vocab, log: Callable[[s
     """A named checkpoint's rows and tokens written into a copy of its GGUF (``OUT/model.gguf``, what llama.cpp and
     Ollama run) and, where llama-cpp-python is installed, llama.cpp's own reading of the story's prompt: its tokens
     and its greedy continuation. None for a model without a GGUF of its own (the shipped one, a folder)."""
-    from reserved_kernels.models.gguf import export_gguf
+    from reserved_kernels.models.artifacts.gguf import export_gguf
     from reserved_kernels.pretrained import is_named
 
     if not is_named(args.model):

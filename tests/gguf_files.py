@@ -13,7 +13,7 @@ import json
 import numpy as np
 import torch
 
-from reserved_kernels.models.gguf import PLAN_KEY, TOKEN_TYPES, TOKENS
+from reserved_kernels.models.artifacts.gguf import PLAN_KEY, TOKEN_TYPES, TOKENS
 
 # llama.cpp's token types (gguf.TokenType): the values SentencePiece uses too
 NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6

@@ -19,7 +19,7 @@ gguf = pytest.importorskip("gguf", reason="the GGUF export needs the gguf packag
 transformers = pytest.importorskip("transformers")
 
 import reserved_kernels as rk  # noqa: E402
-from reserved_kernels.models import gguf as export  # noqa: E402
+from reserved_kernels.models.artifacts import gguf as export  # noqa: E402
 from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path  # noqa: E402
 from tests import families, gguf_files  # noqa: E402
 

@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft", reason="the adapter format is PEFT's: its tes
 transformers = pytest.importorskip("transformers", reason="PEFT adapters wrap transformers models")
 
 from reserved_kernels.models import load_reserved, patch_model, save_reserved  # noqa: E402
-from reserved_kernels.models.adapter import AdapterError  # noqa: E402
+from reserved_kernels.models.artifacts.adapter import AdapterError  # noqa: E402
 from reserved_kernels.modules.embedding import ReservedEmbedding  # noqa: E402
 from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path  # noqa: E402
 from tests.families import tiny_gemma, tiny_llama  # noqa: E402

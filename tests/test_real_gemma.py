@@ -27,7 +27,7 @@ if OK:
     from reserved_kernels import demo, demo_training
     from reserved_kernels.models import (export_gguf, load_reserved, merge, patch_model, perplexity, save_reserved,
                                          untrained_rows)
-    from reserved_kernels.models.gguf import TABLE
+    from reserved_kernels.models.artifacts.gguf import TABLE
     from reserved_kernels.stories import pydoc_sentences, pydoc_text
     from reserved_kernels.vocab import PlanError, ReservedVocab
     from tests import gguf_files

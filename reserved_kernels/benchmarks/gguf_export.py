@@ -32,7 +32,7 @@ RECIPES = ("copy", "export")
 def _operation(recipe: str, rows: str, base: str, out: str):
     import shutil
 
-    from reserved_kernels.models.gguf import export_gguf
+    from reserved_kernels.models.artifacts.gguf import export_gguf
 
     def run():
         if os.path.exists(out):

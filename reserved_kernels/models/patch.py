@@ -7,7 +7,6 @@ heads — a PEFT model around one, and gemma_pytorch-layout models (``embedder``
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 
@@ -24,7 +23,6 @@ from reserved_kernels.modules.embedding import ReservedEmbedding
 from reserved_kernels.modules.lm_head import ReservedLMHead
 from reserved_kernels.vocab.planning import ReservedPlan, ReservedVocab
 
-ARTIFACT_FORMAT_VERSION = 1
 INIT_CHOICES = (None, "description", "mean", "copy")
 PEFT_ORDER_MESSAGE = (
     "the reserved rows of this patched model were frozen, and the model has PEFT adapter layers: "
@@ -219,7 +217,7 @@ def _training_guard(module: nn.Module, args) -> None:
 
 def freeze_rows(model: nn.Module) -> nn.Module:
     """Freeze a patched model's reserved rows on purpose (e.g. to train only a PEFT adapter next)."""
-    embedding = _patched_embedding(model)
+    embedding = patched_embedding(model)
     patch_state(model).rows_frozen_on_purpose = True
     embedding.reserved_weight.requires_grad_(False)
     head = output_head(model)
@@ -276,7 +274,7 @@ def _initialise(embedding: ReservedEmbedding, head: ReservedLMHead | None, init,
         head.init_reserved_(sources, targets=targets, noise_std=noise_std, generator=generator)
 
 
-def _patched_embedding(model: nn.Module) -> ReservedEmbedding:
+def patched_embedding(model: nn.Module) -> ReservedEmbedding:
     embedding = input_embedding(model)
     state = patch_state(model)
     if state is not None and state.accelerated:
@@ -304,7 +302,7 @@ def merge(model: nn.Module) -> nn.Module:
         huggingface.uninstall(base_model(model), state)
         attach(model, None)
         return model
-    embedding = _patched_embedding(model)
+    embedding = patched_embedding(model)
     head = output_head(model)
     embedding.merge_()  # in place, into the Parameter the original module still holds
     set_input_embedding(model, state.embedding)
@@ -318,123 +316,3 @@ def merge(model: nn.Module) -> nn.Module:
     for name, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
     return model
-
-
-def save_pretrained(model: nn.Module, folder: str | os.PathLike, vocab: ReservedVocab | None = None,
-                    **kwargs) -> str:
-    """A checkpoint that loads as a plain model *with its tokenizer*, in one call; returns the folder.
-
-    ``model.save_pretrained(folder, **kwargs)`` (the vanilla layout, rows merged, plus the fp32 master rows
-    that :func:`load_reserved` reads), then the planned tokenizer beside it (:meth:`ReservedVocab.save`:
-    ``tokenizer.json``, ``tokenizer_config.json`` and ``reserved_plan.json``, and ``tokenizer.model`` for a
-    SentencePiece plan). Afterwards ``AutoTokenizer.from_pretrained(folder)`` makes each planned term one
-    token and ``AutoModelForCausalLM.from_pretrained(folder)`` gives the trained rows. ``vocab`` defaults to
-    the :class:`ReservedVocab` the model was patched with; a model patched with bare ids or a plan needs it.
-    """
-    _patched_embedding(model)  # raises unless the model is patched
-    vocab = vocab if vocab is not None else patch_state(model).vocab
-    if not isinstance(vocab, ReservedVocab):
-        raise ValueError("save_pretrained needs the ReservedVocab whose tokenizer to write: the model was patched "
-                         "with ids or a plan, so pass vocab=")
-    if not hasattr(model, "save_pretrained"):
-        raise TypeError(f"{type(model).__name__} has no save_pretrained (a Hugging Face model does); "
-                        "use save_reserved for the rows alone")
-    folder = os.fspath(folder)
-    model.save_pretrained(folder, **kwargs)
-    vocab.save(folder)
-    return folder
-
-
-def save_reserved(model: nn.Module, folder: str | os.PathLike,
-                  plan: ReservedPlan | ReservedVocab | None = None) -> str:
-    """Store only the K×D trained rows as a PEFT trainable-tokens adapter folder; returns the folder.
-
-    ``adapter_config.json`` and ``adapter_model.safetensors`` (:mod:`reserved_kernels.models.adapter`):
-    ``peft.PeftModel.from_pretrained(base, folder)`` gives the trained model without reserved_kernels, and
-    :func:`load_reserved` reads it back exactly (float32 master rows of a 16-bit table are kept, to resume).
-    Beside them the plan (``plan``, by default the vocab the model was patched with) and, for a
-    :class:`ReservedVocab`, its planned tokenizer. Safetensors and JSON only: no pickle. Written atomically.
-    """
-    from reserved_kernels.models.adapter import write_adapter
-
-    _patched_embedding(model)
-    folder = os.fspath(folder)
-    if folder.endswith(".pt") or os.path.isfile(folder):
-        raise ValueError(f"save_reserved writes a folder (a PEFT adapter in safetensors), got the file path {folder!r}; "
-                         "the .pt format is read by load_reserved, no longer written")
-    if plan is None:
-        plan = patch_state(model).vocab
-    vocab = plan if isinstance(plan, ReservedVocab) else None
-    write_adapter(model, folder, plan=plan.plan if vocab is not None else plan, vocab=vocab)
-    return folder
-
-
-def _rows_from_checkpoint(folder: str, embedding_name: str, head_name: str | None) -> dict:
-    """The rows a patched model's ``save_pretrained`` (or a Trainer checkpoint) wrote, read alone, exactly."""
-    from safetensors import safe_open
-
-    wanted = {f"{embedding_name}.reserved_ids": "reserved_ids", f"{embedding_name}.reserved_weight": "reserved_weight",
-              f"{head_name}.reserved_weight": "head_reserved_weight"}
-    state: dict = dict(head_reserved_weight=None, plan=None)
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    for name in files:
-        with safe_open(os.path.join(folder, name), framework="pt") as f:
-            for key in set(f.keys()) & set(wanted):
-                state[wanted[key]] = f.get_tensor(key)
-    if "reserved_ids" not in state or "reserved_weight" not in state:
-        raise ValueError(f"{folder} holds no reserved rows under {embedding_name!r} (safetensors files: {files})")
-    return state
-
-
-def _read_rows(path: str, model: nn.Module, vocab: ReservedVocab | None) -> dict:
-    from reserved_kernels.models.adapter import is_adapter_folder, read_adapter
-
-    if is_adapter_folder(path):
-        return read_adapter(path, model, vocab)
-    if os.path.isdir(path):
-        base = base_model(model)
-        names = {id(m): n for n, m in base.named_modules()}
-        head = output_head(model)
-        return _rows_from_checkpoint(path, names[id(input_embedding(model))],
-                                     names.get(id(head)) if head is not None else None)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format_version") != ARTIFACT_FORMAT_VERSION:
-        raise ValueError(f"{path} is not a reserved-rows file of format {ARTIFACT_FORMAT_VERSION}")
-    return state
-
-
-@torch.no_grad()
-def load_reserved(model: nn.Module, path: str | os.PathLike, *, vocab: ReservedVocab | None = None,
-                  **patch_kwargs) -> ReservedPlan | None:
-    """Re-apply trained rows, patching ``model`` first if needed; returns the plan (if the file has one).
-
-    ``path`` is a PEFT trainable-tokens adapter folder (written by :func:`save_reserved`, or by PEFT: see
-    :func:`reserved_kernels.models.adapter.read_adapter` for its checks), a folder written by a patched model's
-    ``save_pretrained`` (or a ``Trainer`` checkpoint), or a ``.pt`` file of earlier releases; the rows are read
-    exactly as trained. The table must match; a patched model must have the same reserved ids. An adapter is
-    checked against ``vocab`` (by default the one the model was patched with): written for another tokenizer, it
-    is refused; with ids that are not its reserved slots, it loads with a warning. Nothing is changed when a
-    check fails.
-    """
-    path = os.fspath(path)
-    state = _read_rows(path, model, vocab)
-    embedding = input_embedding(model)
-    ids, rows = state["reserved_ids"], state["reserved_weight"]
-    if "num_embeddings" in state:
-        shape = (embedding.weight.shape[0], embedding.weight.shape[1])
-        if (state["num_embeddings"], state["embedding_dim"]) != shape:
-            raise ValueError(f"{path} holds rows for a {state['num_embeddings']}x{state['embedding_dim']} table; "
-                             f"this model's is {shape[0]}x{shape[1]}")
-    elif rows.shape[1] != embedding.weight.shape[1]:
-        raise ValueError(f"{path} holds rows of width {rows.shape[1]}; this model's table has {embedding.weight.shape[1]}")
-    if isinstance(embedding, ReservedEmbedding):
-        if embedding.reserved_ids.tolist() != ids.tolist():
-            raise ValueError(f"the model is patched for other reserved ids than {path}'s")
-    else:
-        patch_model(model, ids.tolist(), reserved_dtype=rows.dtype, **patch_kwargs)
-        embedding = _patched_embedding(model)
-    embedding.reserved_weight.copy_(rows)
-    head = output_head(model)
-    if state["head_reserved_weight"] is not None and isinstance(head, ReservedLMHead) and head.tied is None:
-        head.reserved_weight.copy_(state["head_reserved_weight"])
-    return ReservedPlan.from_json(state["plan"])[0] if state["plan"] is not None else None
