@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from reserved_kernels import stories
+from reserved_kernels.demo import stories
 
 DEBUG_ENV_VAR = "RESERVED_KERNELS_DEBUG"
 DESCRIPTION = """\
@@ -124,7 +124,7 @@ def plan(args: argparse.Namespace) -> str:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``reserved-kernels demo`` (:func:`reserved_kernels.demo.run` reads them)."""
+    """The options of ``reserved-kernels demo`` (:func:`reserved_kernels.demo.job.run` reads them)."""
     from reserved_kernels.pretrained import CHECKPOINTS
 
     parser.add_argument("--model", help=f"a named real checkpoint ({', '.join(CHECKPOINTS)}: its weights come from "
@@ -339,7 +339,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         check_model(args.model)
         check_out_folder(args.out)
-        from reserved_kernels.demo import run
+        from reserved_kernels.demo.job import run
 
         if not run(args)["frozen_identical"]:
             sys.exit("reserved-kernels demo: error: frozen parameters changed")

@@ -29,7 +29,7 @@ def train(out: str, steps: int = 1500, seed: int = 0) -> str:
     import torch
     import transformers
 
-    from reserved_kernels.demo import encode_lines
+    from reserved_kernels.demo.job import encode_lines
     from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path
     from reserved_kernels.vocab.corpus import mode_corpus
 

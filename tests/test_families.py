@@ -188,7 +188,7 @@ def test_the_demo_and_the_training_step_benchmark_take_a_checkpoint_of_the_famil
     import shutil
 
     from reserved_kernels.benchmarks import train_step
-    from reserved_kernels import demo
+    from reserved_kernels.demo import job as demo
     from reserved_kernels.cli import add_demo_arguments
 
     vocab, model, folder = _family(kind, tmp_path, tied)

@@ -34,7 +34,7 @@ TERMS = {"[summary]": "in summary", "[translate]": "in translation"}
 
 
 def shipped_model():
-    from reserved_kernels.demo import default_model_path
+    from reserved_kernels.demo.job import default_model_path
 
     transformers.logging.set_verbosity_error()
     model = transformers.AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()

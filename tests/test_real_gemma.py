@@ -24,11 +24,12 @@ pytestmark = pytest.mark.skipif(not OK, reason=WHY or "")
 if OK:
     import transformers
 
-    from reserved_kernels import demo, demo_training
+    from reserved_kernels.demo import job as demo
+    from reserved_kernels.demo import training as demo_training
     from reserved_kernels.models import (export_gguf, load_reserved, merge, patch_model, perplexity, save_reserved,
                                          untrained_rows)
     from reserved_kernels.models.artifacts.gguf import TABLE
-    from reserved_kernels.stories import pydoc_sentences, pydoc_text
+    from reserved_kernels.demo.stories import pydoc_sentences, pydoc_text
     from reserved_kernels.vocab import PlanError, ReservedVocab
     from tests import gguf_files
     from tests.oracle import assert_same_table_logits, captured_input
@@ -67,7 +68,7 @@ def vocab(folder):
 @pytest.fixture(scope="module")
 def text(vocab, model):
     data = demo.story_data(demo.PYDOC, vocab.renamed_encoder(), vocab.encode, random.Random(0),
-                           **demo._special_ids(model))
+                           **demo.special_ids(model))
     # A fraction of the demo's training and ordinary text (the tier's time budget), all its held-out lines: on 12 of
     # them the description mean and a random row started within 0.01 of each other.
     take = {"train": 24, "heldout": 31, "ordinary": 12, "mix": 12}

@@ -299,7 +299,7 @@ def test_a_term_is_one_token_wherever_it_stands_and_decodes_as_written(any_vocab
 
 def test_text_without_the_terms_encodes_exactly_as_before(any_vocab):
     """Python's own documentation (pydoc_data, ~0.5 MB of real English and code) encodes to the same ids."""
-    from reserved_kernels.stories import pydoc_text
+    from reserved_kernels.demo.stories import pydoc_text
 
     text = pydoc_text()
     terms = {"[lr]": "learning rate", "[kwarg]": "keyword argument", "[summary]": None, "東京タワー": "the tower",

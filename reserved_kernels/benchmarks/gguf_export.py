@@ -65,7 +65,7 @@ def _rows_folder(model: str, terms: int, folder: str) -> str:
 
     from reserved_kernels.models import patch_model, save_reserved
     from reserved_kernels.pretrained import resolve
-    from reserved_kernels.stories import PYDOC
+    from reserved_kernels.demo.stories import PYDOC
     from reserved_kernels.vocab import ReservedVocab
 
     transformers.logging.set_verbosity_error()

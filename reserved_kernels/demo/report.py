@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 
-from reserved_kernels.stories import INIT_LABELS, Story
+from reserved_kernels.demo.stories import INIT_LABELS, Story
 
 BASE_TOLERANCE = 0.01  # ordinary-text perplexity may move by at most 1%
 

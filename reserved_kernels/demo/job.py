@@ -14,8 +14,8 @@ Two stories, one procedure:
   ``[codeblock]`` for "code block" — from sentences of that documentation where each term replaces its
   phrase; every position is a target. Each term is planned bare and after a space (two slots).
 
-The stories (terms, defaults, text) are :mod:`reserved_kernels.stories`; the training loop and its measures
-:mod:`reserved_kernels.demo_training`; the closing table and the plot :mod:`reserved_kernels.demo_report`.
+The stories (terms, defaults, text) are :mod:`reserved_kernels.demo.stories`; the training loop and its measures
+:mod:`reserved_kernels.demo.training`; the closing table and the plot :mod:`reserved_kernels.demo.report`.
 This module loads the model, runs the procedure and returns its summary (the command line exits on it).
 
 The procedure:
@@ -52,15 +52,17 @@ from collections.abc import Callable
 
 import torch
 
-from reserved_kernels.demo_report import closing_lines, write_plot
-from reserved_kernels.demo_training import (continuation, dense_recipe_state_bytes, initialised, mean_loss,
+from reserved_kernels.demo.report import closing_lines, write_plot
+from reserved_kernels.demo.training import (continuation, dense_recipe_state_bytes, initialised, mean_loss,
                                             state_bytes, train_rows)
-from reserved_kernels.stories import (INIT_LABELS, INITS, PYDOC, REGISTERS, Story, pydoc_lines, register_lines,
+from reserved_kernels.demo.stories import (INIT_LABELS, INITS, PYDOC, REGISTERS, Story, pydoc_lines, register_lines,
                                       story_named)
 
 
 def default_model_path() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo_gemma")
+    """The small Gemma the package ships for the main job (``reserved_kernels/data/demo_gemma``)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(package, "data", "demo_gemma")
 
 
 # ----------------------------------------------------------------------------------------------------- text
@@ -127,7 +129,7 @@ def _load(args, device, log):
     return model, vocab
 
 
-def _special_ids(model) -> dict:
+def special_ids(model) -> dict:
     """<bos>, <eos> and padding ids from the model's config (padding falls back to <eos>)."""
     config = model.config
     bos = config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
@@ -157,7 +159,7 @@ def prepare(args: argparse.Namespace, log: Callable[[str], None] = print) -> tup
     model, vocab = _load(args, device, log)
     plan = vocab.assign(story.terms, spaced=story.spaced)
     rng = random.Random(args.seed)
-    data = story_data(story, vocab.renamed_encoder(), vocab.encode, rng, **_special_ids(model))
+    data = story_data(story, vocab.renamed_encoder(), vocab.encode, rng, **special_ids(model))
     data = {k: tuple(t.to(device) for t in v) for k, v in data.items()}
     return model, vocab, plan, data, story
 
@@ -226,7 +228,7 @@ def run(args: argparse.Namespace) -> dict:
     for init in inits:
         patched = initialised(model, vocab, init, args.seed)
         if story.prompt is not None and init in ("description", "random"):
-            texts[init] = continuation(patched, encode, decode, story.prompt, _special_ids(model)["bos"])
+            texts[init] = continuation(patched, encode, decode, story.prompt, special_ids(model)["bos"])
         train_steps = steps if (train_all or init == "description") else 0
         clock = time.perf_counter()
         results[init] = train_rows(patched, data, steps=train_steps, lr=lr, seed=args.seed, batch=story.batch,
@@ -237,7 +239,7 @@ def run(args: argparse.Namespace) -> dict:
     ours = results["description"]
     trained = ours["model"]
     if story.prompt is not None:
-        texts["trained"] = continuation(trained, encode, decode, story.prompt, _special_ids(model)["bos"])
+        texts["trained"] = continuation(trained, encode, decode, story.prompt, special_ids(model)["bos"])
     log("ordinary-text perplexity after training, the slow way (a full forward pass) ...")
     base_after = math.exp(mean_loss(trained, *data["ordinary"]))
     cached_after = ours["ordinary"][-1][1] if ours["ordinary"] else base_after
