@@ -116,13 +116,14 @@ def test_interleaved_runs_take_the_timed_processes_in_turn_and_pool_their_steps(
 def test_a_random_position_is_drawn_afresh_for_each_step():
     """Each step's batch places its terms anew (a fixed draw of two positions says little about a uniform one);
     the same draw gives the same batch, so every recipe sees the same batches."""
-    from reserved_kernels.benchmarks.train_step import _text, frozen_share
+    from reserved_kernels.benchmarks.common import batch_text
+    from reserved_kernels.benchmarks.train_step import frozen_share
 
     reserved = torch.arange(7, 11)
     base = torch.randint(20, 3000, (1024,), generator=torch.Generator().manual_seed(0))
-    draws = [_text("random", base, reserved, 512, draw) for draw in range(4)]
+    draws = [batch_text("random", base, reserved, 512, draw) for draw in range(4)]
     assert len({tuple(torch.isin(d, reserved).int().argmax(1).tolist()) for d in draws}) == 4
-    assert torch.equal(_text("random", base, reserved, 512, 2), draws[2])
+    assert torch.equal(batch_text("random", base, reserved, 512, 2), draws[2])
     assert all(torch.isin(d, reserved).sum(1).tolist() == [1, 1] for d in draws)
     first = torch.isin(draws[0], reserved).int().argmax(1)
     assert frozen_share(draws[0], reserved) == first.sum().item() / 1024

@@ -41,16 +41,16 @@ def _alternating(fns: list, repeat: int, sync) -> list[float]:
 def measure(args) -> dict:
     import torch
 
-    from reserved_kernels.benchmarks.train_step import _checkpoint, _text
+    from reserved_kernels.benchmarks.common import batch_text, checkpoint
     from reserved_kernels.models import FrozenText, patch_model, perplexity
 
     torch.manual_seed(0)
-    model, _, reserved_ids, tokens = _checkpoint(args)
+    model, _, reserved_ids, tokens = checkpoint(args)
     for p in model.parameters():
         p.requires_grad_(False)
     patch_model(model, reserved_ids.tolist())
     dev = torch.device(args.device)
-    ids = _text("ordinary", torch.randint(0, tokens, (args.tokens,), device=dev), reserved_ids, min(args.tokens, 512))
+    ids = batch_text("ordinary", torch.randint(0, tokens, (args.tokens,), device=dev), reserved_ids, min(args.tokens, 512))
     batch = [ids]
     rows = model.get_input_embeddings().reserved_weight
     optimizer = torch.optim.AdamW([rows], lr=1e-2, weight_decay=0.0)
@@ -83,7 +83,7 @@ def measure(args) -> dict:
     with torch.no_grad():
         rows.copy_(state)
 
-    terms = _text("random", torch.randint(0, tokens, (256,), device=dev), reserved_ids, 64)
+    terms = batch_text("random", torch.randint(0, tokens, (256,), device=dev), reserved_ids, 64)
     model.train()
     for _ in range(20):  # the rows train on text that uses them
         optimizer.zero_grad(set_to_none=True)

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import reserved_kernels as rk
-from reserved_kernels import _backend, ops, recipes, reference
+from reserved_kernels import _backend, ops, reference
+from reserved_kernels.benchmarks import baselines
 from reserved_kernels._table import dequantised
 from reserved_kernels.benchmarks import train_step
 from reserved_kernels.benchmarks.harness import (
@@ -103,7 +104,7 @@ def lookup_workloads(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slot
         run.record("forward", "torch.compile(reference)", case, run.time(lambda: compiled_reference(*args)), fwd_bytes)
 
     hook_emb = nn.Embedding.from_pretrained(weight, freeze=False)  # a new Parameter over the same storage
-    recipes.keep_gradient_rows(hook_emb.weight, reserved_ids)
+    baselines.keep_gradient_rows(hook_emb.weight, reserved_ids)
 
     def hook_fwd_bwd():
         hook_emb.weight.grad = None
@@ -113,7 +114,7 @@ def lookup_workloads(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slot
     if importlib.util.find_spec("peft") is not None:
         holder = nn.Module()
         holder.embed = nn.Embedding.from_pretrained(weight, freeze=True)
-        model = recipes.peft_trainable_tokens(holder, "embed", reserved_ids)
+        model = baselines.peft_trainable_tokens(holder, "embed", reserved_ids)
         peft_embed = model.base_model.model.embed
         delta = [p for p in model.parameters() if p.requires_grad]
 

@@ -28,37 +28,11 @@ import importlib.util
 import itertools
 import json
 
+from reserved_kernels.benchmarks.common import TEXTS, batch_text, checkpoint
+
 MODULE = "reserved_kernels.benchmarks.train_step"  # what the measuring children run (python -m)
 RECIPES = ("reserved", "noskip", "hook", "peft", "peftfast", "body")
 CONFIG_KEYS = ("device", "vocab", "dim", "slots", "tokens", "dtype", "repeat", "head", "model", "text")
-# Where the batch's reserved ids stand (with --head, per sequence of 512): "mixed" — the first sequence opens
-# with every slot, the rest is random text; "ordinary" — none; "random" — one term per sequence at a uniformly
-# random position, drawn afresh for every step (as batches change in training: a single draw of two positions
-# says little about a uniform one); "start" — a term at position 0 of every sequence.
-TEXTS = ("mixed", "ordinary", "random", "start")
-
-
-def _checkpoint(args):
-    """(model, its table, the first ``args.slots`` reserved slots of its tokenizer, its tokenizer's size)."""
-    import torch
-    import transformers
-
-    from reserved_kernels.vocab import ReservedVocab
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
-    model.to(args.device)
-    # On a CPU the weights are safetensors' memory map, read in page by page as a step first touches them:
-    # they would count as that step's memory (the whole table for a recipe with the head, none of it for the
-    # body alone; fewer pages where the page cache already held them). Copied into the process's own
-    # memory now, they are part of the model the figures are measured beyond. (``to`` a GPU copies them.)
-    if torch.device(args.device).type == "cpu":
-        with torch.no_grad():
-            for param in model.parameters():
-                param.data = param.data.clone()
-    weight = model.get_input_embeddings().weight
-    vocab = ReservedVocab.from_folder(args.model, model_vocab_size=weight.shape[0])
-    return (model, weight.detach(), torch.tensor(vocab.reserved_ids[:args.slots], device=args.device),
-            vocab.tokenizer_size)
 
 
 def _build(args, weight, reserved_ids, model=None):
@@ -66,7 +40,7 @@ def _build(args, weight, reserved_ids, model=None):
     import torch
     from torch import nn
 
-    from reserved_kernels import recipes
+    from reserved_kernels.benchmarks import baselines
 
     scale = weight.shape[1] ** 0.5
     if args.head:
@@ -92,10 +66,10 @@ def _build(args, weight, reserved_ids, model=None):
             return loss_of(model), torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                                      lr=1e-3, weight_decay=0.01), None
         if args.recipe == "hook":
-            opt, restore = recipes.hook_recipe(model.get_input_embeddings().weight, reserved_ids)
+            opt, restore = baselines.hook_recipe(model.get_input_embeddings().weight, reserved_ids)
             return loss_of(model), opt, restore
         names = [n for n, m in model.named_modules() if m is model.get_input_embeddings()]
-        wrapped = recipes.peft_trainable_tokens(model, names[0].rsplit(".", 1)[-1], reserved_ids)
+        wrapped = baselines.peft_trainable_tokens(model, names[0].rsplit(".", 1)[-1], reserved_ids)
         if args.recipe == "peftfast":
             patch_model(wrapped)  # the one line: PEFT's layers, our kernels
         return loss_of(wrapped), torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad],
@@ -110,35 +84,14 @@ def _build(args, weight, reserved_ids, model=None):
                                                                                weight_decay=0.01), None
     if args.recipe == "hook":
         emb = nn.Embedding.from_pretrained(weight, freeze=False)  # shares the storage
-        opt, restore = recipes.hook_recipe(emb.weight, reserved_ids)
+        opt, restore = baselines.hook_recipe(emb.weight, reserved_ids)
         return (lambda ids: (emb(ids) * scale_t).float().pow(2).mean()), opt, restore
     holder = nn.Module()
     holder.embed = nn.Embedding.from_pretrained(weight, freeze=True)
-    model = recipes.peft_trainable_tokens(holder, "embed", reserved_ids)
+    model = baselines.peft_trainable_tokens(holder, "embed", reserved_ids)
     embed = model.base_model.model.embed
     return ((lambda ids: (embed(ids) * scale_t).float().pow(2).mean()),
             torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.01), None)
-
-
-def _text(kind: str, ids, reserved_ids, width: int, draw: int = 0):
-    """The batch (sequences of ``width``) with its reserved ids where ``kind`` (see :data:`TEXTS`) puts them;
-    ``draw`` seeds which terms, and for "random" where."""
-    import torch
-
-    if kind == "mixed":
-        ids = ids.clone()
-        ids[: len(reserved_ids)] = reserved_ids  # every reserved row gets a gradient
-        return ids.view(-1, width)
-    hit = torch.isin(ids, reserved_ids)  # random text may draw a reserved id: ordinary text has none
-    ids = torch.where(hit, ids.new_tensor(int(ids[~hit][0])), ids).view(-1, width)
-    gen = torch.Generator().manual_seed(draw)
-    rows = torch.arange(ids.shape[0])
-    terms = reserved_ids[torch.randint(0, len(reserved_ids), (ids.shape[0],), generator=gen).to(reserved_ids.device)]
-    if kind == "random":
-        ids[rows, torch.randint(0, width, (ids.shape[0],), generator=gen)] = terms
-    elif kind == "start":
-        ids[:, 0] = terms
-    return ids
 
 
 def frozen_share(batch, reserved_ids) -> float:
@@ -161,7 +114,7 @@ def child(args) -> None:
     dtype = getattr(torch, args.dtype)
     model = None
     if args.model:
-        model, weight, reserved_ids, tokens = _checkpoint(args)
+        model, weight, reserved_ids, tokens = checkpoint(args)
     else:
         weight = torch.randn(args.vocab, args.dim, device=dev, dtype=dtype)
         reserved_ids, tokens = torch.arange(7, 7 + args.slots, device=dev), args.vocab
@@ -169,7 +122,7 @@ def child(args) -> None:
     # positions are drawn afresh; the same batches, in the same order, for every recipe.
     draws = args.repeat + 2 if args.text == "random" else 1
     base = torch.randint(0, tokens, (args.tokens,), device=dev)
-    batches = [_text(args.text, base, reserved_ids, min(args.tokens, 512) if args.head else args.tokens, draw)
+    batches = [batch_text(args.text, base, reserved_ids, min(args.tokens, 512) if args.head else args.tokens, draw)
                for draw in range(draws)]
     loss_fn, opt, after_step = _build(args, weight, reserved_ids, model)
     steps = itertools.count()

@@ -37,7 +37,7 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int
 
 def dense_recipe_state_bytes(model: torch.nn.Module, reserved_ids: list[int], ids, labels, mask) -> int:
     """One step of the usual recipe on ``model``: the whole table trainable, a hook zeroing other rows, AdamW."""
-    from reserved_kernels.recipes import keep_gradient_rows
+    from reserved_kernels.benchmarks.baselines import keep_gradient_rows
 
     for p in model.parameters():
         p.requires_grad_(False)
