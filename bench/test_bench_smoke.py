@@ -206,7 +206,7 @@ def test_bench_forward_plain_lookup(benchmark, table):
 def test_bench_scatter_grad(benchmark, table):
     emb, ids = table
     grad = torch.randn(2048, 256)
-    out = benchmark(rk.ops.scatter_grad, grad, ids, emb._slot_map, 99, 16.0, torch.float32)
+    out = benchmark(rk.ops.scatter_grad, grad, ids, emb.slot_map, 99, 16.0, torch.float32)
     assert out.shape == (99, 256)
 
 

@@ -156,7 +156,7 @@ def test_gradcheck_float64():
     rows = emb.reserved_weight.detach().clone().requires_grad_(True)
 
     def f(hidden, rows):
-        return rk.linear_cross_entropy(hidden, emb.weight, rows, emb._slot_map, targets, softcap=2.0,
+        return rk.linear_cross_entropy(hidden, emb.weight, rows, emb.slot_map, targets, softcap=2.0,
                                        reduction="none", tile_bytes=8 * 16 * 2)
 
     assert torch.autograd.gradcheck(f, (hidden, rows))
@@ -169,12 +169,12 @@ def test_opcheck():
     targets = torch.randint(0, 301, (9,))
     targets[0], targets[1] = 7, -100
     for stats in (False, True):
-        torch.library.opcheck(ops.linear_cross_entropy, (hidden, emb.weight, rows, emb._slot_map, targets, -100, 4.0,
+        torch.library.opcheck(ops.linear_cross_entropy, (hidden, emb.weight, rows, emb.slot_map, targets, -100, 4.0,
                                                          4096, True, True, stats))
     # Only the rows' gradient (a frozen position's hidden state needs none), only hidden's, neither.
     for grad_hidden, grad_rows in ((False, True), (True, False), (False, False)):
         torch.library.opcheck(ops.linear_cross_entropy, (hidden.detach().requires_grad_(grad_hidden), emb.weight,
-                                                         rows.detach().requires_grad_(grad_rows), emb._slot_map, targets,
+                                                         rows.detach().requires_grad_(grad_rows), emb.slot_map, targets,
                                                          -100, 4.0, 4096, grad_hidden, grad_rows, False))
 
 
@@ -235,13 +235,13 @@ def test_bad_input_is_a_clear_error_and_changes_nothing():
     with pytest.raises(ValueError, match="softcap must be > 0"):
         head(hidden, targets, softcap=-1.0)
     with pytest.raises(ValueError, match="must have the table's dtype and width"):
-        rk.linear_cross_entropy(torch.randn(4, 15), emb.weight, emb.reserved_weight, emb._slot_map,
+        rk.linear_cross_entropy(torch.randn(4, 15), emb.weight, emb.reserved_weight, emb.slot_map,
                                 torch.zeros(4, dtype=torch.long))
     with pytest.raises(TypeError, match="targets must be an int32 or int64 tensor"):
-        rk.linear_cross_entropy(torch.randn(4, 16), emb.weight, emb.reserved_weight, emb._slot_map, torch.zeros(4))
+        rk.linear_cross_entropy(torch.randn(4, 16), emb.weight, emb.reserved_weight, emb.slot_map, torch.zeros(4))
     trainable = emb.weight.detach().clone().requires_grad_(True)
     with pytest.raises(RuntimeError, match="only the K reserved rows"):
-        rk.linear_cross_entropy(hidden, trainable, emb.reserved_weight, emb._slot_map, targets)
+        rk.linear_cross_entropy(hidden, trainable, emb.reserved_weight, emb.slot_map, targets)
     assert torch.equal(emb.reserved_weight, before) and emb.reserved_weight.grad is None and hidden.grad is None
 
 

@@ -99,7 +99,7 @@ def _stub_triton(monkeypatch) -> list:
     from reserved_kernels.triton import launchers
 
     log: list = []
-    for name in ("_gather_kernel", "_count_kernel", "_place_kernel", "_sum_kernel", "_segment_mean_kernel"):
+    for name in ("gather_kernel", "count_kernel", "place_kernel", "sum_kernel", "segment_mean_kernel"):
         monkeypatch.setattr(launchers, name, _Launches(name, log))
     monkeypatch.setattr(launchers, "_device_guard", lambda t: contextlib.nullcontext())
     return log
@@ -156,16 +156,16 @@ def test_cuda_kernels_host_code_never_synchronises(backend, dtype, monkeypatch):
         offsets, src = torch.tensor([0, 3, 5]).to("cuda"), torch.tensor([200, 300, 400, 7, 9]).to("cuda")
         detector = _SyncDetector()
         with detector:
-            out = impl.gather(ids, emb.weight, emb.reserved_weight, emb._slot_map, None, 16.0)
+            out = impl.gather(ids, emb.weight, emb.reserved_weight, emb.slot_map, None, 16.0)
             forward_launches = len(launches)
-            grad = impl.scatter_grad(torch.ones_like(out), ids, emb._slot_map, 99, 16.0, emb.reserved_weight.dtype)
-            impl.segment_mean(emb.weight, emb.reserved_weight, emb._slot_map, None, offsets, src)
+            grad = impl.scatter_grad(torch.ones_like(out), ids, emb.slot_map, 99, 16.0, emb.reserved_weight.dtype)
+            impl.segment_mean(emb.weight, emb.reserved_weight, emb.slot_map, None, offsets, src)
         assert out.shape == (8, 512, 256) and grad.shape == (99, 256)
     assert not detector.syncs, detector.syncs
     if backend == "triton":
         kernels = [name for name, _ in launches]
-        assert forward_launches == 1 and kernels[1:4] == ["_count_kernel", "_place_kernel", "_sum_kernel"], kernels
-        assert kernels[4:] == ["_segment_mean_kernel"], kernels
+        assert forward_launches == 1 and kernels[1:4] == ["count_kernel", "place_kernel", "sum_kernel"], kernels
+        assert kernels[4:] == ["segment_mean_kernel"], kernels
 
 
 def test_the_python_autograd_path_never_synchronises_either():
@@ -194,7 +194,7 @@ def test_the_fused_loss_host_code_never_synchronises(backend, dtype, monkeypatch
     if backend == "triton":
         from reserved_kernels.triton import launchers as impl
 
-        monkeypatch.setattr(impl, "_lse_tile_kernel", _Launches("_lse_tile_kernel", log))
+        monkeypatch.setattr(impl, "lse_tile_kernel", _Launches("lse_tile_kernel", log))
         monkeypatch.setattr(impl, "_device_guard", lambda t: contextlib.nullcontext())
     emb, _ = _cpu_module(dtype)
     hidden = torch.randn(1024, 256).to(dtype)
@@ -204,7 +204,7 @@ def test_the_fused_loss_host_code_never_synchronises(backend, dtype, monkeypatch
         detector = _SyncDetector()
         with detector, torch.no_grad():  # as inside the op, below autograd
             loss, entropy, top1, grad_hidden, grad_rows, frozen_lse = impl.linear_cross_entropy(
-                hidden, emb.weight, emb.reserved_weight, emb._slot_map, targets, -100, 30.0, 1 << 20, True, True, True)
+                hidden, emb.weight, emb.reserved_weight, emb.slot_map, targets, -100, 30.0, 1 << 20, True, True, True)
         assert loss.shape == (1024,) and grad_hidden.shape == (1024, 256) and grad_rows.shape == (1024, 99)
         assert frozen_lse.shape == (1024,)
     assert not detector.syncs, detector.syncs

@@ -216,3 +216,17 @@ def test_an_unsupported_head_is_refused_before_anything_is_swapped():
     with pytest.raises(TypeError, match="bias-free nn.Linear head"):
         patch_model(model)
     assert type(model.get_input_embeddings()).__name__ == "TrainableTokensLayer"
+
+
+@pytest.mark.parametrize("name", ["tokens-gemma3", "tokens-llama-untied-both"])
+def test_a_patched_head_follows_the_reserved_head_protocol_and_an_unpatched_one_does_not(name):
+    """FrozenText and the position split read a patched head through ReservedHead: PEFT's accelerated layer and
+    ReservedLMHead both follow it; the layers before patching do not."""
+    from reserved_kernels.models.layout import output_head
+    from reserved_kernels.modules import ReservedHead, ReservedLMHead
+
+    model = _peft_model(name)
+    assert not isinstance(output_head(model), ReservedHead)
+    assert isinstance(output_head(patch_model(model)), ReservedHead)
+    ours = patch_model(_base("gemma3"), TOKENS)
+    assert isinstance(output_head(ours), ReservedLMHead) and isinstance(output_head(ours), ReservedHead)

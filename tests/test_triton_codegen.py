@@ -56,7 +56,7 @@ def test_gather_compiles_with_vector_accesses_and_id_asserts(row, master, int8):
                  "scaler_ptr": f"*{row}" if int8 else "*i32", "out_ptr": f"*{row}", "N": "i32", "V": "i32", "K": "i32",
                  "D": "i32", "scale": "fp32", "T": "constexpr", "HAS_SCALER": "constexpr", "APPLY_SCALE": "constexpr",
                  "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}
-    compiled = _compile(K._gather_kernel, signature,
+    compiled = _compile(K.gather_kernel, signature,
                         dict(T=ROW_TYPES[row], HAS_SCALER=int8, APPLY_SCALE=True, BLOCK_N=4, BLOCK_D=1024),
                         ("ids_ptr", "weight_ptr", "reserved_ptr", "slot_ptr", "scaler_ptr", "out_ptr", "D"))
     ptx = compiled.asm["ptx"]
@@ -70,15 +70,15 @@ def test_gather_compiles_with_vector_accesses_and_id_asserts(row, master, int8):
 @pytest.mark.parametrize("out", ["fp32", "same"])
 def test_backward_kernels_compile_without_float_atomics(row, out):
     plan = {"ids_ptr": "*i64", "slot_ptr": "*i32", "counts_ptr": "*i32"}
-    count = _compile(K._count_kernel, {**plan, "N": "i32", "V": "i32", "K": "i32", "TILE_TOKENS": "i32",
+    count = _compile(K.count_kernel, {**plan, "N": "i32", "V": "i32", "K": "i32", "TILE_TOKENS": "i32",
                                        "BLOCK": "constexpr", "BLOCK_K": "constexpr"},
                      dict(BLOCK=256, BLOCK_K=256), ())
-    place = _compile(K._place_kernel, {**plan, "bases_ptr": "*i32", "offsets_ptr": "*i32", "arrivals_ptr": "*i32",
+    place = _compile(K.place_kernel, {**plan, "bases_ptr": "*i32", "offsets_ptr": "*i32", "arrivals_ptr": "*i32",
                                        "NUM_ARRIVALS": "i32", "sorted_token_ptr": "*i32", "sorted_slot_ptr": "*i32",
                                        "N": "i32", "V": "i32", "K": "i32", "TILE_TOKENS": "i32", "NUM_TILES": "i32",
                                        "BLOCK_K": "constexpr", "ROUND": "constexpr"},
                      dict(BLOCK_K=256, ROUND=64), ())
-    summed = _compile(K._sum_kernel, {"grad_ptr": f"*{row}", "sorted_token_ptr": "*i32", "sorted_slot_ptr": "*i32",
+    summed = _compile(K.sum_kernel, {"grad_ptr": f"*{row}", "sorted_token_ptr": "*i32", "sorted_slot_ptr": "*i32",
                                       "offsets_ptr": "*i32", "arrivals_ptr": "*i32", "pieces_ptr": "*fp32",
                                       "out_ptr": "*fp32" if out == "fp32" else f"*{row}", "K": "i32", "D": "i32",
                                       "CHUNK": "i32", "NUM_CHUNKS": "i32", "scale": "fp32",
@@ -95,7 +95,7 @@ def test_segment_mean_compiles_with_id_asserts():
                  "offsets_ptr": "*i64", "src_ptr": "*i64", "out_ptr": "*fp32", "NUM_IDS": "i32", "V": "i32",
                  "K": "i32", "D": "i32", "T": "constexpr", "HAS_SCALER": "constexpr", "BLOCK_N": "constexpr",
                  "BLOCK_D": "constexpr"}
-    compiled = _compile(K._segment_mean_kernel, signature,
+    compiled = _compile(K.segment_mean_kernel, signature,
                         dict(T=tl.bfloat16, HAS_SCALER=False, BLOCK_N=16, BLOCK_D=1024),
                         ("weight_ptr", "reserved_ptr", "out_ptr", "D"))
     assert "__assertfail" in compiled.asm["ptx"]
@@ -110,7 +110,7 @@ def test_the_fused_loss_tile_kernel_compiles_with_vector_accesses_and_no_atomics
                  "s_ptr": "*fp32", "a_ptr": "*fp32", "zt_ptr": "*fp32", "alpha_ptr": "*fp32", "COLS": "i32",
                  "stride_z": "i32", "stride_p": "i32", "softcap": "fp32", "MASKED": "constexpr", "HAS_CAP": "constexpr",
                  "HAS_MASK": "constexpr", "WANT_P": "constexpr", "WANT_A": "constexpr", "BLOCK": "constexpr"}
-    compiled = _compile(K._lse_tile_kernel, signature,
+    compiled = _compile(K.lse_tile_kernel, signature,
                         dict(MASKED=-3.4e38, HAS_CAP=cap, HAS_MASK=True, WANT_P=True, WANT_A=True, BLOCK=2048),
                         ("z_ptr", "p_ptr", "COLS", "stride_z", "stride_p"))
     ptx = compiled.asm["ptx"]

@@ -63,7 +63,7 @@ def run(dims, tokens, slots, dists, out_dir, rep_ms, device="cuda", vocab=VOCAB)
             emb = rk.ReservedEmbedding.from_embedding(weight, reserved_ids, scale=dim ** 0.5)
             ids = _ids(dist, reserved_ids, vocab, n)
             grad = torch.randn(n, dim, device=dev, dtype=dtype)
-            reserved_tokens = int((emb._slot_map[ids] >= 0).sum())
+            reserved_tokens = int((emb.slot_map[ids] >= 0).sum())
             fwd_bytes = n * 8 + 2 * n * dim * weight.element_size()
             bwd_bytes = n * 8 + reserved_tokens * dim * weight.element_size() + k * dim * 4
             case = dict(dim=dim, tokens=n, slots=k, dist=dist)
@@ -79,7 +79,7 @@ def run(dims, tokens, slots, dists, out_dir, rep_ms, device="cuda", vocab=VOCAB)
             for backend in backends:
                 with ops.forced(backend):
                     record(backend, "forward", timer(lambda: emb(ids)), fwd_bytes)
-                    ms = timer(lambda: rk.ops.scatter_grad(grad, ids, emb._slot_map, k, 1.0, torch.float32))
+                    ms = timer(lambda: rk.ops.scatter_grad(grad, ids, emb.slot_map, k, 1.0, torch.float32))
                     record(backend, "backward", ms, bwd_bytes)
             print(f"D={dim} N={n} K={k} {dist}: done", flush=True)
         weight = emb = grad = None  # free this width's table before the next is made

@@ -100,7 +100,7 @@ def lookup_workloads(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slot
             run.record("forward+backward", backend, case, run.time(fwd_bwd))
     run.record("forward", "F.embedding*scale", case, run.time(lambda: F.embedding(ids, weight) * scale_t), fwd_bytes)
     if compiled_reference is not None:
-        args = (ids, weight, emb.reserved_weight.detach(), emb._slot_map, None, reference.rounded_scale(scale, dtype))
+        args = (ids, weight, emb.reserved_weight.detach(), emb.slot_map, None, reference.rounded_scale(scale, dtype))
         run.record("forward", "torch.compile(reference)", case, run.time(lambda: compiled_reference(*args)), fwd_bytes)
 
     hook_emb = nn.Embedding.from_pretrained(weight, freeze=False)  # a new Parameter over the same storage

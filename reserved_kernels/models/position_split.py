@@ -297,7 +297,7 @@ def hf_split(model: nn.Module, body_kwargs: dict) -> tuple[Part, Part | None] | 
     (:func:`split_hidden`); None when no position is frozen. The caller checked
     :func:`frozen_split_unsupported`."""
     ids = body_kwargs["input_ids"]
-    first = split_points(ids, input_embedding(model)._slot_map, body_kwargs.get("attention_mask"))
+    first = split_points(ids, input_embedding(model).slot_map, body_kwargs.get("attention_mask"))
     plan = SplitPlan.of(first, ids.shape[1], split_prefixes=prefix_split_unsupported(model) is None)
     return None if plan is None else split_hidden(plan, _HFBody(model, body_kwargs), ids.device)
 

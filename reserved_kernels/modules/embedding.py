@@ -56,7 +56,7 @@ class ReservedEmbedding(nn.Embedding):
 
     reserved_ids: Tensor
     weight_scaler: Tensor | None
-    _slot_map: Tensor
+    slot_map: Tensor
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
                  max_norm: float | None = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
@@ -86,7 +86,7 @@ class ReservedEmbedding(nn.Embedding):
             weight_scaler = weight_scaler.detach().to(device)
         self.register_buffer("weight_scaler", weight_scaler)
         self.register_buffer("reserved_ids", ids.to(device))
-        self.register_buffer("_slot_map", F.build_slot_map(ids, num_embeddings, device), persistent=False)
+        self.register_buffer("slot_map", F.build_slot_map(ids, num_embeddings, device), persistent=False)
         table_dtype = self.table_dtype
         reserved_dtype = default_reserved_dtype(table_dtype) if reserved_dtype is None else reserved_dtype
         if reserved_dtype not in (table_dtype, torch.float32):
@@ -157,7 +157,7 @@ class ReservedEmbedding(nn.Embedding):
                                                    self.reserved_weight.dtype))
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.reserved_embedding(input, self.weight, self.reserved_weight, self._slot_map,
+        return F.reserved_embedding(input, self.weight, self.reserved_weight, self.slot_map,
                                     weight_scaler=self.weight_scaler, scale=self.scale)
 
     @torch.no_grad()
@@ -218,14 +218,14 @@ class ReservedEmbedding(nn.Embedding):
             exclude: ids dropped from every source list (e.g. untrained reserved rows).
             noise_std, generator: add ``noise_std * N(0, 1)`` noise drawn from ``generator``.
         """
-        F.init_reserved_rows_(self.reserved_weight, self.weight, self._slot_map, self.reserved_ids, sources,
+        F.init_reserved_rows_(self.reserved_weight, self.weight, self.slot_map, self.reserved_ids, sources,
                               targets=targets, weight_scaler=self.weight_scaler, exclude=exclude,
                               noise_std=noise_std, generator=generator)
         return self
 
     # ------------------------------------------------------------------------------------------ state dict
 
-    def _merged_for_state_dict(self) -> tuple[Tensor, Tensor | None]:
+    def state_dict_table(self) -> tuple[Tensor, Tensor | None]:
         """:meth:`merged_table`, made once per state: a tied head's entry is then the same tensor (saved once)."""
         key = (self.weight._version, self.reserved_weight._version,
                None if self.weight_scaler is None else self.weight_scaler._version)
@@ -242,7 +242,7 @@ class ReservedEmbedding(nn.Embedding):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if keep_vars or type(self.weight) not in (Tensor, nn.Parameter):
             return  # live variables asked for, or a sharded (DTensor) table: keep the table as it is
-        table, scaler = self._merged_for_state_dict()
+        table, scaler = self.state_dict_table()
         destination[prefix + "weight"] = table
         if scaler is not None:
             destination[prefix + "weight_scaler"] = scaler
@@ -272,7 +272,7 @@ class ReservedEmbedding(nn.Embedding):
             self.weight.index_copy_(0, ids, keep)
             if keep_scaler is not None:
                 self.weight_scaler.index_copy_(0, ids, keep_scaler)
-        self._slot_map.copy_(F.build_slot_map(self.reserved_ids, self.num_embeddings, self._slot_map.device))
+        self.slot_map.copy_(F.build_slot_map(self.reserved_ids, self.num_embeddings, self.slot_map.device))
 
     def extra_repr(self) -> str:
         extra = f", reserved={self.num_reserved}"

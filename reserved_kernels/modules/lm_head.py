@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from reserved_kernels import functional as F
 from reserved_kernels.modules.embedding import ReservedEmbedding, default_reserved_dtype
+
+
+@runtime_checkable
+class ReservedHead(Protocol):
+    """What the code around a patched model reads from its output head: :class:`ReservedLMHead`, and PEFT's token
+    layer once ``patch_model`` accelerates it (:mod:`reserved_kernels.models.integrations.peft_tokens`).
+    ``isinstance(head, ReservedHead)`` tells a patched head from any other."""
+
+    weight: Tensor  # the frozen V x D table
+    reserved_weight: Tensor  # the K trainable rows
+    reserved_ids: Tensor  # (K,) their ids
+    slot_map: Tensor  # (V,) int32: slot k for reserved id k's row, -1 elsewhere (functional.build_slot_map)
+    final_logit_softcapping: float | None  # the head's own soft-cap, or None
+
+    def __call__(self, hidden: Tensor, targets: Tensor | None = None, *, ignore_index: int = -100,
+                 reduction: str = "mean", num_items_in_batch: Tensor | int | None = None,
+                 softcap: float | None = None, return_stats: bool = False, tile_bytes: int | None = None):
+        """The logits of ``hidden``; with ``targets``, the fused cross-entropy against them instead."""
 
 
 class ReservedLMHead(nn.Linear):
@@ -47,7 +66,7 @@ class ReservedLMHead(nn.Linear):
         weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.weight = weight.requires_grad_(False)
         self.register_buffer("reserved_ids", ids.to(self.weight.device))
-        self.register_buffer("_slot_map", F.build_slot_map(ids, out_features, self.weight.device), persistent=False)
+        self.register_buffer("slot_map", F.build_slot_map(ids, out_features, self.weight.device), persistent=False)
         reserved_dtype = default_reserved_dtype(self.weight.dtype) if reserved_dtype is None else reserved_dtype
         self.reserved_weight = nn.Parameter(
             self.weight.detach().index_select(0, self.reserved_ids).to(reserved_dtype, copy=True))
@@ -85,7 +104,7 @@ class ReservedLMHead(nn.Linear):
 
     def __getattr__(self, name: str):
         tied = self.__dict__.get("_tied")
-        if tied is not None and name in ("reserved_weight", "reserved_ids", "_slot_map"):
+        if tied is not None and name in ("reserved_weight", "reserved_ids", "slot_map"):
             return getattr(tied, name)
         return super().__getattr__(name)
 
@@ -100,7 +119,7 @@ class ReservedLMHead(nn.Linear):
             cap = self.final_logit_softcapping
             if softcap is not None and cap is not None and softcap != cap:
                 raise ValueError(f"softcap={softcap} differs from this head's final_logit_softcapping={cap}")
-            return F.linear_cross_entropy(hidden, self.weight, self.reserved_weight, self._slot_map, targets,
+            return F.linear_cross_entropy(hidden, self.weight, self.reserved_weight, self.slot_map, targets,
                                           ignore_index=ignore_index, softcap=softcap if softcap is not None else cap,
                                           reduction=reduction, num_items_in_batch=num_items_in_batch,
                                           tile_bytes=tile_bytes, return_stats=return_stats)
@@ -114,7 +133,7 @@ class ReservedLMHead(nn.Linear):
         ``ReservedEmbedding.init_reserved_``); a tied head's rows are its embedding's, initialised there."""
         if self.tied is not None:
             raise ValueError("a tied head shares its embedding's rows: initialise them through the embedding")
-        F.init_reserved_rows_(self.reserved_weight, self.weight, self._slot_map, self.reserved_ids, sources,
+        F.init_reserved_rows_(self.reserved_weight, self.weight, self.slot_map, self.reserved_ids, sources,
                               targets=targets, exclude=exclude, noise_std=noise_std, generator=generator)
         return self
 
@@ -137,7 +156,7 @@ class ReservedLMHead(nn.Linear):
         if keep_vars or type(self.weight) not in (Tensor, nn.Parameter):
             return  # live variables asked for, or a sharded (DTensor) table: keep the table as it is
         if self.tied is not None:
-            destination[prefix + "weight"] = self.tied._merged_for_state_dict()[0]  # the embedding's tensor
+            destination[prefix + "weight"] = self.tied.state_dict_table()[0]  # the embedding's tensor
         else:
             destination[prefix + "weight"] = self.merged_weight()
 
@@ -161,7 +180,7 @@ class ReservedLMHead(nn.Linear):
         super()._load_from_state_dict(local, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         with torch.no_grad():
             self.weight.index_copy_(0, self.reserved_ids, keep)
-        self._slot_map.copy_(F.build_slot_map(self.reserved_ids, self.out_features, self._slot_map.device))
+        self.slot_map.copy_(F.build_slot_map(self.reserved_ids, self.out_features, self.slot_map.device))
 
     def extra_repr(self) -> str:
         cap = f", softcap={self.final_logit_softcapping}" if self.final_logit_softcapping is not None else ""

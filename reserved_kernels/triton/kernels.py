@@ -7,8 +7,8 @@ from users (gather, segment_mean) assert on the device that they lie in [0, V) (
 cause an out-of-bounds access either way.
 
 The deterministic backward is three kernels, the same algorithm as ``csrc/cuda.cu`` (see its header):
-``_count_kernel`` (per-tile slot counts), ``_place_kernel`` (each hit's position in (slot, token) order)
-and ``_sum_kernel`` (fixed chunks of that order; runs that cross chunks combine in chunk order).
+``count_kernel`` (per-tile slot counts), ``place_kernel`` (each hit's position in (slot, token) order)
+and ``sum_kernel`` (fixed chunks of that order; runs that cross chunks combine in chunk order).
 """
 
 import triton
@@ -35,7 +35,7 @@ def _table_rows(ids, valid, cols, col_mask, weight_ptr, reserved_ptr, slot_ptr, 
 
 
 @triton.jit(debug=True)
-def _gather_kernel(ids_ptr, weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, out_ptr, N, V, K, D, scale,
+def gather_kernel(ids_ptr, weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, out_ptr, N, V, K, D, scale,
                    T: tl.constexpr, HAS_SCALER: tl.constexpr, APPLY_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     """out[n, :] = cast(scale * row(ids[n]))  — one read of each needed row, one write of each output row.
@@ -67,7 +67,7 @@ def _hit_slots(ids_ptr, slot_ptr, pos, end, V, K):
 
 
 @triton.jit
-def _count_kernel(ids_ptr, slot_ptr, counts_ptr, N, V, K, TILE_TOKENS, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+def count_kernel(ids_ptr, slot_ptr, counts_ptr, N, V, K, TILE_TOKENS, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """counts[tile, s] = number of this tile's tokens that hit slot s (integer atomics: order-independent)."""
     tile = tl.program_id(0).to(tl.int64)
     row = counts_ptr + tile * K
@@ -83,7 +83,7 @@ def _count_kernel(ids_ptr, slot_ptr, counts_ptr, N, V, K, TILE_TOKENS, BLOCK: tl
 
 
 @triton.jit
-def _place_kernel(ids_ptr, slot_ptr, counts_ptr, bases_ptr, offsets_ptr, arrivals_ptr, NUM_ARRIVALS,
+def place_kernel(ids_ptr, slot_ptr, counts_ptr, bases_ptr, offsets_ptr, arrivals_ptr, NUM_ARRIVALS,
                   sorted_token_ptr, sorted_slot_ptr, N, V, K, TILE_TOKENS, NUM_TILES, BLOCK_K: tl.constexpr,
                   ROUND: tl.constexpr):
     """Each hit's (token, slot) at its position in (slot, token) order; offsets[s] = first position of slot s.
@@ -136,7 +136,7 @@ def _place_kernel(ids_ptr, slot_ptr, counts_ptr, bases_ptr, offsets_ptr, arrival
 
 
 @triton.jit
-def _sum_kernel(grad_ptr, sorted_token_ptr, sorted_slot_ptr, offsets_ptr, arrivals_ptr, pieces_ptr, out_ptr, K, D,
+def sum_kernel(grad_ptr, sorted_token_ptr, sorted_slot_ptr, offsets_ptr, arrivals_ptr, pieces_ptr, out_ptr, K, D,
                 CHUNK, NUM_CHUNKS, scale, ZERO_SLOTS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[s, cols] = cast(scale * Σ grad[token, cols]) over slot s's hits, in (slot, token) order.
 
@@ -193,7 +193,7 @@ def _sum_kernel(grad_ptr, sorted_token_ptr, sorted_slot_ptr, offsets_ptr, arriva
 
 
 @triton.jit(debug=True)
-def _segment_mean_kernel(weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, offsets_ptr, src_ptr, out_ptr, NUM_IDS, V, K,
+def segment_mean_kernel(weight_ptr, reserved_ptr, slot_ptr, scaler_ptr, offsets_ptr, src_ptr, out_ptr, NUM_IDS, V, K,
                          D, T: tl.constexpr, HAS_SCALER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[k, :] = mean of row(src[j]) for j in [offsets[k], offsets[k+1]), summed in fp32 in a fixed order."""
     k = tl.program_id(0).to(tl.int64)
@@ -238,7 +238,7 @@ def _tile_logits(z_row, cols, in_row, masked_ptr, softcap, MASKED: tl.constexpr,
 
 
 @triton.jit
-def _lse_tile_kernel(z_ptr, p_ptr, masked_ptr, tcol_ptr, m_ptr, s_ptr, a_ptr, zt_ptr, alpha_ptr, COLS, stride_z,
+def lse_tile_kernel(z_ptr, p_ptr, masked_ptr, tcol_ptr, m_ptr, s_ptr, a_ptr, zt_ptr, alpha_ptr, COLS, stride_z,
                      stride_p, softcap, MASKED: tl.constexpr, HAS_CAP: tl.constexpr, HAS_MASK: tl.constexpr,
                      WANT_P: tl.constexpr, WANT_A: tl.constexpr, BLOCK: tl.constexpr):
     """One tile row's online log-sum-exp update (``reference.cross_entropy.lse_tile``, the same formulas).

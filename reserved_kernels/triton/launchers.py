@@ -18,12 +18,12 @@ from reserved_kernels.ops import fused_loss
 from reserved_kernels._table import table_dtype
 from reserved_kernels.reference import cross_entropy as _ce
 from reserved_kernels.triton.kernels import (
-    _count_kernel,
-    _gather_kernel,
-    _lse_tile_kernel,
-    _place_kernel,
-    _segment_mean_kernel,
-    _sum_kernel,
+    count_kernel,
+    gather_kernel,
+    lse_tile_kernel,
+    place_kernel,
+    segment_mean_kernel,
+    sum_kernel,
 )
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -60,7 +60,7 @@ def gather(ids, weight, reserved_weight, slot_map, weight_scaler, scale):
         scale = reference.rounded_scale(scale, dtype)
         reserved = reserved_weight if reserved_weight.shape[0] else slot_map  # never read when K = 0
         with _device_guard(weight):
-            _gather_kernel[grid](ids, weight, reserved, slot_map,
+            gather_kernel[grid](ids, weight, reserved, slot_map,
                                  weight_scaler if weight_scaler is not None else slot_map, out, num_tokens, vocab,
                                  reserved_weight.shape[0], dim, scale, T=_TRITON_DTYPES[dtype],
                                  HAS_SCALER=weight_scaler is not None, APPLY_SCALE=scale != 1.0, BLOCK_N=block_n,
@@ -95,13 +95,13 @@ def scatter_grad(grad_out, ids, slot_map, num_slots, scale, out_dtype):
     pieces = torch.empty((num_chunks * 2, dim), dtype=torch.float32, device=grad.device)
     vocab = slot_map.shape[0]
     with _device_guard(grad):
-        _count_kernel[(num_tiles,)](ids, slot_map, counts, num_tokens, vocab, num_slots, tile_tokens,
+        count_kernel[(num_tiles,)](ids, slot_map, counts, num_tokens, vocab, num_slots, tile_tokens,
                                     BLOCK=_PLAN_BLOCK, BLOCK_K=_PLAN_BLOCK)
-        _place_kernel[(num_tiles,)](ids, slot_map, counts, bases, offsets, arrivals, num_arrivals, sorted_token,
+        place_kernel[(num_tiles,)](ids, slot_map, counts, bases, offsets, arrivals, num_arrivals, sorted_token,
                                     sorted_slot, num_tokens, vocab, num_slots, tile_tokens, num_tiles,
                                     BLOCK_K=_PLAN_BLOCK, ROUND=_ROUND)
         grid = (num_chunks + triton.cdiv(num_slots, _ZERO_SLOTS), col_blocks)
-        _sum_kernel[grid](grad, sorted_token, sorted_slot, offsets, arrivals, pieces, out, num_slots, dim, chunk,
+        sum_kernel[grid](grad, sorted_token, sorted_slot, offsets, arrivals, pieces, out, num_slots, dim, chunk,
                           num_chunks, scale, ZERO_SLOTS=_ZERO_SLOTS, BLOCK_Q=16, BLOCK_D=block_d, num_warps=num_warps)
     return out
 
@@ -117,7 +117,7 @@ def segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets, src_
     _, block_d, num_warps = _config(dim)
     reserved = reserved_weight if reserved_weight.shape[0] else slot_map
     with _device_guard(weight):
-        _segment_mean_kernel[(num_segments, triton.cdiv(dim, block_d))](
+        segment_mean_kernel[(num_segments, triton.cdiv(dim, block_d))](
             weight, reserved, slot_map, weight_scaler if weight_scaler is not None else slot_map, offsets,
             src_ids.contiguous(), out, src_ids.shape[0], weight.shape[0], reserved_weight.shape[0], dim,
             T=_TRITON_DTYPES[dtype], HAS_SCALER=weight_scaler is not None, BLOCK_N=16, BLOCK_D=block_d,
@@ -137,7 +137,7 @@ def lse_tile(z, masked, target_col, softcap, m, s, a, zt, p_out, scratch=None):
     block = min(triton.next_power_of_2(max(cols, 1)), 2048)
     p = p_out if p_out is not None else z
     with _device_guard(z):
-        _lse_tile_kernel[(rows,)](z, p, masked if masked is not None else target_col, target_col, m, s,
+        lse_tile_kernel[(rows,)](z, p, masked if masked is not None else target_col, target_col, m, s,
                                   a if a is not None else s, zt, alpha, cols, z.stride(0), p.stride(0),
                                   float(softcap) if softcap is not None else 1.0, MASKED=_ce.masked_value(z.dtype),
                                   HAS_CAP=softcap is not None, HAS_MASK=masked is not None, WANT_P=p_out is not None,

@@ -37,6 +37,7 @@ from reserved_kernels._table import acc_dtype, cap_slope, softcapped
 from reserved_kernels.models import position_split
 from reserved_kernels.models.layout import base_model, is_gemma_pytorch, output_head
 from reserved_kernels.models.state import patch_state
+from reserved_kernels.modules.lm_head import ReservedHead
 
 EVAL_CHUNK_BYTES = 64 << 20  # the hidden states upcast per chunk of an evaluation
 
@@ -59,15 +60,15 @@ def _head(model: nn.Module) -> _Head:
     base = base_model(model)
     softcap = getattr(getattr(base, "config", None), "final_logit_softcapping", None)
     if is_gemma_pytorch(base):
-        from reserved_kernels.models.integrations.gemma_pytorch import _tied_table
+        from reserved_kernels.models.integrations.gemma_pytorch import tied_table
 
-        table, rows, _, slot_map = _tied_table(base)
+        table, rows, _, slot_map = tied_table(base)
         return _Head(table, rows, slot_map, softcap)
     head = output_head(model)
-    if not hasattr(head, "_slot_map"):  # a ReservedLMHead, or PEFT's token layer accelerated by patch_model
+    if not isinstance(head, ReservedHead):
         raise TypeError(f"{type(head).__name__} is not a patched head: FrozenText needs the head patch_model "
                         "installs (patch_model(model, ...) first)")
-    return _Head(head.weight.detach(), head.reserved_weight, head._slot_map,
+    return _Head(head.weight.detach(), head.reserved_weight, head.slot_map,
                  softcap if softcap is not None else head.final_logit_softcapping)
 
 
@@ -75,9 +76,9 @@ def _hidden_states(model: nn.Module, ids: Tensor, mask: Tensor | None) -> Tensor
     """(B, T, D) final hidden states (before the head) of a Hugging Face or gemma_pytorch-layout model."""
     base = base_model(model)
     if is_gemma_pytorch(base):
-        from reserved_kernels.models.integrations.gemma_pytorch import _decoder_states
+        from reserved_kernels.models.integrations.gemma_pytorch import decoder_states
 
-        return _decoder_states(base, ids)
+        return decoder_states(base, ids)
     return base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 

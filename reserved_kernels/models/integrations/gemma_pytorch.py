@@ -101,12 +101,12 @@ class _Decoder:
         return self._run(self.input_ids.index_select(0, rows)[:, start:], start, prefix)[0]
 
 
-def _decoder_states(model: nn.Module, input_ids: Tensor) -> Tensor:
+def decoder_states(model: nn.Module, input_ids: Tensor) -> Tensor:
     """(B, T, D) final hidden states of a gemma_pytorch-layout model over every position, differentiable."""
     return _Decoder(model, input_ids).whole()
 
 
-def _tied_table(model: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def tied_table(model: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(table, trained rows, their ids, slot map) of the tied head: the float table (dequantised whole for
     int8, as gemma_pytorch's sampler does, but never written) and the rows as the forward pass sees them."""
     from reserved_kernels.functional import build_slot_map
@@ -118,7 +118,7 @@ def _tied_table(model: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if scaler is not None and not table.is_floating_point():
         table = dequantised(table, scaler.detach())
     if isinstance(embedder, ReservedEmbedding):
-        return table, embedder.reserved_weight, embedder.reserved_ids, embedder._slot_map
+        return table, embedder.reserved_weight, embedder.reserved_ids, embedder.slot_map
     ids = torch.empty(0, dtype=torch.int64, device=table.device)
     return table, table.new_empty(0, table.shape[1]), ids, build_slot_map(ids, table.shape[0], table.device)
 
@@ -130,8 +130,8 @@ def causal_lm_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
     the input side through the fused gather, the tied output head through the merged-table logits.
     To train, prefer :func:`causal_lm_loss`, which never builds these logits.
     """
-    hidden = _decoder_states(model, input_ids)
-    table, rows, ids, _ = _tied_table(model)
+    hidden = decoder_states(model, input_ids)
+    table, rows, ids, _ = tied_table(model)
     return reserved_logits(hidden, table, rows, ids, softcap=getattr(model.config, "final_logit_softcapping", None))
 
 
@@ -157,7 +157,7 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
     targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)
     if attention_mask is not None:
         targets = targets.masked_fill(F.pad(attention_mask[:, 1:], (0, 1), value=0) == 0, -100)
-    table, rows, _, slot_map = _tied_table(model)
+    table, rows, _, slot_map = tied_table(model)
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def loss_sum(hidden: Tensor, part_targets: Tensor) -> Tensor:

@@ -56,7 +56,7 @@ class _HeadLoss:
     @torch.no_grad()
     def init_reserved_(self, sources, *, targets=None, exclude=None, noise_std: float = 0.0, generator=None):
         """The rows (PEFT's, in place) as means of source rows of this layer's table (``ReservedEmbedding``'s)."""
-        F.init_reserved_rows_(self.reserved_weight, self.weight, self._slot_map, self.reserved_ids, sources,
+        F.init_reserved_rows_(self.reserved_weight, self.weight, self.slot_map, self.reserved_ids, sources,
                               targets=targets, exclude=exclude, noise_std=noise_std, generator=generator)
         return self
 
@@ -80,12 +80,12 @@ class _HeadLoss:
         return self._index()[0]
 
     @property
-    def _slot_map(self) -> Tensor:
+    def slot_map(self) -> Tensor:
         return self._index()[1]
 
     def _fused_loss(self, hidden, targets, ignore_index=-100, reduction="mean", num_items_in_batch=None, softcap=None,
                     return_stats=False, tile_bytes=None):
-        return F.linear_cross_entropy(hidden, self.weight, self.reserved_weight, self._slot_map, targets,
+        return F.linear_cross_entropy(hidden, self.weight, self.reserved_weight, self.slot_map, targets,
                                       ignore_index=ignore_index, softcap=softcap, reduction=reduction,
                                       num_items_in_batch=num_items_in_batch, tile_bytes=tile_bytes,
                                       return_stats=return_stats)
@@ -119,7 +119,7 @@ class FastTokensLayer(_HeadLoss):
         if isinstance(self.get_base_layer(), nn.Embedding):
             if not self.fast:
                 return super().forward(x)
-            return F.reserved_embedding(x, self.weight, self.reserved_weight, self._slot_map,
+            return F.reserved_embedding(x, self.weight, self.reserved_weight, self.slot_map,
                                         scale=self.__dict__[_SCALE])
         if targets is not None:
             if not self.fast:  # PEFT's own logits, then the loss
