@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from reserved_kernels._progress import announced
+from reserved_kernels.models import position_split
 from reserved_kernels.models.integrations import huggingface, peft_tokens
 from reserved_kernels.models.layout import (base_model, has_peft_layers, input_embedding, output_head,
                                            set_input_embedding)
@@ -43,6 +44,14 @@ def _reserved_ids(reserved) -> tuple[list[int], ReservedPlan | None]:
             raise ValueError("the plan has no entries: assign terms before patching")
         return reserved.ids, reserved
     return [int(i) for i in torch.as_tensor(reserved).reshape(-1).tolist()], None
+
+
+def _untrained_seed(reserved) -> list[int] | None:
+    """Rows known never to have been trained, which seed the untrained-row test: a vocabulary's reserved slots, or
+    a plan's."""
+    if isinstance(reserved, ReservedVocab):
+        return reserved.reserved_ids
+    return reserved.ids if isinstance(reserved, ReservedPlan) else None
 
 
 def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPlan | ReservedVocab | None = None, *,
@@ -86,7 +95,10 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             max(T/8, 64) positions before it; never under gradient checkpointing (transformers turns the KV
             cache off there) or in a left-padded row (:func:`~reserved_kernels.models.position_split.split_points`):
             such rows run whole, and rows without a reserved id still run without a backward.
-            False (or ``RESERVED_KERNELS_SKIP_FROZEN=0``) turns it off.
+            False (or ``RESERVED_KERNELS_SKIP_FROZEN=0`` when patching) turns it off. Which parameters are the
+            rows is decided here, and each step reads only the ``requires_grad`` flags of the parameters the
+            model had now: a parameter added to the model after patching is not seen (patch after adding it;
+            PEFT's adapters go first anyway, see below).
 
     With PEFT, apply the adapter first (``get_peft_model``), then patch the PEFT model: the adapter and
     the rows train together. Patching first and then calling ``get_peft_model`` freezes the rows (PEFT
@@ -102,9 +114,6 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
     """
     if init not in INIT_CHOICES:
         raise ValueError(f"init must be one of {INIT_CHOICES}, got {init!r}")
-    # Rows known never to have been trained seed the untrained-row test: a vocabulary's reserved slots, or a plan's.
-    reference = reserved.reserved_ids if isinstance(reserved, ReservedVocab) else (
-        reserved.ids if isinstance(reserved, ReservedPlan) else None)
     embedding = input_embedding(model)
     if isinstance(embedding, ReservedEmbedding) or patch_state(model) is not None:
         raise ValueError("the model is already patched; merge() it first")
@@ -138,7 +147,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
                 new_head = ReservedLMHead.from_linear(head, ids, reserved_dtype=reserved_dtype)
     with announced(f"initialising {len(ids)} rows ({init})"):
         _initialise(new_embedding, new_head, init, plan, noise_std, generator, copy_from, exclude,
-                    reference if exclude_untrained else False)
+                    _untrained_seed(reserved) if exclude_untrained else False)
     set_input_embedding(model, new_embedding)
     if new_head is not None:
         base.set_output_embeddings(new_head)
@@ -149,12 +158,9 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
         if module is not None:
             module.weight.requires_grad_(False)
             module.reserved_weight.requires_grad_(True)
-    state = PatchState(embedding=embedding, head=head, requires_grad=requires_grad,
-                       guard=base.register_forward_pre_hook(_training_guard),
-                       vocab=reserved if isinstance(reserved, ReservedVocab) else None, skip_frozen=skip_frozen)
-    attach(model, state)
-    if isinstance(new_head, ReservedLMHead) and hasattr(base, "base_model_prefix") and hasattr(base, "config"):
-        huggingface.install(base, state, fused_loss)  # a transformers model: its labels= path, and TRL's fused head
+    _keep_state(model, reserved, PatchState(embedding=embedding, head=head, requires_grad=requires_grad,
+                                            guard=base.register_forward_pre_hook(_training_guard)),
+                skip_frozen=skip_frozen, fused_loss=fused_loss if isinstance(new_head, ReservedLMHead) else None)
     return model
 
 
@@ -183,19 +189,30 @@ def _accelerate_peft(model: nn.Module, reserved, embedding: nn.Module, *, init, 
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     swapped = peft_tokens.accelerate(embedding, head)
     if init is not None:
-        reference = reserved.reserved_ids if isinstance(reserved, ReservedVocab) else (
-            plan.ids if plan is not None else None)
         with announced(f"initialising {len(ids)} rows ({init})"):
             _initialise(embedding, head, init, plan, noise_std, generator, copy_from, exclude,
-                        reference if exclude_untrained else False)
-    state = PatchState(embedding=embedding, head=head, requires_grad=requires_grad,
-                       guard=base.register_forward_pre_hook(_training_guard),
-                       vocab=reserved if isinstance(reserved, ReservedVocab) else None, skip_frozen=skip_frozen,
-                       accelerated=swapped)
-    attach(model, state)
-    if head is not None and hasattr(base, "base_model_prefix") and hasattr(base, "config"):
-        huggingface.install(base, state, fused_loss)
+                        _untrained_seed(reserved) if exclude_untrained else False)
+    _keep_state(model, reserved, PatchState(embedding=embedding, head=head, requires_grad=requires_grad,
+                                            guard=base.register_forward_pre_hook(_training_guard),
+                                            accelerated=swapped),
+                skip_frozen=skip_frozen, fused_loss=fused_loss if head is not None else None)
     return model
+
+
+def _keep_state(model: nn.Module, reserved, state: PatchState, *, skip_frozen: bool, fused_loss: bool | None) -> None:
+    """The end of both patch paths: what a training step needs decided once (the rows, every other parameter,
+    whether frozen positions may be skipped, whether the config asks for dropout) onto ``state``, ``state`` onto the model, and a transformers
+    model's patched forward (its labels= path, and TRL's fused head) unless ``fused_loss`` is None (no patched
+    head)."""
+    state.vocab = reserved if isinstance(reserved, ReservedVocab) else None
+    state.skip_frozen = position_split.skip_allowed(skip_frozen)
+    attach(model, state)
+    state.rows, state.others = tuple(position_split.reserved_rows(model)), position_split.other_parameters(model)
+    state.dropout = position_split.has_dropout(model)
+    state.checkpointing = position_split.checkpointing_modules(model)
+    base = base_model(model)
+    if fused_loss is not None and hasattr(base, "base_model_prefix") and hasattr(base, "config"):
+        huggingface.install(base, state, fused_loss)
 
 
 def _training_guard(module: nn.Module, args) -> None:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from reserved_kernels.functional import reduced_loss
-from reserved_kernels.models.layout import input_embedding, output_head
+from reserved_kernels.models.layout import base_model, input_embedding, output_head
 from reserved_kernels.models.state import patch_state
 
 SKIP_ENV_VAR = "RESERVED_KERNELS_SKIP_FROZEN"  # 0: never skip (benchmarks, debugging)
@@ -54,18 +54,41 @@ _DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop"
 
 def skip_unavailable(model: nn.Module) -> str | None:
     """Why no position of ``model`` can be frozen now (None: frozen positions exist wherever no reserved id
-    reaches): turned off, gradients off, or something besides the reserved rows trains (a LoRA adapter beside
-    them makes every position depend on it)."""
+    reaches): turned off, gradients off, the rows frozen, or something besides the rows trains (a LoRA adapter
+    beside them makes every position depend on it).
+
+    Called on every training forward, so it reads only what :func:`~reserved_kernels.patch_model` kept on the
+    :class:`~reserved_kernels.models.state.PatchState` (the rows and every other parameter, as two tuples) and their
+    ``requires_grad`` flags, which stay the user's to change after patching: no walk of the module tree."""
     state = patch_state(model)
     if state is None or not state.skip_frozen:
-        return "not patched with skip_frozen=True"
-    if os.environ.get(SKIP_ENV_VAR, "1") == "0":
-        return f"{SKIP_ENV_VAR}=0"
+        return f"not patched with skip_frozen=True (or patched with {SKIP_ENV_VAR}=0)"
     if not torch.is_grad_enabled():
         return "gradients are off"
-    if other_trainable(model) is not None:
+    if not any(p.requires_grad for p in state.rows):
+        return "the reserved rows are frozen"
+    if any(p.requires_grad for p in state.others):
         return "a parameter other than the reserved rows trains"
     return None
+
+
+def skip_allowed(skip_frozen: bool) -> bool:
+    """``patch_model(skip_frozen=...)`` with the environment's say (``RESERVED_KERNELS_SKIP_FROZEN=0``: never),
+    read once, at patch time."""
+    return skip_frozen and os.environ.get(SKIP_ENV_VAR, "1") != "0"
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether ``model``'s config asks for dropout (its modules read it when built: read once, at patch time)."""
+    config = getattr(model, "config", None)
+    return any(float(getattr(config, key, 0) or 0) > 0 for key in _DROPOUT_KEYS)
+
+
+def checkpointing_modules(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules whose ``gradient_checkpointing`` flag says whether transformers checkpoints a model (what its
+    ``is_activation_checkpointing`` reads): those that have one, and the model itself."""
+    base = base_model(model)
+    return (base, *(m for m in base.modules() if m is not base and hasattr(m, "gradient_checkpointing")))
 
 
 def reserved_rows(model: nn.Module) -> list[nn.Parameter]:
@@ -75,9 +98,15 @@ def reserved_rows(model: nn.Module) -> list[nn.Parameter]:
     return list(rows.values())
 
 
+def other_parameters(model: nn.Module) -> tuple[nn.Parameter, ...]:
+    """Every parameter of a patched model besides its reserved rows (each once)."""
+    rows = {id(p) for p in reserved_rows(model)}
+    return tuple(p for p in model.parameters() if id(p) not in rows)
+
+
 def other_trainable(model: nn.Module) -> str | None:
     """The name of a parameter besides the reserved rows that requires grad (a LoRA adapter's), or None: while one
-    trains, no hidden state is a constant."""
+    trains, no hidden state is a constant. Walks the model: for checks made once, not per step."""
     rows = {id(p) for p in reserved_rows(model)}
     return next((name for name, p in model.named_parameters() if p.requires_grad and id(p) not in rows), None)
 
@@ -92,8 +121,7 @@ def frozen_split_unsupported(model: nn.Module, body_kwargs: dict) -> str | None:
     reason = skip_unavailable(model)
     if reason is not None:
         return reason
-    config = getattr(model, "config", None)
-    if any(float(getattr(config, key, 0) or 0) > 0 for key in _DROPOUT_KEYS):
+    if patch_state(model).dropout:
         return "dropout"
     extra = [k for k, v in body_kwargs.items() if v is not None and k not in _ROW_ARGS + _HARMLESS]
     if extra:
@@ -112,9 +140,10 @@ def frozen_split_unsupported(model: nn.Module, body_kwargs: dict) -> str | None:
 def prefix_split_unsupported(model: nn.Module) -> str | None:
     """Why a Hugging Face model's rows cannot be split at their first reserved id (None: they can): under
     gradient checkpointing transformers turns the KV cache off in training, so a suffix cannot read its prefix."""
-    checkpointing = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
-                     else "is_gradient_checkpointing")  # renamed in transformers 5.x
-    return "gradient checkpointing" if getattr(model, checkpointing, False) else None
+    # transformers' is_activation_checkpointing walks every module for this flag; the modules that carry it were
+    # kept at patch time (the model itself too: transformers sets it there on a model whose modules have none).
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in patch_state(model).checkpointing)
+    return "gradient checkpointing" if checkpointing else None
 
 
 def reserved_hits(input_ids: Tensor, slot_map: Tensor) -> Tensor:
@@ -314,5 +343,5 @@ def split_loss(model: nn.Module, body_kwargs: dict, shift_labels: Tensor, *, ign
     def loss_sum(hidden: Tensor, targets: Tensor) -> Tensor:
         return head(hidden, targets, ignore_index=ignore_index, reduction="sum", softcap=softcap)
 
-    total = summed_loss(parts, shift_labels.to(parts[0].hidden.device), loss_sum, reserved_rows(model))
+    total = summed_loss(parts, shift_labels.to(parts[0].hidden.device), loss_sum, patch_state(model).rows)
     return reduced_loss(total, shift_labels, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)

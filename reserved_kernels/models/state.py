@@ -36,6 +36,10 @@ class PatchState:
     vocab: Any = None  # the ReservedVocab given to patch_model, if one was (its tokenizer for save_pretrained)
     rows_frozen_on_purpose: bool = False  # freeze_rows was called: frozen rows beside PEFT layers are intended
     skip_frozen: bool = True  # positions no reserved id reaches run without a backward (models.position_split)
+    rows: tuple[nn.Parameter, ...] = ()  # the trainable rows: the embedding's, an untied head's own
+    others: tuple[nn.Parameter, ...] = ()  # every other parameter, to read their requires_grad flags without a walk
+    checkpointing: tuple[nn.Module, ...] = ()  # the modules whose gradient_checkpointing flag transformers reads
+    dropout: bool = False  # the config asks for dropout: split calls would draw other masks than one call
     forward: ForwardSwap | None = None
     accelerated: list[nn.Module] = dataclasses.field(default_factory=list)  # PEFT token layers (models.peft_tokens)
 

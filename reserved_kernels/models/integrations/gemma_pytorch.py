@@ -25,6 +25,7 @@ from reserved_kernels._table import dequantised
 from reserved_kernels.functional import reserved_logits
 from reserved_kernels.models import position_split
 from reserved_kernels.models.layout import embedder_name, is_gemma_pytorch
+from reserved_kernels.models.state import patch_state
 
 # gemma_pytorch's additive mask value (its generate() fills masked positions with this).
 MASKED = -2.3819763e38
@@ -171,5 +172,5 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
         total = loss_sum(decoder.whole(), targets)
     else:
         parts = position_split.split_hidden(plan, decoder, input_ids.device)
-        total = position_split.summed_loss(parts, targets, loss_sum, position_split.reserved_rows(model))
+        total = position_split.summed_loss(parts, targets, loss_sum, patch_state(model).rows)
     return reduced_loss(total, targets, reduction=reduction)
