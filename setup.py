@@ -99,7 +99,8 @@ def _extensions():
         ext = CUDAExtension(
             sources=cpp_sources + sorted(glob.glob(os.path.join("csrc", "*.cu"))),
             # No --use_fast_math: it would change rounding of the scale multiply and the means.
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},  # torch picks the C++ standard
+            # torch picks the C++ standard
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
             **common,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -99,7 +99,8 @@ def test_interleaved_runs_take_the_timed_processes_in_turn_and_pool_their_steps(
     from reserved_kernels.benchmarks.harness import run_interleaved
 
     log = tmp_path / "order"
-    script = ("import json, sys; name, what = sys.argv[1], sys.argv[2]; open(sys.argv[3], 'a').write(name + what[10] + ' ');"
+    script = ("import json, sys; name, what = sys.argv[1], sys.argv[2]; "
+              "open(sys.argv[3], 'a').write(name + what[10] + ' ');"
               "print(json.dumps({'times_ms': [float(len(open(sys.argv[3]).read()))], 'extra_bytes': 7, 'name': name}))")
 
     def cmd(name):  # the harness appends --measure=...: the child reads it as its second argument

@@ -66,11 +66,32 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what a type checker and an IDE see; at run time __getattr__ imports on first use
     from reserved_kernels import pretrained
     from reserved_kernels.functional import build_slot_map, linear_cross_entropy, mean_init_, reserved_embedding
-    from reserved_kernels.models import (ExportError, FrozenText, PerplexityCallback, StaleFrozenText,
-                                         causal_lm_logits, causal_lm_loss, export_gguf, freeze_rows, is_gemma_pytorch,
-                                         load_reserved, merge, patch_model, perplexity, perplexity_change,
-                                         save_pretrained, save_reserved)
+    from reserved_kernels.models import (
+        ExportError,
+        FrozenText,
+        PerplexityCallback,
+        StaleFrozenText,
+        causal_lm_logits,
+        causal_lm_loss,
+        export_gguf,
+        freeze_rows,
+        is_gemma_pytorch,
+        load_reserved,
+        merge,
+        patch_model,
+        perplexity,
+        perplexity_change,
+        save_pretrained,
+        save_reserved,
+    )
     from reserved_kernels.modules.embedding import ReservedEmbedding
     from reserved_kernels.modules.lm_head import ReservedLMHead
-    from reserved_kernels.vocab import (PlanEntry, PlanError, ReservedPlan, ReservedVocab, UntrainedRows,
-                                        default_tokenizer_path, untrained_rows)
+    from reserved_kernels.vocab import (
+        PlanEntry,
+        PlanError,
+        ReservedPlan,
+        ReservedVocab,
+        UntrainedRows,
+        default_tokenizer_path,
+        untrained_rows,
+    )

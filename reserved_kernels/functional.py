@@ -235,7 +235,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
+        raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
     if hidden.dtype != weight.dtype:  # autocast hands over 16-bit hidden states for a float32 table
         hidden = hidden.to(weight.dtype)
     flat = hidden.reshape(-1, hidden.shape[-1])

@@ -91,7 +91,8 @@ def _is_complete(folder: str, sha256: str) -> bool:
 
 
 def resolve(model: str, log: Callable[[str], None] = print) -> str:
-    """A checkpoint folder for ``model``: a named checkpoint's cached folder (converted on first use), else ``model``."""
+    """A checkpoint folder for ``model``: a named checkpoint's cached folder (converted on first use), else
+    ``model``."""
     if not is_named(model):
         return model
     ok, why = available(model)

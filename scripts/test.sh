@@ -23,6 +23,8 @@ if [ "$RESERVED_KERNELS_BUILD_CUDA" = "1" ]; then
   export RESERVED_KERNELS_EXPECT_CUDA_EXT=1
 fi
 
+# The linter ([tool.ruff] in pyproject.toml: pyflakes, pycodestyle, isort, bugbear) first: it takes a second.
+python -m ruff check .
 python -m pytest -q tests bench --benchmark-disable "$@"
 # TRITON_INTERPRET must be set before triton is imported: a separate process.
 TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_interpreter.py "$@"

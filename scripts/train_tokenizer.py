@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from reserved_kernels.vocab.corpus import corpus  # noqa: E402
 
+
 def train(out_path: str, vocab_size: int = 1024) -> None:
     import sentencepiece as spm
 

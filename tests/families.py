@@ -20,7 +20,8 @@ TEXT = ("The model trains every row, then stops. Le réseau mesure 4096 tokens; 
         "A short summary of the text, and a translation into another language. ")
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                   "<|reserved_special_token_1|>", "<|start_header_id|>", "<|end_header_id|>",
-                  "<|reserved_special_token_2|>", "<|eot_id|>"] + [f"<|reserved_special_token_{i}|>" for i in range(3, 8)]
+                  "<|reserved_special_token_2|>", "<|eot_id|>"] + [
+                      f"<|reserved_special_token_{i}|>" for i in range(3, 8)]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 

@@ -101,7 +101,8 @@ def rotate(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.qkv_proj = Linear(config.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, config.quant)
         self.o_proj = Linear(self.heads * self.head_dim, config.hidden_size, config.quant)
 
@@ -146,11 +147,12 @@ class Model(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         types = [AttentionType.GLOBAL] if config.architecture == "gemma1" else list(config.attn_types)
-        self.layers = nn.ModuleList(DecoderLayer(config, types[i % len(types)]) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, types[i % len(types)])
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, hidden_states, freqs_cis, kv_write_indices, kv_caches, mask, local_mask):
-        for layer, cache in zip(self.layers, kv_caches):
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
             hidden_states = layer(hidden_states, freqs_cis[layer.attn_type], kv_write_indices, cache, mask, local_mask)
         return self.norm(hidden_states)
 
@@ -171,7 +173,8 @@ class Sampler(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """gemma_pytorch's ``GemmaForCausalLM`` layout; ``multimodal=True`` names the table as Gemma 3's multimodal model does."""
+    """gemma_pytorch's ``GemmaForCausalLM`` layout; ``multimodal=True`` names the table as Gemma 3's multimodal model
+    does."""
 
     def __init__(self, config: Config, *, multimodal: bool = False, seed: int = 0):
         super().__init__()
@@ -213,12 +216,13 @@ def prefill_logits(model: CausalLM, ids: torch.Tensor) -> torch.Tensor:
     """The model's own (no-grad) forward over a whole prompt: logits at its last position, as generate() gets them."""
     batch, length = ids.shape
     config = model.config
-    caches = [(torch.zeros(batch, length, config.num_key_value_heads, config.head_dim),
-               torch.zeros(batch, length, config.num_key_value_heads, config.head_dim)) for _ in range(config.num_hidden_layers)]
+    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(config.num_hidden_layers)]
     mask = torch.triu(torch.full((1, 1, length, length), -2.3819763e38), diagonal=1)
     local = None
     if config.sliding_window_size:
-        local = mask + torch.tril(torch.full((1, 1, length, length), -2.3819763e38), diagonal=-config.sliding_window_size)
+        local = mask + torch.tril(torch.full((1, 1, length, length), -2.3819763e38),
+                                  diagonal=-config.sliding_window_size)
     positions = torch.arange(length)
     _, logits = model(ids, positions, None, caches, mask, torch.tensor([length - 1]), None, None, None, local)
     return logits

@@ -110,7 +110,8 @@ def skewed_ids(kind: str, reserved_ids: torch.Tensor, vocab: int, num_tokens: in
     gen = torch.Generator().manual_seed(seed)
     if kind == "one-hot-row":
         return reserved_ids[1].cpu().repeat(num_tokens).to(reserved_ids.device)
-    order = torch.cat([reserved_ids.cpu(), torch.tensor([i for i in range(vocab) if i not in set(reserved_ids.tolist())])])
+    reserved = set(reserved_ids.tolist())
+    order = torch.cat([reserved_ids.cpu(), torch.tensor([i for i in range(vocab) if i not in reserved])])
     weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
     return order[torch.multinomial(weights, num_tokens, replacement=True, generator=gen)].to(reserved_ids.device)
 
@@ -234,7 +235,8 @@ def check_linear_cross_entropy(device, dtype, *, vocab=311, dim=37, num_reserved
     if stats:
         assert_as_close_as_torch(out.entropy, plain[1], exact[1], floor(exact[1], vocab), "entropy")
         assert torch.equal(out.is_top1, exact[2]), "is_top1"
-        frozen = [frozen_lse_oracle(hidden, weight, reserved_ids.to(device), softcap, d) for d in (dtype, torch.float64)]
+        frozen = [frozen_lse_oracle(hidden, weight, reserved_ids.to(device), softcap, d)
+                  for d in (dtype, torch.float64)]
         assert_as_close_as_torch(out.frozen_lse, *frozen, floor(frozen[1], vocab), "frozen_lse")
     assert hidden.grad.dtype == dtype and rows.grad.dtype == rows.dtype and rows.grad.shape == rows.shape
     assert_as_close_as_torch(hidden.grad, plain[3], exact[3], floor(exact[3], vocab, out_eps), "grad hidden")

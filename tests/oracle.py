@@ -10,7 +10,8 @@ EPS32 = torch.finfo(torch.float32).eps
 
 
 def merged_table(weight: Tensor, reserved_ids: Tensor, reserved_weight: Tensor, weight_scaler: Tensor | None = None):
-    """``weight`` (dequantised as gemma_pytorch does) with rows ``reserved_ids`` replaced; differentiable in reserved_weight."""
+    """``weight`` (dequantised as gemma_pytorch does) with rows ``reserved_ids`` replaced; differentiable in
+    reserved_weight."""
     base = weight.detach()
     if weight_scaler is not None:
         base = base * weight_scaler.unsqueeze(-1)  # int8 * float promotes to the float dtype
@@ -62,7 +63,8 @@ def assert_within(actual: Tensor, expected: Tensor, bound: Tensor) -> None:
     assert bool((err <= bound).all()), f"error exceeds the derived bound by up to {worst:.3g}"
 
 
-def gemm_disagreement(hidden: Tensor, rows: Tensor, logits: Tensor | None = None, softcap: float | None = None) -> Tensor:
+def gemm_disagreement(hidden: Tensor, rows: Tensor, logits: Tensor | None = None,
+                      softcap: float | None = None) -> Tensor:
     """How far two fp32 GEMMs may disagree on ``hidden @ rows.T`` (any blocking, any summation order).
 
     Each computes a dot of D products with an error of at most ``γ_D Σ|h_i w_i|`` (``γ_D = D u / (1 - D u)``,

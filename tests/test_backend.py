@@ -101,8 +101,11 @@ def test_environment_variable_forces_at_import_and_unknown_names_fail_the_call()
             "    rk.ReservedEmbedding(10, 4, reserved_ids=[1])(torch.tensor([1]))\n"
             "except _backend.BackendUnavailableError as e:\n"
             "    print('error:', e)\n")
-    run = lambda value: subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **{_backend.ENV_VAR: value}),
-                                       capture_output=True, text=True, check=True).stdout
+
+    def run(value: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **{_backend.ENV_VAR: value}),
+                              capture_output=True, text=True, check=True).stdout
+
     assert run("torch").strip() == "torch"
     assert "not a backend" in run("numba")
 

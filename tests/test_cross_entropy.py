@@ -66,7 +66,7 @@ def _assert_same_loss(fused, unfused, vocab=301, dim=16):
     """Two fp32 evaluations of one loss that sum in different orders: a sum of n terms in any order is within
     n·eps·Σ|terms| of the exact one, n = V + D at most here (V columns, D products per logit)."""
     tol = (vocab + dim) * EPS32
-    for ours, theirs in zip(fused, unfused):
+    for ours, theirs in zip(fused, unfused, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol * theirs.abs().max().item())
 
 
@@ -189,7 +189,7 @@ def test_compiled_fullgraph_matches_eager():
     # The op runs as it does eagerly; inductor may reorder the mean's sum over the N = 33 tokens (and divide by
     # the count as a multiply by its reciprocal): within (N + 2)·eps of each other.
     tol = (targets.numel() + 2) * EPS32
-    for ours, theirs in zip((loss, hidden.grad, head.reserved_weight.grad), eager):
+    for ours, theirs in zip((loss, hidden.grad, head.reserved_weight.grad), eager, strict=True):
         torch.testing.assert_close(ours.detach(), theirs, rtol=tol, atol=tol * theirs.abs().max().item())
 
 

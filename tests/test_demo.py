@@ -14,9 +14,9 @@ import torch
 
 pytest.importorskip("transformers", reason="the demo needs transformers")
 
+from reserved_kernels.cli import add_demo_arguments  # noqa: E402
 from reserved_kernels.demo import job as demo  # noqa: E402
 from reserved_kernels.demo import training as demo_training  # noqa: E402
-from reserved_kernels.cli import add_demo_arguments  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -192,7 +192,8 @@ def test_init_reserved_targets_exclude_noise_and_generator():
     g1 = torch.Generator().manual_seed(3)
     emb.init_reserved_([[1, 7, 2]], targets=[50], exclude=[7], noise_std=0.1, generator=g1)
     first = emb.reserved_weight.detach().clone()
-    emb.init_reserved_([[1, 7, 2]], targets=[50], exclude=[7], noise_std=0.1, generator=torch.Generator().manual_seed(3))
+    emb.init_reserved_([[1, 7, 2]], targets=[50], exclude=[7], noise_std=0.1,
+                       generator=torch.Generator().manual_seed(3))
     assert torch.equal(first, emb.reserved_weight.detach())  # reproducible with the generator
     assert torch.equal(first[:2], base[[7, 8]])  # other targets untouched
     noise = first[2] - base[[1, 2]].mean(0)

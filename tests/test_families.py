@@ -151,7 +151,7 @@ def test_bit_identical_then_only_the_reserved_rows_train_and_merge_exports(kind,
             head.reserved_weight.copy_(head.weight[head.reserved_ids])
     assert torch.equal(model(ids).logits, before)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.5)
-    for step in range(3):
+    for _ in range(3):
         loss = model(input_ids=ids, labels=ids).loss
         optimizer.zero_grad()
         loss.backward()
@@ -188,8 +188,8 @@ def test_the_demo_and_the_training_step_benchmark_take_a_checkpoint_of_the_famil
     import shutil
 
     from reserved_kernels.benchmarks import train_step
-    from reserved_kernels.demo import job as demo
     from reserved_kernels.cli import add_demo_arguments
+    from reserved_kernels.demo import job as demo
 
     vocab, model, folder = _family(kind, tmp_path, tied)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
@@ -229,5 +229,5 @@ def test_the_fused_training_loss_of_each_family_matches_its_logits_loss(kind, ti
     tol = (vocab.vocab_size + 64) * torch.finfo(torch.float32).eps  # one loss summed in two orders, see test_gemma
     torch.testing.assert_close(loss, ref, rtol=tol, atol=0)
     assert len(grads) == (1 if tied else 2)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=tol, atol=tol * r.abs().max().item())

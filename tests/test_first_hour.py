@@ -8,9 +8,9 @@ import stat
 import subprocess
 import sys
 import time
-import tomllib
 
 import pytest
+import tomllib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

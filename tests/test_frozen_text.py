@@ -219,8 +219,10 @@ def test_ordinary_text_mixed_into_the_loss_through_the_cache_holds_its_perplexit
         start = ordinary.perplexity()
 
         class MixTrainer(transformers.Trainer):
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch) + weight * ordinary.loss()
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None,
+                             _weight=weight, _ordinary=ordinary):  # this iteration's, bound when defined
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                return loss + _weight * _ordinary.loss()
 
         _trainer(patched, tmp_path, MixTrainer, steps=10).train()
         after[weight] = ordinary.perplexity() / start - 1

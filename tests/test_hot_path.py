@@ -78,7 +78,8 @@ class _SyncDetector(TorchDispatchMode):
                 self.syncs.append(name)
         elif func in (aten._to_copy.default, aten.copy_.default):
             src = args[1] if func is aten.copy_.default else args[0]
-            target = args[0].device if func is aten.copy_.default else kwargs.get("device", getattr(src, "device", None))
+            target = (args[0].device if func is aten.copy_.default
+                      else kwargs.get("device", getattr(src, "device", None)))
             if (isinstance(src, torch.Tensor) and src.device.type == "cpu" and target is not None
                     and torch.device(target).type == "cuda"):
                 self.syncs.append(name)

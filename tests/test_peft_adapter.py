@@ -104,7 +104,8 @@ def test_load_reserved_reads_an_adapter_peft_wrote(kind, tmp_path):
     ids_planned = [7, 8, 9]
     base = _model(kind)
     targets = ["embed_tokens"] + (["lm_head"] if kind == "llama-untied" else [])
-    peft_model = peft.get_peft_model(base, peft.TrainableTokensConfig(token_indices=ids_planned, target_modules=targets))
+    config = peft.TrainableTokensConfig(token_indices=ids_planned, target_modules=targets)
+    peft_model = peft.get_peft_model(base, config)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for module in (peft_model.get_input_embeddings(), peft_model.get_output_embeddings()):

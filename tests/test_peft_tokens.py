@@ -16,8 +16,12 @@ import torch
 peft = pytest.importorskip("peft", reason="accelerates PEFT's trainable tokens: tested against PEFT itself")
 transformers = pytest.importorskip("transformers", reason="PEFT's trainable tokens wrap transformers models")
 
-from reserved_kernels.models import FrozenText, merge, patch_model  # noqa: E402
-from reserved_kernels.models import position_split  # noqa: E402
+from reserved_kernels.models import (  # noqa: E402
+    FrozenText,
+    merge,
+    patch_model,
+    position_split,  # noqa: E402
+)
 from tests.families import tiny_gemma, tiny_llama  # noqa: E402
 
 TOKENS = [7, 8, 9, 10]
@@ -30,7 +34,8 @@ def _base(kind: str):
 
 
 CONFIGS = {  # PEFT's own configurations of trainable tokens
-    "tokens-gemma": ("gemma", lambda: peft.TrainableTokensConfig(token_indices=TOKENS, target_modules=["embed_tokens"])),
+    "tokens-gemma": ("gemma", lambda: peft.TrainableTokensConfig(token_indices=TOKENS,
+                                                                 target_modules=["embed_tokens"])),
     "tokens-gemma2": ("gemma2", lambda: peft.TrainableTokensConfig(token_indices=TOKENS,
                                                                    target_modules=["embed_tokens"])),
     "tokens-gemma3": ("gemma3", lambda: peft.TrainableTokensConfig(token_indices=TOKENS,

@@ -166,7 +166,8 @@ def test_the_skip_turns_itself_off_where_it_cannot_be_exact(monkeypatch):
     reference = _dense_reference(model, tied, **batch)
 
     patched = patch_model(copy.deepcopy(model), RESERVED).train()
-    patched.model.layers[0].mlp.down_proj.weight.requires_grad_(True)  # a LoRA beside the rows: every position depends on it
+    # a LoRA beside the rows: every position depends on it
+    patched.model.layers[0].mlp.down_proj.weight.requires_grad_(True)
     with _split_calls() as calls:
         patched(**batch).loss.backward()
     assert calls == []

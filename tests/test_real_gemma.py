@@ -26,10 +26,17 @@ if OK:
 
     from reserved_kernels.demo import job as demo
     from reserved_kernels.demo import training as demo_training
-    from reserved_kernels.models import (export_gguf, load_reserved, merge, patch_model, perplexity, save_reserved,
-                                         untrained_rows)
-    from reserved_kernels.models.artifacts.gguf import TABLE
     from reserved_kernels.demo.stories import pydoc_sentences, pydoc_text
+    from reserved_kernels.models import (
+        export_gguf,
+        load_reserved,
+        merge,
+        patch_model,
+        perplexity,
+        save_reserved,
+        untrained_rows,
+    )
+    from reserved_kernels.models.artifacts.gguf import TABLE
     from reserved_kernels.vocab import PlanError, ReservedVocab
     from tests import gguf_files
     from tests.oracle import assert_same_table_logits, captured_input
@@ -121,8 +128,8 @@ def test_a_term_from_its_description_starts_ahead_trains_and_leaves_english_alon
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
     base_before = math.exp(demo_training.mean_loss(model, *text["ordinary"]))
     random_start = demo_training.mean_loss(demo_training.initialised(model, vocab, "random", 0), *text["heldout"])
-    ours = demo_training.train_init(model, vocab, "description", text, steps=4, lr=demo.PYDOC.lr, seed=0, batch=6, evals=1,
-                                    mix=demo.PYDOC.mix, log=lambda line: None)
+    ours = demo_training.train_init(model, vocab, "description", text, steps=4, lr=demo.PYDOC.lr, seed=0, batch=6,
+                                    evals=1, mix=demo.PYDOC.mix, log=lambda line: None)
     (_, start), (_, end) = ours["curve"][0], ours["curve"][-1]
     assert start < random_start and end < start, (start, end, random_start)
     base_after = math.exp(demo_training.mean_loss(ours["model"], *text["ordinary"]))

@@ -243,7 +243,8 @@ def test_a_plan_repeating_an_id_is_refused(vocab, tmp_path):
 
 
 @pytest.mark.parametrize("make_args", [
-    lambda d: ["plan", "--tokenizer", str(d / "not-a-tokenizer.model"), "--terms", str(d / "terms.txt"), "--out", str(d / "o")],
+    lambda d: ["plan", "--tokenizer", str(d / "not-a-tokenizer.model"), "--terms", str(d / "terms.txt"),
+               "--out", str(d / "o")],
     lambda d: ["plan", "--tokenizer", str(d / "missing.model"), "--terms", str(d / "terms.txt"), "--out", str(d / "o")],
     lambda d: ["plan", "--plan", str(d / "bad_plan.json"), "--terms", str(d / "terms.txt"), "--out", str(d / "o")],
     lambda d: ["demo", "--model", str(d / "no-such-model"), "--steps", "1"],

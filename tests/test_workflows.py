@@ -21,9 +21,9 @@ from reserved_kernels.models import (  # noqa: E402
     load_reserved,
     merge,
     patch_model,
+    position_split,  # noqa: E402
     save_reserved,
 )
-from reserved_kernels.models import position_split  # noqa: E402
 from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path  # noqa: E402
 from tests.families import tiny_gemma  # noqa: E402
 from tests.oracle import assert_same_table_logits, captured_input  # noqa: E402

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 
 def keep_gradient_rows(weight: nn.Parameter, reserved_ids) -> Tensor:
-    """Make ``weight`` trainable with a hook that zeroes every row's gradient but ``reserved_ids``; returns the row mask."""
+    """Make ``weight`` trainable with a hook that zeroes every row's gradient but ``reserved_ids``; returns the row
+    mask."""
     weight.requires_grad_(True)
     mask = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
     mask[torch.as_tensor(reserved_ids, device=weight.device)] = True
@@ -33,7 +34,8 @@ def hook_recipe(weight: nn.Parameter, reserved_ids, lr: float = 1e-3, weight_dec
 
 
 def peft_trainable_tokens(model: nn.Module, module_name: str, reserved_ids) -> nn.Module:
-    """``model`` wrapped by PEFT's trainable tokens on its submodule ``module_name`` (the embedding), for ``reserved_ids``."""
+    """``model`` wrapped by PEFT's trainable tokens on its submodule ``module_name`` (the embedding), for
+    ``reserved_ids``."""
     import peft
 
     ids = torch.as_tensor(reserved_ids).tolist()

@@ -29,7 +29,7 @@ def _alternating(fns: list, repeat: int, sync) -> list[float]:
     machine slows them alike); ``sync`` waits for the device after each call."""
     times: list[list[float]] = [[] for _ in fns]
     for rep in range(repeat + 1):
-        for fn, spent in zip(fns, times):
+        for fn, spent in zip(fns, times, strict=True):
             start = time.perf_counter()
             fn()
             sync()
@@ -50,7 +50,8 @@ def measure(args) -> dict:
         p.requires_grad_(False)
     patch_model(model, reserved_ids.tolist())
     dev = torch.device(args.device)
-    ids = batch_text("ordinary", torch.randint(0, tokens, (args.tokens,), device=dev), reserved_ids, min(args.tokens, 512))
+    ids = batch_text("ordinary", torch.randint(0, tokens, (args.tokens,), device=dev), reserved_ids,
+                     min(args.tokens, 512))
     batch = [ids]
     rows = model.get_input_embeddings().reserved_weight
     optimizer = torch.optim.AdamW([rows], lr=1e-2, weight_decay=0.0)
@@ -102,7 +103,8 @@ def table(payload: dict) -> str:
     lines = ["| what | the full forward | through FrozenText | full ÷ cached |", "|---|---|---|---|",
              f"| perplexity of the batch | {r['forward_s']:.3f} s | {r['cached_perplexity_s'] * 1e3:.2f} ms | "
              f"{r['forward_s'] / r['cached_perplexity_s']:,.0f}× |",
-             f"| training step on it (loss, backward, AdamW; full: frozen positions skipped) | {r['full_step_s']:.3f} s | "
+             "| training step on it (loss, backward, AdamW; full: frozen positions skipped) | "
+             f"{r['full_step_s']:.3f} s | "
              f"{r['cached_step_s'] * 1e3:.2f} ms | {r['full_step_s'] / r['cached_step_s']:,.0f}× |",
              f"| the cached loss and its gradient alone | | {r['cached_loss_and_grad_s'] * 1e3:.2f} ms | "
              f"{r['forward_s'] / r['cached_loss_and_grad_s']:,.0f}× (against the forward) |",
@@ -124,7 +126,8 @@ def caption(payload: dict) -> str:
     c, env = payload["config"], payload["environment"]
     return (f"{c.get('model_name') or c['model']}: FrozenText beside the full forward, {machine_phrase(env)}, "
             f"{c['dtype']}, {c['tokens'] // 512} x 512 tokens of ordinary text, {c['slots']} reserved ids, medians of "
-            f"{c['repeat']} alternating runs in one process; torch {env['torch']}; {env['date']}, commit {env.get('commit')}")
+            f"{c['repeat']} alternating runs in one process; torch {env['torch']}; {env['date']}, "
+            f"commit {env.get('commit')}")
 
 
 def main(argv=None) -> None:
@@ -149,7 +152,8 @@ def main(argv=None) -> None:
     print(caption(payload) + "\n\n" + table(payload))
     if args.out:
         label = name or os.path.basename(os.path.normpath(args.model))
-        write_report(os.path.join(args.out, f"frozen-text-{label}-{args.device}-{datetime.date.today().isoformat()}.json"),
+        today = datetime.date.today().isoformat()
+        write_report(os.path.join(args.out, f"frozen-text-{label}-{args.device}-{today}.json"),
                      payload, caption(payload), table(payload))
 
 

@@ -63,9 +63,9 @@ def _rows_folder(model: str, terms: int, folder: str) -> str:
     import torch
     import transformers
 
+    from reserved_kernels.demo.stories import PYDOC
     from reserved_kernels.models import patch_model, save_reserved
     from reserved_kernels.pretrained import resolve
-    from reserved_kernels.demo.stories import PYDOC
     from reserved_kernels.vocab import ReservedVocab
 
     transformers.logging.set_verbosity_error()

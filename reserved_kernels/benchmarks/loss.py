@@ -1,4 +1,5 @@
-"""The loss alone, forward and backward: the fused linear cross-entropy beside the unfused path, each in a fresh process.
+"""The loss alone, forward and backward: the fused linear cross-entropy beside the unfused path, each in a fresh
+process.
 
     python -m reserved_kernels.benchmarks.loss [--device cpu|cuda] [--vocab 262144] [--dim 640] [--tokens 2048]
         [--slots 16] [--dtype float32] [--softcap 30] [--out bench/results]
@@ -121,7 +122,8 @@ def caption(payload: dict) -> str:
     where = machine_phrase(env)
     cap = f", soft-cap {c['softcap']:g}" if c.get("softcap") else ""
     return (f"{where}; {c['dtype']}, V={c['vocab']:,}, D={c['dim']:,}, N={c['tokens']:,}, K={c['slots']}{cap}; "
-            f"forward + backward; {processes_phrase(c)}; torch {env['torch']}; {env['date']}, commit {env.get('commit')}")
+            f"forward + backward; {processes_phrase(c)}; torch {env['torch']}; {env['date']}, "
+            f"commit {env.get('commit')}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,7 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--softcap", type=float, default=None)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--memory-runs", type=int, default=3, help="CPU: memory processes per implementation (the median counts)")
+    parser.add_argument("--memory-runs", type=int, default=3,
+                        help="CPU: memory processes per implementation (the median counts)")
 
 
 def main(argv=None) -> dict:

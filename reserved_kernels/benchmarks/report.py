@@ -47,7 +47,8 @@ def workload_table(cases: dict, only_first: bool = False) -> list[str]:
                 if "extra_bytes" in r and "extra_bytes" in best:
                     vs += f", {_ratio(r['extra_bytes'] / max(best['extra_bytes'], 1))}"
             label = f"**{name}**" if name in OURS else name
-            lines.append(f"| {case[0]} | {case[1]} | {case[2]} | {case[3]} | {label} | {_ms(r)} | {gbs} | {mem} | {vs} |")
+            cells = [*case[:4], label, _ms(r), gbs, mem, vs]
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return lines
 
 
@@ -172,7 +173,8 @@ def readme_section(results_dir: str) -> str:
             payload = json.load(f)
         name = os.path.basename(cpu)
         lines += [f"**CPU** — {_header(payload)}. First case of each workload; every case is in "
-                  f"`bench/results/{name.removesuffix('.json')}.md`. Reproduce: `reserved-kernels bench kernels --device cpu`.", ""]
+                  f"`bench/results/{name.removesuffix('.json')}.md`. "
+                  "Reproduce: `reserved-kernels bench kernels --device cpu`.", ""]
         for workload, cases in _grouped(payload["rows"]).items():
             lines += [f"*{workload}*", ""] + workload_table(cases, only_first=True) + [""]
     host = latest(results_dir, "host-cpu")
@@ -189,7 +191,8 @@ def readme_section(results_dir: str) -> str:
     for gpu_dir in gpu_dirs:
         kernels = os.path.join(gpu_dir, "kernels_cuda.json")
         if os.path.exists(kernels):
-            lines += [f"**GPU** — `{os.path.relpath(gpu_dir, os.path.dirname(results_dir))}/`", ""] + _kernel_lines(kernels)
+            where = os.path.relpath(gpu_dir, os.path.dirname(results_dir))
+            lines += [f"**GPU** — `{where}/`", ""] + _kernel_lines(kernels)
         host = latest(gpu_dir, "host-cuda")
         if host:
             lines += _host_lines(host, "GPU")

@@ -25,9 +25,8 @@ from torch import nn
 
 import reserved_kernels as rk
 from reserved_kernels import _backend, ops, reference
-from reserved_kernels.benchmarks import baselines
 from reserved_kernels._table import dequantised
-from reserved_kernels.benchmarks import train_step
+from reserved_kernels.benchmarks import baselines, train_step
 from reserved_kernels.benchmarks.harness import (
     copy_bandwidth_gbs,
     cpu_median,

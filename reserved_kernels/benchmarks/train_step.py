@@ -162,7 +162,8 @@ def table(payload: dict) -> str:
     """Markdown: each recipe's memory beyond the model and median step, each over ours, and ours over the floor."""
     rows = payload["results"]
     ours, floor = rows["reserved"], rows.get("body")
-    lines = ["| recipe | memory beyond the model | step, median s (p20–p80) | ÷ ours: memory, time |", "|---|---|---|---|"]
+    lines = ["| recipe | memory beyond the model | step, median s (p20–p80) | ÷ ours: memory, time |",
+             "|---|---|---|---|"]
     for recipe, r in rows.items():
         label = {"reserved": "**reserved-kernels**", "noskip": "reserved-kernels, frozen positions not skipped",
                  "hook": "gradient hook", "peft": "PEFT trainable tokens",
@@ -173,7 +174,8 @@ def table(payload: dict) -> str:
         lines.append(f"| {label} | {r['extra_bytes'] / 2**20:,.0f} MiB | {r['median_ms'] / 1e3:.2f} "
                      f"({r['p20_ms'] / 1e3:.2f}–{r['p80_ms'] / 1e3:.2f}) | {vs} |")
     if floor is not None:
-        lines.append(f"\nOurs over the body alone: {100 * (ours['extra_bytes'] / floor['extra_bytes'] - 1):+.1f}% memory, "
+        memory = 100 * (ours['extra_bytes'] / floor['extra_bytes'] - 1)
+        lines.append(f"\nOurs over the body alone: {memory:+.1f}% memory, "
                      f"{ours['median_ms'] / floor['median_ms']:.2f}× the time.")
     return "\n".join(lines)
 
@@ -184,12 +186,14 @@ def caption(payload: dict, with_text: bool = True) -> str:
 
     c, env = payload["config"], payload["environment"]
     where = machine_phrase(env)
-    shape = f"{c['tokens'] // min(c['tokens'], 512)} x {min(c['tokens'], 512)} tokens" if c["head"] else f"{c['tokens']} tokens"
+    width = min(c['tokens'], 512)
+    shape = f"{c['tokens'] // width} x {width} tokens" if c["head"] else f"{c['tokens']} tokens"
     text = {"mixed": "the first sequence opening with every reserved id", "ordinary": "ordinary text (no reserved id)",
             "random": "one term per sequence at a random position",
             "start": "a term at position 0 of every sequence"}[c.get("text", "mixed")]
     where_terms = text + ", " if with_text else ""
-    return (f"{c.get('model_name') or c.get('model') or 'random table'}: one AdamW step, {where}, {c['dtype']}, {shape}, "
+    model = c.get('model_name') or c.get('model') or 'random table'
+    return (f"{model}: one AdamW step, {where}, {c['dtype']}, {shape}, "
             f"{c['slots']} reserved ids, {where_terms}{processes_phrase(c)}; torch {env['torch']}; {env['date']}, "
             f"commit {env.get('commit')}")
 
@@ -244,9 +248,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--head", action="store_true", help="a whole step with the tied output head")
-    parser.add_argument("--model", help="a Hugging Face checkpoint folder (with its tokenizer) instead of a random table")
+    parser.add_argument("--model",
+                        help="a Hugging Face checkpoint folder (with its tokenizer) instead of a random table")
     parser.add_argument("--text", default="mixed", choices=TEXTS, help="where the reserved ids stand in the batch")
-    parser.add_argument("--memory-runs", type=int, default=3, help="CPU: memory processes per recipe (the median counts)")
+    parser.add_argument("--memory-runs", type=int, default=3,
+                        help="CPU: memory processes per recipe (the median counts)")
     parser.add_argument("--time-runs", type=int, default=1,
                         help="CPU: timed processes per recipe, taken in turn across the recipes (their steps pooled)")
 

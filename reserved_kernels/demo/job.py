@@ -53,10 +53,24 @@ from collections.abc import Callable
 import torch
 
 from reserved_kernels.demo.report import closing_lines, write_plot
-from reserved_kernels.demo.training import (continuation, dense_recipe_state_bytes, initialised, mean_loss,
-                                            state_bytes, train_rows)
-from reserved_kernels.demo.stories import (INIT_LABELS, INITS, PYDOC, REGISTERS, Story, pydoc_lines, register_lines,
-                                      story_named)
+from reserved_kernels.demo.stories import (
+    INIT_LABELS,
+    INITS,
+    PYDOC,
+    REGISTERS,
+    Story,
+    pydoc_lines,
+    register_lines,
+    story_named,
+)
+from reserved_kernels.demo.training import (
+    continuation,
+    dense_recipe_state_bytes,
+    initialised,
+    mean_loss,
+    state_bytes,
+    train_rows,
+)
 
 
 def default_model_path() -> str:

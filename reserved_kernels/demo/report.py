@@ -50,10 +50,10 @@ def write_plot(results: dict, story: Story, path: str) -> bool:
     fig, (terms, ordinary) = plt.subplots(1, 2, figsize=(11, 3.8))
     rows = len(story.terms) * (2 if story.spaced else 1)
     for init, result in results.items():
-        steps, losses = zip(*result["curve"])
+        steps, losses = zip(*result["curve"], strict=True)
         terms.plot(steps, losses, marker="o", markersize=3, label=INIT_LABELS[init])
         if result["ordinary"]:
-            steps, values = zip(*result["ordinary"])
+            steps, values = zip(*result["ordinary"], strict=True)
             ordinary.plot(steps, values, label=INIT_LABELS[init])
     terms.set_ylabel("held-out loss on text with the new tokens")
     ordinary.set_ylabel("ordinary-text perplexity (exact, cached)")

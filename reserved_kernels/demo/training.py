@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+
 def length_batches(ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, batch: int = 16) -> list[dict]:
     """(ids, labels, mask) as batches of ``batch`` lines of similar length, each cut to its longest line."""
     order = mask.sum(1).argsort()

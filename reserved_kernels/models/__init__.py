@@ -8,13 +8,13 @@ Hugging Face Gemma 1/2/3, Llama 3 and Qwen2 (tied or untied heads, PEFT models a
 gemma_pytorch-layout models.
 """
 
-from reserved_kernels.models.evaluation.frozen_text import FrozenText, StaleFrozenText
-from reserved_kernels.models.integrations.gemma_pytorch import causal_lm_logits, causal_lm_loss
-from reserved_kernels.models.artifacts.gguf import ExportError, export_gguf
-from reserved_kernels.models.layout import is_gemma_pytorch
 from reserved_kernels.models.artifacts.checkpoint import load_reserved, save_pretrained, save_reserved
-from reserved_kernels.models.patch import freeze_rows, merge, patch_model
+from reserved_kernels.models.artifacts.gguf import ExportError, export_gguf
+from reserved_kernels.models.evaluation.frozen_text import FrozenText, StaleFrozenText
 from reserved_kernels.models.evaluation.perplexity import perplexity, perplexity_change
+from reserved_kernels.models.integrations.gemma_pytorch import causal_lm_logits, causal_lm_loss
+from reserved_kernels.models.layout import is_gemma_pytorch
+from reserved_kernels.models.patch import freeze_rows, merge, patch_model
 from reserved_kernels.vocab import UntrainedRows, untrained_rows  # kept here too: rk.models.untrained_rows worked
 
 __all__ = ["patch_model", "merge", "save_pretrained", "save_reserved", "load_reserved", "freeze_rows", "perplexity",

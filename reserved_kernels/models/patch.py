@@ -16,13 +16,18 @@ from torch import Tensor, nn
 from reserved_kernels._progress import announced
 from reserved_kernels.models import position_split
 from reserved_kernels.models.integrations import huggingface, peft_tokens
-from reserved_kernels.models.layout import (base_model, has_peft_layers, input_embedding, output_head,
-                                           set_input_embedding)
+from reserved_kernels.models.layout import (
+    base_model,
+    has_peft_layers,
+    input_embedding,
+    output_head,
+    set_input_embedding,
+)
 from reserved_kernels.models.state import PatchState, attach, patch_state
-from reserved_kernels.vocab.untrained import untrained_rows
 from reserved_kernels.modules.embedding import ReservedEmbedding
 from reserved_kernels.modules.lm_head import ReservedLMHead
 from reserved_kernels.vocab.planning import ReservedPlan, ReservedVocab
+from reserved_kernels.vocab.untrained import untrained_rows
 
 INIT_CHOICES = (None, "description", "mean", "copy")
 PEFT_ORDER_MESSAGE = (
@@ -81,7 +86,8 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             frozen. A PEFT model always keeps its adapter trainable.
         reserved_dtype: dtype of the trainable rows (default float32 for a 16-bit table).
         fused_loss: a Hugging Face model's ``labels=`` loss in training goes through the fused linear
-            cross-entropy, without the (B, T, V) logits (:mod:`reserved_kernels.models.integrations.huggingface`); False keeps
+            cross-entropy, without the (B, T, V) logits (:mod:`reserved_kernels.models.integrations.huggingface`);
+            False keeps
             the model's own loss from logits.
         skip_frozen: with the fused loss, positions that no reserved id can reach (before a row's first
             reserved id, and rows without one) run without a backward through the body, and only their K
@@ -105,7 +111,8 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
     freezes every non-adapter parameter); the next training forward raises an error saying so.
 
     **PEFT's trainable tokens** (``TrainableTokensConfig``, or ``LoraConfig(trainable_token_indices=...)``):
-    ``patch_model(peft_model)`` accelerates them in place (:mod:`reserved_kernels.models.integrations.peft_tokens`): PEFT's
+    ``patch_model(peft_model)`` accelerates them in place (:mod:`reserved_kernels.models.integrations.peft_tokens`):
+    PEFT's
     ``trainable_tokens_delta`` stays the trainable parameter and PEFT's layers stay in the model, computing
     through our fused gather and fused loss. ``reserved`` may then be omitted, or name the same ids (a
     :class:`ReservedVocab` is kept for :func:`save_pretrained`); ``init`` initialises PEFT's rows; the other
@@ -201,7 +208,8 @@ def _accelerate_peft(model: nn.Module, reserved, embedding: nn.Module, *, init, 
 
 def _keep_state(model: nn.Module, reserved, state: PatchState, *, skip_frozen: bool, fused_loss: bool | None) -> None:
     """The end of both patch paths: what a training step needs decided once (the rows, every other parameter,
-    whether frozen positions may be skipped, whether the config asks for dropout) onto ``state``, ``state`` onto the model, and a transformers
+    whether frozen positions may be skipped, whether the config asks for dropout) onto ``state``, ``state`` onto the
+    model, and a transformers
     model's patched forward (its labels= path, and TRL's fused head) unless ``fused_loss`` is None (no patched
     head)."""
     state.vocab = reserved if isinstance(reserved, ReservedVocab) else None

@@ -21,7 +21,8 @@ _KEY = "_reserved_patch_state"
 
 @dataclasses.dataclass
 class ForwardSwap:
-    """A Hugging Face model's forward replaced by the patched one (:mod:`reserved_kernels.models.integrations.huggingface`)."""
+    """A Hugging Face model's forward replaced by the patched one
+    (:mod:`reserved_kernels.models.integrations.huggingface`)."""
 
     previous: Callable | None  # the instance forward before, or None for the class's own
     fused_loss: bool  # labels= in training goes through the fused loss

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from reserved_kernels import functional as F
 from reserved_kernels._table import SIXTEEN_BIT, dequantised, table_dtype
 
+
 def default_reserved_dtype(table_dtype: torch.dtype) -> torch.dtype:
     """float32 master rows for a 16-bit table (a small update is not rounded away), else the table's dtype."""
     return torch.float32 if table_dtype in SIXTEEN_BIT else table_dtype

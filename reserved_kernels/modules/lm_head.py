@@ -140,7 +140,8 @@ class ReservedLMHead(nn.Linear):
     @torch.no_grad()
     def merged_weight(self) -> Tensor:
         """A (V, D) copy of the projection as the forward pass sees it."""
-        return self.weight.detach().clone().index_copy_(0, self.reserved_ids, self.reserved_weight.to(self.weight.dtype))
+        rows = self.reserved_weight.to(self.weight.dtype)
+        return self.weight.detach().clone().index_copy_(0, self.reserved_ids, rows)
 
     @torch.no_grad()
     def merge_(self) -> ReservedLMHead:

@@ -36,12 +36,29 @@ IndexError on CUDA too, for debugging.
 
 from __future__ import annotations
 
-from reserved_kernels.ops._checks import (STRICT_ENV_VAR, check_gather, check_ids_now, check_linear_cross_entropy,
-                                          check_scatter, check_segment_mean, check_table, set_strict_id_checks,
-                                          strict_id_checks)
+from reserved_kernels.ops._checks import (
+                                          STRICT_ENV_VAR,
+                                          check_gather,
+                                          check_ids_now,
+                                          check_linear_cross_entropy,
+                                          check_scatter,
+                                          check_segment_mean,
+                                          check_table,
+                                          set_strict_id_checks,
+                                          strict_id_checks,
+)
 from reserved_kernels.ops._dispatch import active, default_backend, forced, forced_backend, use
-from reserved_kernels.ops._schemas import (COMPILED_OPS, DEVICE_KEYS, FROZEN_TABLE_MESSAGE, NAMESPACE, SCHEMAS, gather,
-                                           linear_cross_entropy, scatter_grad, segment_mean)
+from reserved_kernels.ops._schemas import (
+                                          COMPILED_OPS,
+                                          DEVICE_KEYS,
+                                          FROZEN_TABLE_MESSAGE,
+                                          NAMESPACE,
+                                          SCHEMAS,
+                                          gather,
+                                          linear_cross_entropy,
+                                          scatter_grad,
+                                          segment_mean,
+)
 
 __all__ = ["gather", "scatter_grad", "segment_mean", "linear_cross_entropy", "SCHEMAS", "COMPILED_OPS", "DEVICE_KEYS",
            "NAMESPACE", "FROZEN_TABLE_MESSAGE", "STRICT_ENV_VAR", "use", "forced", "forced_backend", "active",

@@ -45,7 +45,8 @@ def check_table(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, weigh
         raise TypeError(f"an integer table ({weight.dtype}) needs weight_scaler (per-row scales)")
     dtype = table_dtype(weight, weight_scaler)
     if reserved_weight.dtype not in (dtype, torch.float32):
-        raise TypeError(f"reserved_weight must have the table's dtype ({dtype}) or float32, got {reserved_weight.dtype}")
+        raise TypeError(f"reserved_weight must have the table's dtype ({dtype}) or float32, "
+                        f"got {reserved_weight.dtype}")
     if slot_map.dtype != torch.int32 or slot_map.shape != (weight.shape[0],):
         raise ValueError(f"slot_map must be an int32 ({weight.shape[0]},) vector, got {slot_map.dtype} "
                          f"{tuple(slot_map.shape)}")
@@ -86,7 +87,8 @@ def check_segment_mean(weight, reserved_weight, slot_map, weight_scaler, offsets
     if src_ids.dim() != 1:
         raise ValueError(f"src_ids must be 1-D, got shape {tuple(src_ids.shape)}")
     if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.shape[0] < 1:
-        raise ValueError(f"offsets must be a non-empty int64 vector, got {offsets.dtype} of shape {tuple(offsets.shape)}")
+        raise ValueError(f"offsets must be a non-empty int64 vector, got {offsets.dtype} "
+                         f"of shape {tuple(offsets.shape)}")
     _check_same_device(weight=weight, offsets=offsets, src_ids=src_ids)
 
 
@@ -102,7 +104,8 @@ def check_linear_cross_entropy(hidden, weight, reserved_weight, slot_map, target
     check_table(weight, reserved_weight, slot_map, None)
     _check_index_dtype(targets, "targets")
     if targets.shape != (hidden.shape[0],):
-        raise ValueError(f"targets must have shape ({hidden.shape[0]},), one per row of hidden, got {tuple(targets.shape)}")
+        raise ValueError(f"targets must have shape ({hidden.shape[0]},), one per row of hidden, "
+                         f"got {tuple(targets.shape)}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
     if tile_bytes < 1:

@@ -14,9 +14,17 @@ import torch
 
 from reserved_kernels import _backend
 from reserved_kernels.ops._checks import CHECKS
-from reserved_kernels.ops._schemas import (COMPILED_OPS, DEVICE_KEYS, NAMESPACE, SCHEMAS, gather_backward,
-                                           gather_setup_context, linear_cross_entropy_backward,
-                                           linear_cross_entropy_setup_context)
+from reserved_kernels.ops._schemas import (
+    COMPILED_OPS,
+    DEVICE_KEYS,
+    NAMESPACE,
+    SCHEMAS,
+    gather_backward,
+    gather_setup_context,
+    linear_cross_entropy_backward,
+    linear_cross_entropy_setup_context,
+)
+
 
 def _checked(name: str, fn: Callable) -> Callable:
     """``fn`` (a backend's implementation of op ``name``) after the op's argument checks."""

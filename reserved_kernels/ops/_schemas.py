@@ -18,7 +18,8 @@ SCHEMAS = {
     "segment_mean": "(Tensor weight, Tensor reserved_weight, Tensor slot_map, Tensor? weight_scaler, "
                     "Tensor offsets, Tensor src_ids) -> Tensor",
     "linear_cross_entropy": "(Tensor hidden, Tensor weight, Tensor reserved_weight, Tensor slot_map, Tensor targets, "
-                            "int ignore_index, float? softcap, int tile_bytes, bool grad_hidden, bool grad_rows, bool stats) "
+                            "int ignore_index, float? softcap, int tile_bytes, bool grad_hidden, bool grad_rows, "
+                            "bool stats) "
                             "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 # The ops csrc/ implements. The fused loss is GEMMs (cuBLAS, MKL) around a per-tile step (Triton, or PyTorch):

@@ -233,7 +233,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
     ``loss`` (N,) in the accumulation dtype, 0 where ignored. ``entropy`` (N,) and ``is_top1`` (N,) bool (the
     target is the most likely token) when ``stats``, else empty; so is ``frozen_lse`` (N,), the log-sum-exp over
     the table's columns alone (every column but the K reserved ones, for every token, ignored ones included):
-    the statistic :class:`~reserved_kernels.models.FrozenText` keeps, taken from the same pass. ``grad_hidden`` (N, D) in the hidden dtype
+    the statistic :class:`~reserved_kernels.models.FrozenText` keeps, taken from the same pass. ``grad_hidden`` (N, D)
+    in the hidden dtype
     when ``grad_hidden``, and ``grad_logits_reserved`` (N, K) in the accumulation dtype when ``grad_rows``,
     else empty: each token's gradient of its own loss (see the module docstring). The two are independent:
     without ``grad_hidden`` there is no accumulator, no accumulator GEMM and no softmax copy — one GEMM per

@@ -15,8 +15,8 @@ import struct
 import torch
 from torch import Tensor
 
-from reserved_kernels.ops import fused_loss
 from reserved_kernels._table import acc_dtype, dequantised, table_dtype
+from reserved_kernels.ops import fused_loss
 from reserved_kernels.reference import cross_entropy
 
 
@@ -37,7 +37,8 @@ def rounded_scale(scale: float, dtype: torch.dtype) -> float:
 
 
 def check_id_values(ids: Tensor, slot_map: Tensor, num_slots: int, name: str = "ids") -> None:
-    """Every id in [0, V) and every slot it maps to in [-1, K): IndexError / ValueError on CPU, a device assert on CUDA."""
+    """Every id in [0, V) and every slot it maps to in [-1, K): IndexError / ValueError on CPU, a device assert on
+    CUDA."""
     vocab = slot_map.shape[0]
     if ids.numel() == 0:
         return

@@ -151,7 +151,8 @@ def sum_kernel(grad_ptr, sorted_token_ptr, sorted_slot_ptr, offsets_ptr, arrival
     if c >= NUM_CHUNKS:
         zs = (c - NUM_CHUNKS) * ZERO_SLOTS + tl.arange(0, ZERO_SLOTS)
         in_k = zs < K
-        empty = in_k & (tl.load(offsets_ptr + zs, mask=in_k, other=0) == tl.load(offsets_ptr + zs + 1, mask=in_k, other=0))
+        start = tl.load(offsets_ptr + zs, mask=in_k, other=0)
+        empty = in_k & (start == tl.load(offsets_ptr + zs + 1, mask=in_k, other=0))
         tl.store(out_ptr + zs[:, None] * D + cols[None, :], tl.zeros((ZERO_SLOTS, BLOCK_D), dtype=tl.float32).to(
             out_ptr.dtype.element_ty), mask=empty[:, None] & col_mask[None, :])
     else:
@@ -227,7 +228,8 @@ def _tanh(x):
 @triton.jit
 def _tile_logits(z_row, cols, in_row, masked_ptr, softcap, MASKED: tl.constexpr, HAS_CAP: tl.constexpr,
                  HAS_MASK: tl.constexpr):
-    """A block of one tile row's logits in fp32: soft-capped, masked columns (reserved ids) at MASKED, -inf past the row."""
+    """A block of one tile row's logits in fp32: soft-capped, masked columns (reserved ids) at MASKED, -inf past the
+    row."""
     z = tl.load(z_row + cols, mask=in_row, other=0.0).to(tl.float32)
     if HAS_CAP:
         z = softcap * _tanh(z / softcap)

@@ -14,8 +14,8 @@ import triton.language as tl
 from torch import Tensor
 
 from reserved_kernels import reference
-from reserved_kernels.ops import fused_loss
 from reserved_kernels._table import table_dtype
+from reserved_kernels.ops import fused_loss
 from reserved_kernels.reference import cross_entropy as _ce
 from reserved_kernels.triton.kernels import (
     count_kernel,

@@ -1,4 +1,5 @@
-"""The two tokenizer formats planning reads and writes: a SentencePiece ``.model`` and a Hugging Face ``tokenizer.json``.
+"""The two tokenizer formats planning reads and writes: a SentencePiece ``.model`` and a Hugging Face
+``tokenizer.json``.
 
 Each backend answers the same few questions (pieces, which ids are special, encode with the
 original, write a copy with some pieces renamed, check that terms encode to their single ids, encode and

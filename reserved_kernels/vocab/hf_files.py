@@ -39,7 +39,8 @@ def renamed_config(config: dict, renames: Mapping[int, str], old_pieces: Mapping
 
 def transformers_files(sp_model: bytes, renames: Mapping[int, str], old_pieces: Mapping[int, str],
                        tokenizer_class: str = "GemmaTokenizer") -> dict[str, bytes]:
-    """``{"tokenizer.json": …, "tokenizer_config.json": …}`` for ``sp_model`` with ``renames`` applied; {} without transformers."""
+    """``{"tokenizer.json": …, "tokenizer_config.json": …}`` for ``sp_model`` with ``renames`` applied; {} without
+    transformers."""
     try:
         from transformers import AutoTokenizer
     except ImportError:

@@ -164,7 +164,8 @@ class ReservedVocab:
         self.tokenizer_size = len(pieces)  # tokens the tokenizer has (vocab_size also counts spare model rows)
         if plan is not None and plan.model_vocab_size is not None:
             if model_vocab_size not in (None, plan.model_vocab_size):
-                raise PlanError(f"the plan was made for a model of {plan.model_vocab_size} rows, not {model_vocab_size}")
+                raise PlanError(f"the plan was made for a model of {plan.model_vocab_size} rows, "
+                                f"not {model_vocab_size}")
             model_vocab_size = plan.model_vocab_size
         spare = []
         if model_vocab_size is not None and model_vocab_size != len(pieces):
@@ -375,7 +376,8 @@ class ReservedVocab:
             if not isinstance(term, str) or not term.strip():
                 raise PlanError(f"terms must be non-empty strings, got {term!r}")
             if description is not None and not isinstance(description, str):
-                raise PlanError(f"the description of {term!r} must be a string or None, got {type(description).__name__}")
+                raise PlanError(f"the description of {term!r} must be a string or None, "
+                                f"got {type(description).__name__}")
             for form, form_description in self.surface_forms(term, description, spaced).items():
                 if form not in self.plan and form not in new:
                     new[form] = form_description
@@ -386,7 +388,7 @@ class ReservedVocab:
             raise PlanError(f"{len(new)} new slots asked for ({', '.join(map(repr, new))}) but only {len(free)} "
                             "reserved slots are free")
         self._refuse_existing(new)
-        slots = dict(zip(new, free))
+        slots = dict(zip(new, free, strict=False))  # free has at least as many slots: checked above
         renames = {e.id: e.term for e in self.plan.entries} | {slots[t]: t for t in new}
         data = self.backend.renamed(renames)
         try:
@@ -427,7 +429,8 @@ class ReservedVocab:
         return self.renamed_codec().encode
 
     def save(self, out_dir: str | os.PathLike) -> tuple[str, str]:
-        """Write the renamed tokenizer and ``out_dir/reserved_plan.json``, all files atomically; returns those two paths.
+        """Write the renamed tokenizer and ``out_dir/reserved_plan.json``, all files atomically; returns those two
+        paths.
 
         The renamed tokenizer is ``tokenizer.model`` (or ``tokenizer.json``, as read). For a SentencePiece
         model, ``tokenizer.json`` and ``tokenizer_config.json`` are written too (when transformers is

@@ -133,8 +133,8 @@ def _directions(weight: Tensor, weight_scaler: Tensor | None, pc: Tensor, start:
     return rows / rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def _direction_test(weight: Tensor, weight_scaler: Tensor | None, reference: Tensor) -> tuple[Tensor | None, float | None,
-                                                                                               str | None]:
+def _direction_test(weight: Tensor, weight_scaler: Tensor | None,
+                    reference: Tensor) -> tuple[Tensor | None, float | None, str | None]:
     """(scores, threshold, why skipped): each row's cosine with the reference rows' shared direction."""
     if reference.numel() < 2:
         return None, None, "fewer than two reference rows with a norm (near-zero rows have no direction)"

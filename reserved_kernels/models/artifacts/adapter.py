@@ -69,7 +69,8 @@ def write_adapter(model: nn.Module, folder: str, plan=None, vocab=None) -> None:
         metadata[TOKENIZER_KEY] = plan.tokenizer_sha256
     config = {"peft_type": "TRAINABLE_TOKENS", "task_type": None, "inference_mode": True,
               "token_indices": embedding.reserved_ids.tolist(),
-              "target_modules": [embedding_name.rsplit(".", 1)[-1]] + ([head_name.rsplit(".", 1)[-1]] if untied else []),
+              "target_modules": [name.rsplit(".", 1)[-1]
+                                 for name in [embedding_name] + ([head_name] if untied else [])],
               "init_weights": True, "base_model_name_or_path": getattr(getattr(base, "config", None), "_name_or_path",
                                                                          None) or None, "revision": None}
     if hasattr(base, "config"):
@@ -150,7 +151,7 @@ def read_adapter(folder: str, model: nn.Module, vocab=None) -> dict:
     if shape is not None and shape != f"{vocab_size}x{dim}":
         raise AdapterError(f"{weights_path}: metadata key {TABLE_KEY!r} says a {shape} table; this model's is "
                            f"{vocab_size}x{dim} (another base model)")
-    for role, (key, rows) in found.items():
+    for key, rows in found.values():
         if rows.shape != (len(indices), dim):
             raise AdapterError(f"{weights_path}: key {key!r} holds rows of shape {tuple(rows.shape)}, expected "
                                f"({len(indices)}, {dim}) for {len(indices)} token_indices of width {dim}")

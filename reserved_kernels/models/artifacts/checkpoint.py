@@ -58,7 +58,8 @@ def save_reserved(model: nn.Module, folder: str | os.PathLike,
     patched_embedding(model)
     folder = os.fspath(folder)
     if folder.endswith(".pt") or os.path.isfile(folder):
-        raise ValueError(f"save_reserved writes a folder (a PEFT adapter in safetensors), got the file path {folder!r}; "
+        raise ValueError("save_reserved writes a folder (a PEFT adapter in safetensors), "
+                         f"got the file path {folder!r}; "
                          "the .pt format is read by load_reserved, no longer written")
     if plan is None:
         plan = patch_state(model).vocab
@@ -105,7 +106,8 @@ def load_reserved(model: nn.Module, path: str | os.PathLike, *, vocab: ReservedV
     """Re-apply trained rows, patching ``model`` first if needed; returns the plan (if the file has one).
 
     ``path`` is a PEFT trainable-tokens adapter folder (written by :func:`save_reserved`, or by PEFT: see
-    :func:`reserved_kernels.models.artifacts.adapter.read_adapter` for its checks), a folder written by a patched model's
+    :func:`reserved_kernels.models.artifacts.adapter.read_adapter` for its checks), a folder written by a patched
+    model's
     ``save_pretrained`` (or a ``Trainer`` checkpoint), or a ``.pt`` file of earlier releases; the rows are read
     exactly as trained. The table must match; a patched model must have the same reserved ids. An adapter is
     checked against ``vocab`` (by default the one the model was patched with): written for another tokenizer, it
@@ -122,7 +124,8 @@ def load_reserved(model: nn.Module, path: str | os.PathLike, *, vocab: ReservedV
             raise ValueError(f"{path} holds rows for a {state['num_embeddings']}x{state['embedding_dim']} table; "
                              f"this model's is {shape[0]}x{shape[1]}")
     elif rows.shape[1] != embedding.weight.shape[1]:
-        raise ValueError(f"{path} holds rows of width {rows.shape[1]}; this model's table has {embedding.weight.shape[1]}")
+        raise ValueError(f"{path} holds rows of width {rows.shape[1]}; "
+                         f"this model's table has {embedding.weight.shape[1]}")
     if isinstance(embedding, ReservedEmbedding):
         if embedding.reserved_ids.tolist() != ids.tolist():
             raise ValueError(f"the model is patched for other reserved ids than {path}'s")

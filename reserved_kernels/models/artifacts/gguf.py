@@ -326,7 +326,13 @@ class ExportRows:
         :func:`~reserved_kernels.save_pretrained` wrote, with the plan beside them; read without a model."""
         from safetensors import safe_open
 
-        from reserved_kernels.models.artifacts.adapter import CONFIG_NAME, KEY_SUFFIX, TABLE_KEY, AdapterError, read_config
+        from reserved_kernels.models.artifacts.adapter import (
+            CONFIG_NAME,
+            KEY_SUFFIX,
+            TABLE_KEY,
+            AdapterError,
+            read_config,
+        )
 
         plan_path = os.path.join(folder, PLAN_FILENAME)
         if not os.path.isdir(folder):

@@ -1,7 +1,8 @@
 """Frozen text: the exact loss of ordinary text at the model's current rows, for O(K·D) a token.
 
 In text without a reserved id (at or before a position, in its row) a patched model's hidden state ``h`` is a
-constant while only the K rows train (:mod:`reserved_kernels.models.position_split`), and so are the log-sum-exp over the
+constant while only the K rows train (:mod:`reserved_kernels.models.position_split`), and so are the log-sum-exp over
+the
 V − K frozen columns of the head and the target's logit when the target is a frozen token. Only the K reserved
 columns move. So the loss of such a position at the current rows ``R`` is exactly::
 
@@ -108,9 +109,11 @@ def _refuse_reached(index: int, ids: Tensor, targets: Tensor, slot_map: Tensor) 
     if bool(reached.any()):
         row = int(reached.any(1).int().argmax())
         first = int(hit[row].int().argmax())
-        raise ValueError(f"batch {index}, row {row}: the reserved id {int(ids[row, first])} at position {first} reaches "
+        raise ValueError(f"batch {index}, row {row}: the reserved id {int(ids[row, first])} at position {first} "
+                         "reaches "
                          f"the counted positions from {first} on, which are not frozen; FrozenText keeps only text no "
-                         f"reserved id reaches (leave the row out, or set its labels to -100 from position {first + 1})")
+                         "reserved id reaches (leave the row out, or set its labels to -100 from position "
+                         f"{first + 1})")
 
 
 class FrozenText:

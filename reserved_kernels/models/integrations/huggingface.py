@@ -91,7 +91,7 @@ def patched_forward(self, *args, labels=None, return_logits: bool | None = None,
     state = patch_state(self)
     swap = state.forward
     if args:  # named, so that the backbone and the model's own forward both get them right
-        kwargs.update(zip(_parameter_names(type(self)), args))
+        kwargs.update(zip(_parameter_names(type(self)), args, strict=False))  # args name the first ones
     labels = kwargs.pop("labels", labels)
     if fused_lm_head:
         return _token_statistics(self, labels, kwargs)
@@ -107,7 +107,8 @@ def patched_forward(self, *args, labels=None, return_logits: bool | None = None,
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     if position_split.frozen_split_unsupported(self, body_kwargs) is None:
-        loss = position_split.split_loss(self, body_kwargs, shift_labels, ignore_index=ignore_index, num_items_in_batch=num_items,
+        loss = position_split.split_loss(self, body_kwargs, shift_labels, ignore_index=ignore_index,
+                                         num_items_in_batch=num_items,
                                  softcap=_softcap(self))
         if loss is not None:
             return CausalLMOutputWithPast(loss=loss, logits=None)
@@ -139,7 +140,8 @@ def _token_statistics(self, labels, kwargs):
     def stats_of(hidden, part_targets):
         return head(hidden, part_targets, reduction="none", softcap=softcap, return_stats=True)
 
-    parts = position_split.hf_split(self, body_kwargs) if position_split.frozen_split_unsupported(self, body_kwargs) is None else None
+    splits = position_split.frozen_split_unsupported(self, body_kwargs) is None
+    parts = position_split.hf_split(self, body_kwargs) if splits else None
     if parts is None:
         hidden = self.base_model(**{**body_kwargs, "use_cache": False}).last_hidden_state
         targets = targets.to(hidden.device)
@@ -148,7 +150,8 @@ def _token_statistics(self, labels, kwargs):
         targets = targets.to(parts[0].hidden.device)
         flat = targets.reshape(-1)
         per_part = [stats_of(p.hidden, flat.index_select(0, p.where)) for p in parts if p is not None]
-        loss, entropy, is_top1 = (position_split.in_batch_order(parts, [getattr(s, name) for s in per_part], targets.shape)
+        loss, entropy, is_top1 = (position_split.in_batch_order(parts, [getattr(s, name) for s in per_part],
+                                                                targets.shape)
                                   for name in ("loss", "entropy", "is_top1"))
     if shift_labels is None:  # TRL's layout without shift_labels: the T - 1 positions that predict a label
         loss, entropy, is_top1, targets = (t[:, :-1] for t in (loss, entropy, is_top1, targets))
