@@ -205,7 +205,7 @@ BENCH_COMMANDS = {
     "frozen": "the real model's step with the frozen-position skip on and off, on three kinds of text",
     "frozen-text": "FrozenText's cached perplexity and training step beside the full forward, and their exactness",
     "gguf": "the GGUF export beside a plain copy of the model's file: time and peak memory, in fresh processes",
-    "readme": "regenerate README's Results section from the files in --out",
+    "readme": "regenerate docs/results.md and the README's headline from the files in --out",
 }
 # The earlier flags, each the subcommand it now is.
 _BENCH_FLAGS = {"readme": "readme", "gguf": "gguf", "loss": "loss", "host": "host", "frozen_only": "frozen",
@@ -232,7 +232,9 @@ def add_bench_commands(parser: argparse.ArgumentParser) -> None:
                                  help=f"a named checkpoint ({', '.join(CHECKPOINTS)}, the default)"
                                       + ("" if name == "gguf" else " or a Hugging Face checkpoint folder"))
         if name == "readme":
-            command.add_argument("readme", nargs="?", default="README.md", help="the README to update")
+            command.add_argument("readme", nargs="?", default="docs/results.md",
+                                 help="the Results page to regenerate (the default also regenerates the README's "
+                                      "headline)")
     legacy = parser.add_argument_group("the earlier flags (deprecated)")
     legacy.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help=argparse.SUPPRESS)
     legacy.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
@@ -244,7 +246,7 @@ def add_bench_commands(parser: argparse.ArgumentParser) -> None:
     legacy.add_argument("--frozen-text", action="store_true", help="bench frozen-text")
     legacy.add_argument("--gguf", action="store_true", help="bench gguf")
     legacy.add_argument("--out", default="bench/results", help=argparse.SUPPRESS)
-    legacy.add_argument("--readme", metavar="README", nargs="?", const="README.md", help="bench readme [README]")
+    legacy.add_argument("--readme", metavar="README", nargs="?", const="docs/results.md", help="bench readme [PAGE]")
 
 
 def bench_commands(args: argparse.Namespace) -> list[str]:
@@ -259,7 +261,7 @@ def bench_commands(args: argparse.Namespace) -> list[str]:
         commands = ["step", "frozen", "frozen-text"]
     else:
         commands = ["kernels"]
-    if flag == "readme" and args.readme != "README.md":
+    if flag == "readme" and args.readme != "docs/results.md":
         args.bench_readme = args.readme
     spelled = " && ".join(f"reserved-kernels bench {c}" for c in commands)
     print(f"reserved-kernels bench: the flag spelling is deprecated and goes in the next release; use: {spelled}",
@@ -273,11 +275,11 @@ def run_bench(command: str, args: argparse.Namespace) -> None:
     if command in ("step", "frozen", "frozen-text", "gguf"):
         check_model(model)
     if command == "readme":
-        from reserved_kernels.benchmarks.report import update_readme
+        from reserved_kernels.benchmarks.report import README, RESULTS_PAGE, update_readme
 
-        readme = args.readme if args.bench_command else getattr(args, "bench_readme", "README.md")
-        update_readme(readme, args.out)
-        print(f"updated {readme} from {args.out}")
+        page = args.readme if args.bench_command else getattr(args, "bench_readme", RESULTS_PAGE)
+        update_readme(args.out, page, readme=README if page == RESULTS_PAGE else None)
+        print(f"updated {page}{'' if page != RESULTS_PAGE else ' and ' + README} from {args.out}")
     elif command == "gguf":
         from reserved_kernels.benchmarks.gguf_export import main as gguf_main
 

@@ -9,6 +9,9 @@ package's sha256, lets transformers dequantise it to fp32 (about two minutes on
 (1.07 GB of safetensors, ``tokenizer.json``) under the cache directory — atomically: a temporary folder,
 renamed into place when complete. Later uses load that folder in seconds.
 
+:func:`shipped_model` is the small Gemma the package itself ships (the main job's default model, and the one the
+documentation's examples run on).
+
 The cache directory is ``$RESERVED_KERNELS_CACHE``, else ``$XDG_CACHE_HOME/reserved_kernels``, else
 ``~/.cache/reserved_kernels``.
 """
@@ -48,6 +51,13 @@ CHECKPOINTS = {
 
 class MissingPackageError(ImportError):
     """A named checkpoint's package (or ``gguf``) is not installed; the message says what to install."""
+
+
+def shipped_model() -> str:
+    """The folder of the small Gemma the package ships (1.5 MB: a plain Hugging Face ``GemmaForCausalLM``
+    checkpoint, vocabulary 1,024 x 96, trained on generated text; ``scripts/train_demo_model.py`` rebuilds it). Its
+    tokenizer is the embedded one, :func:`reserved_kernels.default_tokenizer_path`."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo_gemma")
 
 
 def cache_dir() -> str:

@@ -31,10 +31,10 @@ import os
 import torch
 
 assert emb(torch.tensor([1, 3])).shape == (2, 4)
-from reserved_kernels.demo.job import default_model_path  # the main job's model ships in the wheel
+from reserved_kernels.pretrained import shipped_model  # the main job's model ships in the wheel
 from reserved_kernels.vocab import default_tokenizer_path
 
-assert os.path.exists(os.path.join(default_model_path(), "model.safetensors")), default_model_path()
+assert os.path.exists(os.path.join(shipped_model(), "model.safetensors")), shipped_model()
 assert os.path.exists(default_tokenizer_path())
 PY
 "$work/venv/bin/reserved-kernels" info | grep "compiled extension built"

@@ -17,6 +17,7 @@ pytest.importorskip("transformers", reason="the demo needs transformers")
 from reserved_kernels.cli import add_demo_arguments  # noqa: E402
 from reserved_kernels.demo import job as demo  # noqa: E402
 from reserved_kernels.demo import training as demo_training  # noqa: E402
+from reserved_kernels.pretrained import shipped_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +79,7 @@ def test_demo_runs_on_a_hugging_face_checkpoint_folder(tmp_path):
     import shutil
 
     model_dir = tmp_path / "model"
-    shutil.copytree(demo.default_model_path(), model_dir)
+    shutil.copytree(shipped_model(), model_dir)
     from reserved_kernels.vocab import default_tokenizer_path
 
     shutil.copy(default_tokenizer_path(), model_dir / "tokenizer.model")
@@ -98,6 +99,6 @@ def test_the_shipped_model_comes_from_the_training_script_deterministically(tmp_
         digests.append(proc.stdout.strip().splitlines()[-1].split("sha256 ")[1])
     assert digests[0] == digests[1]
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    shipped = json.loads(open(os.path.join(demo.default_model_path(), "config.json")).read())
+    shipped = json.loads(open(os.path.join(shipped_model(), "config.json")).read())
     assert {k: config[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers")} == \
         {k: shipped[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers")}

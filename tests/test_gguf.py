@@ -34,10 +34,10 @@ TERMS = {"[summary]": "in summary", "[translate]": "in translation"}
 
 
 def shipped_model():
-    from reserved_kernels.demo.job import default_model_path
+    from reserved_kernels.pretrained import shipped_model
 
     transformers.logging.set_verbosity_error()
-    model = transformers.AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(shipped_model(), dtype=torch.float32).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model

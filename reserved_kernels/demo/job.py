@@ -72,13 +72,6 @@ from reserved_kernels.demo.training import (
     train_rows,
 )
 
-
-def default_model_path() -> str:
-    """The small Gemma the package ships for the main job (``reserved_kernels/data/demo_gemma``)."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(package, "data", "demo_gemma")
-
-
 # ----------------------------------------------------------------------------------------------------- text
 
 def encode_lines(lines: list[str], encode, *, bos: int, eos: int, pad: int,
@@ -122,12 +115,12 @@ def _load(args, device, log):
     Hugging Face checkpoint folder of any family the planner knows, and its tokenizer."""
     import transformers
 
-    from reserved_kernels.pretrained import resolve
+    from reserved_kernels.pretrained import resolve, shipped_model
     from reserved_kernels.vocab import ReservedVocab, default_tokenizer_path
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    folder = resolve(args.model, log=log) if args.model else default_model_path()
+    folder = resolve(args.model, log=log) if args.model else shipped_model()
     start = time.perf_counter()
     # A local folder only: a model hub is never asked (resolve refused anything else).
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
