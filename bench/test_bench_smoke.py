@@ -173,10 +173,29 @@ def test_bench_readme_regenerates_the_results_section_of_the_readme_given(tmp_pa
     assert "stale" not in text and report.readme_section(os.path.join(REPO, "bench", "results")) in text
 
 
-def test_readme_results_are_generated_from_the_committed_files():
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    assert report.readme_section(os.path.join(REPO, "bench", "results")) in readme
+def test_the_results_page_and_the_readme_headline_are_generated_from_the_committed_files():
+    results = os.path.join(REPO, "bench", "results")
+    with open(os.path.join(REPO, report.RESULTS_PAGE), encoding="utf-8") as f:
+        assert report.readme_section(results) in f.read()
+    with open(os.path.join(REPO, report.README), encoding="utf-8") as f:
+        headline = report.headline_section(results)
+        assert "the real Gemma 3 270M training step" in headline and headline in f.read()
+
+
+def test_bench_readme_regenerates_the_page_and_the_headline_in_place(tmp_path, monkeypatch):
+    """Without a PAGE, `bench readme` rewrites docs/results.md and the README's headline, each between its own
+    markers, and leaves the rest of each file as it was."""
+    from reserved_kernels.cli import main
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / report.RESULTS_PAGE).write_text(f"# R\n{report.README_START}\nold\n{report.README_END}\ntail\n")
+    (tmp_path / report.README).write_text(f"# T\n{report.HEADLINE_START}\nold\n{report.HEADLINE_END}\nend\n")
+    monkeypatch.chdir(tmp_path)
+    main(["bench", "readme", "--out", os.path.join(REPO, "bench", "results")])
+    page, readme = (tmp_path / report.RESULTS_PAGE).read_text(), (tmp_path / report.README).read_text()
+    assert "old" not in page and page.startswith("# R\n") and page.endswith("tail\n")
+    assert "old" not in readme and readme.startswith("# T\n") and readme.endswith("end\n")
+    assert "| **reserved-kernels** |" in readme
 
 
 # ----------------------------------------------------------------------------- pytest-benchmark

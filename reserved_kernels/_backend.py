@@ -39,7 +39,7 @@ def extension_status() -> tuple[bool, str]:
     here = os.path.dirname(os.path.abspath(__file__))
     candidates = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
     if not candidates:
-        return False, "the compiled extension was not built (no reserved_kernels/_C*.so; see README, Install)"
+        return False, "the compiled extension was not built (no reserved_kernels/_C*.so; see docs/setup.md, Install)"
     try:
         torch.ops.load_library(candidates[0])
     except (OSError, RuntimeError) as exc:  # a wrong torch/CUDA ABI shows up here

@@ -172,7 +172,8 @@ def _loss_and_step_lines(results_dir: str, device: str, only: str | None = None)
 
 
 def readme_section(results_dir: str) -> str:
-    """The README's Results section, from the committed results files of the current code only."""
+    """The Results page's generated part (``docs/results.md``), from the committed results files of the current
+    code only."""
     lines = [README_START, "", "All figures are medians (p20–p80) measured side by side in one run on one machine.", ""]
     cpu = latest(results_dir, "cpu")
     if cpu:
