@@ -26,7 +26,7 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as TF
 from torch import nn
 
 VOCAB, DIM, TOKENS = 1000, 64, 16
@@ -55,7 +55,7 @@ def _recipes(device: torch.device, tokens: int, vocab: int, dim: int, dtype: tor
 
     return {
         ("forward", "ours"): lambda: ours(ids),
-        ("forward", "F.embedding*scale"): lambda: F.embedding(ids, weight) * scale_t,
+        ("forward", "F.embedding*scale"): lambda: TF.embedding(ids, weight) * scale_t,
         ("forward", "nn.Embedding*scale"): lambda: plain(ids) * scale_t,
         ("forward+backward", "ours"): ours_step,
         ("forward+backward", "nn.Embedding*scale"): plain_step,

@@ -55,7 +55,7 @@ def _setup(args):
 
 
 def _loss_fn(args, torch, head, hidden, targets):
-    import torch.nn.functional as F
+    import torch.nn.functional as TF
 
     from reserved_kernels._table import softcapped
 
@@ -65,7 +65,7 @@ def _loss_fn(args, torch, head, hidden, targets):
     if args.impl == "unfused":
         def unfused():
             logits = head(hidden)
-            return F.cross_entropy((softcapped(logits, cap) if cap is not None else logits).float(), targets)
+            return TF.cross_entropy((softcapped(logits, cap) if cap is not None else logits).float(), targets)
 
         return unfused
     if args.impl == "liger":

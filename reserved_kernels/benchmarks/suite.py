@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as TF
 from torch import nn
 
 import reserved_kernels as rk
@@ -97,7 +97,7 @@ def lookup_workloads(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slot
                 emb(ids).backward(grad)
 
             run.record("forward+backward", backend, case, run.time(fwd_bwd))
-    run.record("forward", "F.embedding*scale", case, run.time(lambda: F.embedding(ids, weight) * scale_t), fwd_bytes)
+    run.record("forward", "F.embedding*scale", case, run.time(lambda: TF.embedding(ids, weight) * scale_t), fwd_bytes)
     if compiled_reference is not None:
         args = (ids, weight, emb.reserved_weight.detach(), emb.slot_map, None, reference.rounded_scale(scale, dtype))
         run.record("forward", "torch.compile(reference)", case, run.time(lambda: compiled_reference(*args)), fwd_bytes)
@@ -138,7 +138,7 @@ def int8_workload(run: Runner, vocab: int, dim: int, dtype: torch.dtype, tokens:
         with ops.forced(backend):
             run.record("int8 forward", backend, case, run.time(lambda: emb(ids)))
     run.record("int8 forward", "dequantise table", case,
-               run.time(lambda: F.embedding(ids, dequantised(weight, scaler)), heavy=True))
+               run.time(lambda: TF.embedding(ids, dequantised(weight, scaler)), heavy=True))
 
 
 def mean_init_workload(run: Runner, vocab: int, dim: int, dtype: torch.dtype, slots: int, with_resize: bool) -> None:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from reserved_kernels._progress import Ticker
 from reserved_kernels._table import acc_dtype, cap_slope, softcapped
 from reserved_kernels.models import position_split
+from reserved_kernels.models.batches import batch_parts, config_softcap, default_labels
 from reserved_kernels.models.layout import base_model, is_gemma_pytorch, output_head
 from reserved_kernels.models.state import patch_state
 from reserved_kernels.modules.lm_head import ReservedHead
@@ -59,7 +60,7 @@ class _Head:
 
 def _head(model: nn.Module) -> _Head:
     base = base_model(model)
-    softcap = getattr(getattr(base, "config", None), "final_logit_softcapping", None)
+    softcap = config_softcap(base)
     if is_gemma_pytorch(base):
         from reserved_kernels.models.integrations.gemma_pytorch import tied_table
 
@@ -81,25 +82,6 @@ def _hidden_states(model: nn.Module, ids: Tensor, mask: Tensor | None) -> Tensor
 
         return decoder_states(base, ids)
     return base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-
-
-def _batch_parts(batch, index: int) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(input_ids, attention_mask, labels) of one batch; labels default to the ids, -100 where masked."""
-    if isinstance(batch, Tensor):
-        ids, mask, labels = batch, None, None
-    elif isinstance(batch, Mapping) and "input_ids" in batch:
-        ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch.get("labels")
-    else:
-        raise TypeError(f"batch {index}: expected an input_ids tensor or a dict with 'input_ids', got "
-                        f"{type(batch).__name__}")
-    if ids.dim() != 2:
-        raise ValueError(f"batch {index}: input_ids must be (batch, length), got shape {tuple(ids.shape)}")
-    for name, t in (("attention_mask", mask), ("labels", labels)):
-        if t is not None and t.shape != ids.shape:
-            raise ValueError(f"batch {index}: {name} has shape {tuple(t.shape)}, input_ids {tuple(ids.shape)}")
-    if labels is None:
-        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
-    return ids, mask, labels
 
 
 def _refuse_reached(index: int, ids: Tensor, targets: Tensor, slot_map: Tensor) -> None:
@@ -157,7 +139,8 @@ class FrozenText:
         try:
             with torch.no_grad():
                 for index, batch in enumerate(batches):
-                    ids, mask, labels = _batch_parts(batch, index)
+                    ids, mask, labels = batch_parts(batch, index)
+                    labels = default_labels(ids, mask) if labels is None else labels
                     targets = labels[:, 1:].to(ids.device)
                     _refuse_reached(index, ids, targets, head.slot_map)
                     counted = targets != -100

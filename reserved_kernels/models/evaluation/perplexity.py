@@ -8,6 +8,11 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from reserved_kernels.models.batches import batch_parts, default_labels
+from reserved_kernels.models.integrations.gemma_pytorch import causal_lm_loss
+from reserved_kernels.models.layout import is_gemma_pytorch
+from reserved_kernels.models.state import patch_state
+
 
 def _summed_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None) -> Tensor:
     """The summed next-token negative log-likelihood of one batch, through the model's loss path.
@@ -16,16 +21,12 @@ def _summed_nll(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | No
     (B, T, V) logits. An unpatched Hugging Face model computes its own (``num_items_in_batch=1`` turns its
     mean into the sum); a gemma_pytorch-layout model goes through ``causal_lm_loss``.
     """
-    from reserved_kernels.models.integrations.gemma_pytorch import causal_lm_loss
-    from reserved_kernels.models.layout import is_gemma_pytorch
-    from reserved_kernels.models.state import patch_state
-
     if is_gemma_pytorch(model):  # its own forward samples one token; score every position instead
         if labels is not None:
             raise ValueError("labels are not supported for gemma_pytorch-layout models; pass attention_mask")
         return causal_lm_loss(model, input_ids, attention_mask, reduction="sum")
     if labels is None:
-        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+        labels = default_labels(input_ids, attention_mask)
     state = patch_state(model)
     fused = {"return_logits": False} if state is not None and state.forward is not None else {}
     return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, num_items_in_batch=1,
@@ -55,10 +56,8 @@ def perplexity(model: nn.Module, batches: Iterable[Tensor | Mapping[str, Tensor]
     model.eval()
     total, count = 0.0, 0
     try:
-        for batch in batches:
-            ids = batch if isinstance(batch, Tensor) else batch["input_ids"]
-            mask = None if isinstance(batch, Tensor) else batch.get("attention_mask")
-            labels = None if isinstance(batch, Tensor) else batch.get("labels")
+        for index, batch in enumerate(batches):
+            ids, mask, labels = batch_parts(batch, index)
             total += float(_summed_nll(model, ids, mask, labels))
             count += _counted(ids, mask, labels)
     finally:

@@ -18,12 +18,12 @@ an ``attn_type`` (an enum with ``GLOBAL`` / ``LOCAL_SLIDING`` members) and ``mod
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reserved_kernels._table import dequantised
 from reserved_kernels.functional import reserved_logits
 from reserved_kernels.models import position_split
+from reserved_kernels.models.batches import config_softcap, default_labels, shifted_targets
 from reserved_kernels.models.layout import embedder_name, is_gemma_pytorch
 from reserved_kernels.models.state import patch_state
 
@@ -133,7 +133,7 @@ def causal_lm_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
     """
     hidden = decoder_states(model, input_ids)
     table, rows, ids, _ = tied_table(model)
-    return reserved_logits(hidden, table, rows, ids, softcap=getattr(model.config, "final_logit_softcapping", None))
+    return reserved_logits(hidden, table, rows, ids, softcap=config_softcap(model))
 
 
 def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
@@ -154,12 +154,9 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     decoder = _Decoder(model, input_ids)
-    # In the batch's (B, T) layout: position t predicts token t + 1, the last one nothing.
-    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)
-    if attention_mask is not None:
-        targets = targets.masked_fill(F.pad(attention_mask[:, 1:], (0, 1), value=0) == 0, -100)
+    targets = shifted_targets(default_labels(input_ids, attention_mask))
     table, rows, _, slot_map = tied_table(model)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    softcap = config_softcap(model)
 
     def loss_sum(hidden: Tensor, part_targets: Tensor) -> Tensor:
         return linear_cross_entropy(hidden, table, rows, slot_map, part_targets, ignore_index=-100, softcap=softcap,

@@ -27,10 +27,10 @@ import functools
 import inspect
 import types
 
-import torch.nn.functional as F
 from torch import nn
 
 from reserved_kernels.models import position_split
+from reserved_kernels.models.batches import config_softcap, shifted_targets
 from reserved_kernels.models.layout import output_head
 from reserved_kernels.models.state import ForwardSwap, PatchState, patch_state
 
@@ -102,28 +102,24 @@ def patched_forward(self, *args, labels=None, return_logits: bool | None = None,
     shift_labels, num_items, ignore_index = (kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"),
                                              kwargs.get("ignore_index", -100))
     if shift_labels is None:  # the model's own shift: position t predicts label t + 1; the last predicts nothing
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = shifted_targets(labels, ignore_index)
     body_kwargs = {k: v for k, v in kwargs.items() if k not in _LOSS_ONLY}
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     if position_split.frozen_split_unsupported(self, body_kwargs) is None:
         loss = position_split.split_loss(self, body_kwargs, shift_labels, ignore_index=ignore_index,
                                          num_items_in_batch=num_items,
-                                 softcap=_softcap(self))
+                                 softcap=config_softcap(self))
         if loss is not None:
             return CausalLMOutputWithPast(loss=loss, logits=None)
     outputs = self.base_model(**body_kwargs)
     hidden = outputs.last_hidden_state
     loss = output_head(self)(hidden, shift_labels.to(hidden.device), ignore_index=ignore_index,
-                                        num_items_in_batch=num_items, softcap=_softcap(self))
+                                        num_items_in_batch=num_items, softcap=config_softcap(self))
 
     carried = {k: getattr(outputs, k) for k in CausalLMOutputWithPast.__dataclass_fields__
                if k not in ("loss", "logits") and hasattr(outputs, k)}
     return CausalLMOutputWithPast(loss=loss, logits=None, **carried)
-
-
-def _softcap(model: nn.Module) -> float | None:
-    return getattr(model.config, "final_logit_softcapping", None)
 
 
 def _token_statistics(self, labels, kwargs):
@@ -134,8 +130,8 @@ def _token_statistics(self, labels, kwargs):
     shift_labels, num_items = kwargs.get("shift_labels"), kwargs.get("num_items_in_batch")
     body_kwargs = {k: v for k, v in kwargs.items() if k not in _LOSS_ONLY}
     # In the batch's (B, T) layout: position t predicts label t + 1, the last one nothing.
-    targets = shift_labels if shift_labels is not None else F.pad(labels, (0, 1), value=-100)[..., 1:]
-    head, softcap = output_head(self), _softcap(self)
+    targets = shift_labels if shift_labels is not None else shifted_targets(labels)
+    head, softcap = output_head(self), config_softcap(self)
 
     def stats_of(hidden, part_targets):
         return head(hidden, part_targets, reduction="none", softcap=softcap, return_stats=True)
