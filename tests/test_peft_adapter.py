@@ -212,3 +212,35 @@ def test_rows_files_of_earlier_releases_still_load(tmp_path):
     fresh = _model("gemma3")
     assert load_reserved(fresh, tmp_path / "rows.pt") == vocab.plan
     assert torch.equal(fresh.get_input_embeddings().reserved_weight, embedding.reserved_weight)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama-untied"])
+def test_every_reader_returns_the_same_typed_rows(kind, tmp_path):
+    """An adapter folder, a patched model's save_pretrained folder, the export's model-free reader and a patched
+    model all give ReservedRows holding the trained rows exactly (an untied head's own rows too)."""
+    from reserved_kernels.models.artifacts.adapter import read_adapter
+    from reserved_kernels.models.artifacts.gguf import ExportError, ExportRows
+    from reserved_kernels.models.artifacts.rows import ReservedRows
+
+    vocab = _vocab()
+    model = _trained(kind, vocab)
+    save_reserved(model, tmp_path / "rows")
+    model.save_pretrained(tmp_path / "ckpt")
+    vocab.save(tmp_path / "ckpt")
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    untied = head.tied is None
+    found = read_adapter(str(tmp_path / "rows"), model)
+    assert isinstance(found, ReservedRows) and found.ids == vocab.plan.ids and found.plan.ids == vocab.plan.ids
+    assert torch.equal(found.rows, embedding.reserved_weight.detach())
+    assert (found.head_rows is not None) == untied
+    for export in (ExportRows.from_folder(str(tmp_path / "rows")), ExportRows.from_folder(str(tmp_path / "ckpt")),
+                   ExportRows.from_model(model)):
+        assert export.plan.ids == vocab.plan.ids
+        assert torch.equal(torch.from_numpy(export.rows), embedding.reserved_weight.detach().float())
+        if untied:
+            assert torch.equal(torch.from_numpy(export.head_rows), head.reserved_weight.detach().float())
+        else:
+            assert export.head_rows is None
+    with pytest.raises(ExportError, match="no plan"):
+        ExportRows.of(ReservedRows(ids=found.ids, rows=found.rows, head_rows=None, plan=None, table_shape=None,
+                                   source="rows without a plan"))

@@ -20,10 +20,10 @@ import json
 import os
 import warnings
 
-import torch
 from torch import Tensor, nn
 
 from reserved_kernels._io import atomic_write_many
+from reserved_kernels.models.artifacts.rows import ReservedRows
 from reserved_kernels.models.layout import base_model, input_embedding, output_head
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -113,8 +113,8 @@ def read_config(folder: str) -> tuple[str, list[int]]:
     return config_path, indices
 
 
-def read_adapter(folder: str, model: nn.Module, vocab=None) -> dict:
-    """``{reserved_ids, reserved_weight, head_reserved_weight, plan}`` from a PEFT trainable-tokens adapter folder
+def read_adapter(folder: str, model: nn.Module, vocab=None) -> ReservedRows:
+    """The :class:`~.rows.ReservedRows` of a PEFT trainable-tokens adapter folder
     (ours or PEFT's), checked against ``model`` (patched or not): :class:`AdapterError` naming the file and the key
     for indices out of range, rows of the wrong shape, or another base model (the table's shape, the plan's
     tokenizer); a warning for indices that are not reserved slots of ``vocab`` (by default the one the model was
@@ -170,5 +170,5 @@ def read_adapter(folder: str, model: nn.Module, vocab=None) -> dict:
         warnings.warn(f"{config_path}: token_indices {sorted(set(indices) - set(vocab.reserved_ids))[:5]} are not "
                       "reserved slots of the tokenizer; the rows load as given", UserWarning, stacklevel=4)
     head_rows = found["head"][1] if untied and "head" in found else None
-    return dict(reserved_ids=torch.tensor(indices), reserved_weight=found["embedding"][1],
-                head_reserved_weight=head_rows, plan=plan.to_json() if plan is not None else None)
+    return ReservedRows(ids=list(indices), rows=found["embedding"][1], head_rows=head_rows, plan=plan,
+                        table_shape=(vocab_size, dim) if shape is not None else None, source=folder)

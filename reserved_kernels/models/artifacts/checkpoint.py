@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from reserved_kernels.models.artifacts.adapter import is_adapter_folder, read_adapter, write_adapter
+from reserved_kernels.models.artifacts.rows import ReservedRows
 from reserved_kernels.models.layout import base_model, input_embedding, output_head
 from reserved_kernels.models.patch import patch_model, patched_embedding
 from reserved_kernels.models.state import patch_state
@@ -68,36 +69,44 @@ def save_reserved(model: nn.Module, folder: str | os.PathLike,
     return folder
 
 
-def _rows_from_checkpoint(folder: str, embedding_name: str, head_name: str | None) -> dict:
+def _rows_from_checkpoint(folder: str, embedding_name: str, head_name: str | None) -> ReservedRows:
     """The rows a patched model's ``save_pretrained`` (or a Trainer checkpoint) wrote, read alone, exactly."""
     from safetensors import safe_open
 
-    wanted = {f"{embedding_name}.reserved_ids": "reserved_ids", f"{embedding_name}.reserved_weight": "reserved_weight",
-              f"{head_name}.reserved_weight": "head_reserved_weight"}
-    state: dict = dict(head_reserved_weight=None, plan=None)
+    wanted = {f"{embedding_name}.reserved_ids": "ids", f"{embedding_name}.reserved_weight": "rows",
+              f"{head_name}.reserved_weight": "head_rows"}
+    found: dict = {}
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     for name in files:
         with safe_open(os.path.join(folder, name), framework="pt") as f:
             for key in set(f.keys()) & set(wanted):
-                state[wanted[key]] = f.get_tensor(key)
-    if "reserved_ids" not in state or "reserved_weight" not in state:
+                found[wanted[key]] = f.get_tensor(key)
+    if "ids" not in found or "rows" not in found:
         raise ValueError(f"{folder} holds no reserved rows under {embedding_name!r} (safetensors files: {files})")
-    return state
+    return ReservedRows(ids=found["ids"].tolist(), rows=found["rows"], head_rows=found.get("head_rows"), plan=None,
+                        table_shape=None, source=folder)
 
 
-def _read_rows(path: str, model: nn.Module, vocab: ReservedVocab | None) -> dict:
-    if is_adapter_folder(path):
-        return read_adapter(path, model, vocab)
-    if os.path.isdir(path):
-        base = base_model(model)
-        names = {id(m): n for n, m in base.named_modules()}
-        head = output_head(model)
-        return _rows_from_checkpoint(path, names[id(input_embedding(model))],
-                                     names.get(id(head)) if head is not None else None)
+def _rows_from_file(path: str) -> ReservedRows:
+    """The rows of a ``.pt`` file of earlier releases (tensors and plain values only: ``weights_only``)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format_version") != ARTIFACT_FORMAT_VERSION:
         raise ValueError(f"{path} is not a reserved-rows file of format {ARTIFACT_FORMAT_VERSION}")
-    return state
+    plan = ReservedPlan.from_json(state["plan"])[0] if state.get("plan") is not None else None
+    return ReservedRows(ids=state["reserved_ids"].tolist(), rows=state["reserved_weight"],
+                        head_rows=state.get("head_reserved_weight"), plan=plan,
+                        table_shape=(state["num_embeddings"], state["embedding_dim"]), source=path)
+
+
+def _read_rows(path: str, model: nn.Module, vocab: ReservedVocab | None) -> ReservedRows:
+    if is_adapter_folder(path):
+        return read_adapter(path, model, vocab)
+    if os.path.isdir(path):
+        names = {id(m): n for n, m in base_model(model).named_modules()}
+        head = output_head(model)
+        return _rows_from_checkpoint(path, names[id(input_embedding(model))],
+                                     names.get(id(head)) if head is not None else None)
+    return _rows_from_file(path)
 
 
 @torch.no_grad()
@@ -107,33 +116,29 @@ def load_reserved(model: nn.Module, path: str | os.PathLike, *, vocab: ReservedV
 
     ``path`` is a PEFT trainable-tokens adapter folder (written by :func:`save_reserved`, or by PEFT: see
     :func:`reserved_kernels.models.artifacts.adapter.read_adapter` for its checks), a folder written by a patched
-    model's
-    ``save_pretrained`` (or a ``Trainer`` checkpoint), or a ``.pt`` file of earlier releases; the rows are read
+    model's ``save_pretrained`` (or a ``Trainer`` checkpoint), or a ``.pt`` file of earlier releases; the rows are read
     exactly as trained. The table must match; a patched model must have the same reserved ids. An adapter is
     checked against ``vocab`` (by default the one the model was patched with): written for another tokenizer, it
     is refused; with ids that are not its reserved slots, it loads with a warning. Nothing is changed when a
     check fails.
     """
     path = os.fspath(path)
-    state = _read_rows(path, model, vocab)
+    found = _read_rows(path, model, vocab)
     embedding = input_embedding(model)
-    ids, rows = state["reserved_ids"], state["reserved_weight"]
-    if "num_embeddings" in state:
-        shape = (embedding.weight.shape[0], embedding.weight.shape[1])
-        if (state["num_embeddings"], state["embedding_dim"]) != shape:
-            raise ValueError(f"{path} holds rows for a {state['num_embeddings']}x{state['embedding_dim']} table; "
-                             f"this model's is {shape[0]}x{shape[1]}")
-    elif rows.shape[1] != embedding.weight.shape[1]:
-        raise ValueError(f"{path} holds rows of width {rows.shape[1]}; "
-                         f"this model's table has {embedding.weight.shape[1]}")
+    shape = (embedding.weight.shape[0], embedding.weight.shape[1])
+    if found.table_shape is not None and tuple(found.table_shape) != shape:
+        raise ValueError(f"{path} holds rows for a {found.table_shape[0]}x{found.table_shape[1]} table; "
+                         f"this model's is {shape[0]}x{shape[1]}")
+    if found.rows.shape[1] != shape[1]:
+        raise ValueError(f"{path} holds rows of width {found.rows.shape[1]}; this model's table has {shape[1]}")
     if isinstance(embedding, ReservedEmbedding):
-        if embedding.reserved_ids.tolist() != ids.tolist():
+        if embedding.reserved_ids.tolist() != found.ids:
             raise ValueError(f"the model is patched for other reserved ids than {path}'s")
     else:
-        patch_model(model, ids.tolist(), reserved_dtype=rows.dtype, **patch_kwargs)
+        patch_model(model, found.ids, reserved_dtype=found.rows.dtype, **patch_kwargs)
         embedding = patched_embedding(model)
-    embedding.reserved_weight.copy_(rows)
+    embedding.reserved_weight.copy_(found.rows)
     head = output_head(model)
-    if state["head_reserved_weight"] is not None and isinstance(head, ReservedLMHead) and head.tied is None:
-        head.reserved_weight.copy_(state["head_reserved_weight"])
-    return ReservedPlan.from_json(state["plan"])[0] if state["plan"] is not None else None
+    if found.head_rows is not None and isinstance(head, ReservedLMHead) and head.tied is None:
+        head.reserved_weight.copy_(found.head_rows)
+    return found.plan

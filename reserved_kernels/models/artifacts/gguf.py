@@ -41,8 +41,14 @@ from array import array
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import torch
 from torch import nn
 
+from reserved_kernels.models.artifacts.rows import ReservedRows
+from reserved_kernels.models.layout import input_embedding, output_head
+from reserved_kernels.models.state import patch_state
+from reserved_kernels.modules.embedding import ReservedEmbedding
+from reserved_kernels.modules.lm_head import ReservedLMHead
 from reserved_kernels.vocab.planning import PLAN_FILENAME, PlanError, ReservedPlan, pieces_digest
 
 PLAN_KEY = "reserved_kernels.plan"
@@ -298,11 +304,6 @@ class ExportRows:
     def from_model(cls, model: nn.Module) -> ExportRows:
         """A patched model's rows and the plan it was patched with (:func:`~reserved_kernels.patch_model` given a
         :class:`~reserved_kernels.ReservedVocab`)."""
-        from reserved_kernels.models.layout import input_embedding, output_head
-        from reserved_kernels.models.state import patch_state
-        from reserved_kernels.modules.embedding import ReservedEmbedding
-        from reserved_kernels.modules.lm_head import ReservedLMHead
-
         embedding, state = input_embedding(model), patch_state(model)
         if not isinstance(embedding, ReservedEmbedding) or state is None:
             raise ExportError(f"{type(model).__name__} is not a patched model (patch_model(model, vocab) first), nor "
@@ -314,11 +315,10 @@ class ExportRows:
                               "and export the folder")
         head = output_head(model)
         untied = isinstance(head, ReservedLMHead) and head.tied is None
-        ids = embedding.reserved_ids.tolist()
-        rows = embedding.reserved_weight.detach().float().cpu().numpy()
-        head_rows = head.reserved_weight.detach().float().cpu().numpy() if untied else None
-        return cls._in_plan_order(vocab.plan, ids, rows, head_rows, tuple(embedding.weight.shape),
-                                  f"the patched {type(model).__name__}")
+        return cls.of(ReservedRows(ids=embedding.reserved_ids.tolist(), rows=embedding.reserved_weight.detach(),
+                                   head_rows=head.reserved_weight.detach() if untied else None, plan=vocab.plan,
+                                   table_shape=tuple(embedding.weight.shape),
+                                   source=f"the patched {type(model).__name__}"))
 
     @classmethod
     def from_folder(cls, folder: str) -> ExportRows:
@@ -375,8 +375,8 @@ class ExportRows:
             if len(embedding) != 1:
                 raise ExportError(f"{files}: expected one key '*.embed_tokens{KEY_SUFFIX}' (the table's rows), found "
                                   f"{embedding}")
-            rows = load(embedding[0]).float().numpy()
-            head_rows = load(head[0]).float().numpy() if head else None
+            rows = load(embedding[0])
+            head_rows = load(head[0]) if head else None
             shape = metadata.get(TABLE_KEY)
             table_shape = tuple(int(x) for x in shape.split("x")) if shape else None
         else:  # a patched model's save_pretrained: the merged table and the master rows under the module names
@@ -388,20 +388,27 @@ class ExportRows:
                                   "them)")
             name = embedding[0]
             ids = load(name + ".reserved_ids").tolist()
-            rows = load(name + ".reserved_weight").float().numpy()
+            rows = load(name + ".reserved_weight")
             head = [m for m in masters if m != name]
-            head_rows = load(head[0] + ".reserved_weight").float().numpy() if head else None
+            head_rows = load(head[0] + ".reserved_weight") if head else None
             table_shape = None
             if name + ".weight" in where:
                 with safe_open(where[name + ".weight"], framework="pt") as f:
                     table_shape = tuple(f.get_slice(name + ".weight").get_shape())
-        if head_rows is not None and np.array_equal(head_rows, rows):
+        if head_rows is not None and torch.equal(head_rows, rows):
             head_rows = None  # a tied head's copy of the same rows (PEFT writes one)
-        return cls._in_plan_order(plan, ids, rows, head_rows, table_shape, folder)
+        return cls.of(ReservedRows(ids=ids, rows=rows, head_rows=head_rows, plan=plan, table_shape=table_shape,
+                                   source=folder))
 
     @classmethod
-    def _in_plan_order(cls, plan: ReservedPlan, ids: list[int], rows: np.ndarray, head_rows: np.ndarray | None,
-                       table_shape: tuple[int, int] | None, source: str) -> ExportRows:
+    def of(cls, found: ReservedRows) -> ExportRows:
+        """``found`` (which must carry its plan) as the export writes it: float32, in the plan's id order."""
+        plan, ids, source = found.plan, found.ids, found.source
+        rows = found.rows.detach().float().cpu().numpy()
+        head_rows = None if found.head_rows is None else found.head_rows.detach().float().cpu().numpy()
+        table_shape = found.table_shape
+        if plan is None:
+            raise ExportError(f"{source}: no plan beside the rows; the export names the tokens by the plan")
         if sorted(ids) != sorted(plan.ids):
             raise ExportError(f"{source}: its rows are for the ids {sorted(ids)[:8]}, its plan ({PLAN_FILENAME}) "
                               f"names {sorted(plan.ids)[:8]}: rows and plan must be saved together")
