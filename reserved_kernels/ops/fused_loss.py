@@ -42,7 +42,7 @@ hidden states' dtype.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -50,6 +50,27 @@ from torch import Tensor
 from reserved_kernels._table import SIXTEEN_BIT, acc_dtype, cap_slope, softcap_
 
 MIN_TILE_COLS, MAX_TILE_COLS = 256, 8192
+
+
+class TileStep(Protocol):
+    """One tile's update of the running statistics, in place; returns ``alpha = exp(m_old − m_new)`` per row:
+    :func:`reserved_kernels.reference.cross_entropy.lse_tile` (its docstring says each argument) or Triton's
+    launcher of the same name."""
+
+    def __call__(self, z: Tensor, masked: Tensor | None, target_col: Tensor, softcap: float | None, m: Tensor,
+                 s: Tensor, a: Tensor | None, zt: Tensor, p_out: Tensor | None,
+                 scratch: Tensor | None = None) -> Tensor: ...
+
+
+class LossParts(NamedTuple):
+    """What :func:`linear_cross_entropy` returns, in the op's output order (see there for each)."""
+
+    loss: Tensor
+    entropy: Tensor
+    is_top1: Tensor
+    grad_hidden: Tensor
+    grad_logits_reserved: Tensor
+    frozen_lse: Tensor
 
 
 def tile_shape(num_tokens: int, vocab: int, tile_bytes: int, bytes_per_element: int) -> tuple[int, int]:
@@ -161,7 +182,7 @@ def _reserved_logits(h: Tensor, rows: Tensor, softcap: float | None, gemms: Tile
 
 
 def _fold_reserved(block: _Block, z_res: Tensor, rows: Tensor, target_col: Tensor, softcap: float | None,
-                   gemms: TileGemms, tile_step: Callable) -> None:
+                   gemms: TileGemms, tile_step: TileStep) -> None:
     """Fold the K reserved columns into ``block`` after the table's tiles (which then give the frozen
     columns' log-sum-exp on their own): one more tile step, and ``acc += p·R`` after its rescaling."""
     p = torch.empty_like(z_res) if block.acc_h is not None else None
@@ -174,7 +195,7 @@ def _fold_reserved(block: _Block, z_res: Tensor, rows: Tensor, target_col: Tenso
 
 
 def _table_tiles(block: _Block, h: Tensor, weight: Tensor, reserved_cols: Tensor | None, targets: Tensor,
-                 plain: Tensor, softcap: float | None, gemms: TileGemms, tile_step: Callable,
+                 plain: Tensor, softcap: float | None, gemms: TileGemms, tile_step: TileStep,
                  buffers: tuple[Tensor, Tensor | None, Tensor | None], cols: int) -> None:
     """The table's columns, ``cols`` at a time, its reserved columns masked out; updates ``block`` in place."""
     z_buf, e_buf, p16_buf = buffers
@@ -225,10 +246,9 @@ def _grad_logits_reserved(block: _Block, lse: Tensor, z_res: Tensor, targets: _T
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, targets: Tensor,
                          ignore_index: int, softcap: float | None, tile_bytes: int, grad_hidden: bool, grad_rows: bool,
-                         stats: bool, tile_step: Callable, tile_step_needs_scratch: bool = True,
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, entropy, is_top1, grad_hidden, grad_logits_reserved, frozen_lse)`` for flat ``hidden`` (N, D) and
-    ``targets`` (N,).
+                         stats: bool, tile_step: TileStep, tile_step_needs_scratch: bool = True) -> LossParts:
+    """:class:`LossParts` ``(loss, entropy, is_top1, grad_hidden, grad_logits_reserved, frozen_lse)`` for flat
+    ``hidden`` (N, D) and ``targets`` (N,).
 
     ``loss`` (N,) in the accumulation dtype, 0 where ignored. ``entropy`` (N,) and ``is_top1`` (N,) bool (the
     target is the most likely token) when ``stats``, else empty; so is ``frozen_lse`` (N,), the log-sum-exp over
@@ -258,7 +278,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
     grad_reserved = torch.zeros((num_tokens if grad_rows else 0, num_slots), dtype=acc, device=device)
     frozen_lse = torch.zeros(num_tokens if stats else 0, dtype=acc, device=device)
     if num_tokens == 0:
-        return loss, entropy, is_top1, d_hidden, grad_reserved, frozen_lse
+        return LossParts(loss, entropy, is_top1, d_hidden, grad_reserved, frozen_lse)
 
     scratch = tile_step_needs_scratch and (stats or (softcap is not None and grad_hidden))
     block_rows, cols = tile_shape(num_tokens, vocab, tile_bytes,
@@ -290,4 +310,4 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor
             d_hidden[r0:r1] = _grad_hidden(block, weight, rows, part, softcap, acc).to(hidden.dtype)
         if grad_rows and z_res is not None:
             grad_reserved[r0:r1] = _grad_logits_reserved(block, lse, z_res, part, softcap)
-    return loss, entropy, is_top1, d_hidden, grad_reserved, frozen_lse
+    return LossParts(loss, entropy, is_top1, d_hidden, grad_reserved, frozen_lse)
