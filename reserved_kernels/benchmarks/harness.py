@@ -64,8 +64,8 @@ def _reset_peak_rss() -> bool:
 
 # Children measuring CPU memory run with glibc's mmap threshold fixed: large blocks then come from (and go
 # back to) the kernel, so the peak RSS follows the live tensors. With the default, dynamic threshold, glibc
-# raises the threshold as large blocks are freed and keeps later ones on its heap (the body-alone step of
-# Gemma 3 270M peaked 184 MiB higher, ours 172 MiB), an amount that depends on what the set-up freed.
+# raises the threshold as large blocks are freed and keeps later ones on its heap (Gemma 3 270M's steps peaked a
+# hundred MiB or more higher), an amount that depends on what the set-up freed.
 MEASURING_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
@@ -103,11 +103,11 @@ def run_interleaved(cmds: dict, device_type: str, memory_runs: int = 3, time_run
     On a CPU, memory and time come from separate processes: ``memory_runs`` memory ones per child with
     ``MEASURING_ENV`` (see there), whose median is ``extra_bytes`` (each in ``extra_bytes_runs``: a loaded
     machine still moves the RSS of one process by several percent), and ``time_runs`` timed ones per child with
-    the allocator as users have it (a fixed mmap threshold costs page faults: the body-alone step of
-    Gemma 3 270M ran 36% slower with it), taken round by round across the children — round ``i`` starting at
-    the ``i``-th — with their steps pooled into one median: a shared machine drifts over minutes (one step
-    measured 4.42 s and 4.90 s in two processes a few minutes apart), and this spreads the drift over every
-    child alike. On CUDA one process per child measures both: the allocator's count is exact, the clock steady.
+    the allocator as users have it (a fixed mmap threshold costs page faults: a step runs markedly slower with
+    it), taken round by round across the children — round ``i`` starting at the ``i``-th — with their steps
+    pooled into one median: a shared machine drifts over minutes (the same step differs by a tenth between two
+    processes a few minutes apart), and this spreads the drift over every child alike. On CUDA one process per
+    child measures both: the allocator's count is exact, the clock steady.
     """
     if device_type == "cuda":
         return {name: _child_json(cmd + ["--measure=both"], dict(os.environ)) for name, cmd in cmds.items()}

@@ -44,8 +44,8 @@ SKIP_ENV_VAR = "RESERVED_KERNELS_SKIP_FROZEN"  # 0: never skip (benchmarks, debu
 _ROW_ARGS = ("input_ids", "attention_mask", "position_ids")
 _HARMLESS = ("use_cache", "return_dict")  # the split sets both itself
 # A row is split only where its frozen prefix holds at least 1/8 of it and 64 positions: below that the backward
-# it saves is worth less than the extra calls (measured: the shipped model's control token at position 1 made its
-# demo 3x slower, and Gemma 3 270M's 40-token lines with a term anywhere 1.3x slower, split one call pair a row).
+# it saves is worth less than the extra calls (splitting every row at its term made the shipped model's demo, whose
+# control token stands at position 1, and Gemma 3 270M's short lines slower, not faster).
 MIN_PREFIX_FRACTION, MIN_PREFIX_POSITIONS = 8, 64
 # Dropout draws a random mask per call: split calls would draw other masks than one call.
 _DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
