@@ -63,7 +63,7 @@ class TileStep(Protocol):
 
 
 class LossParts(NamedTuple):
-    """What :func:`linear_cross_entropy` returns, in the op's output order (see there for each)."""
+    """What :func:`tiled_cross_entropy` returns, in the op's output order (see there for each)."""
 
     loss: Tensor
     entropy: Tensor
@@ -244,9 +244,9 @@ def _grad_logits_reserved(block: _Block, lse: Tensor, z_res: Tensor, targets: _T
     return g * targets.valid.unsqueeze(1)
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, targets: Tensor,
-                         ignore_index: int, softcap: float | None, tile_bytes: int, grad_hidden: bool, grad_rows: bool,
-                         stats: bool, tile_step: TileStep, tile_step_needs_scratch: bool = True) -> LossParts:
+def tiled_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, targets: Tensor,
+                        ignore_index: int, softcap: float | None, tile_bytes: int, grad_hidden: bool, grad_rows: bool,
+                        stats: bool, tile_step: TileStep, tile_step_needs_scratch: bool = True) -> LossParts:
     """:class:`LossParts` ``(loss, entropy, is_top1, grad_hidden, grad_logits_reserved, frozen_lse)`` for flat
     ``hidden`` (N, D) and ``targets`` (N,).
 

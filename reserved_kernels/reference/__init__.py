@@ -150,4 +150,4 @@ def segment_mean(weight: Tensor, reserved_weight: Tensor, slot_map: Tensor, weig
 
 
 # The fused loss: the driver every backend shares, with the PyTorch tile step.
-linear_cross_entropy = functools.partial(fused_loss.linear_cross_entropy, tile_step=cross_entropy.lse_tile)
+linear_cross_entropy = functools.partial(fused_loss.tiled_cross_entropy, tile_step=cross_entropy.lse_tile)

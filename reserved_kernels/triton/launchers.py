@@ -149,6 +149,6 @@ def linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ign
                          grad_hidden, grad_rows, stats):
     """The shared driver (:mod:`reserved_kernels.ops.fused_loss`) with the tile step as a Triton kernel (the GEMMs stay
     cuBLAS's)."""
-    return fused_loss.linear_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap,
+    return fused_loss.tiled_cross_entropy(hidden, weight, reserved_weight, slot_map, targets, ignore_index, softcap,
                                            tile_bytes, grad_hidden, grad_rows, stats, tile_step=lse_tile,
                                            tile_step_needs_scratch=False)
