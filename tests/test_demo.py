@@ -38,18 +38,18 @@ def test_demo_training_shows_every_claim(seed):
     model, vocab, plan, data, story = demo.prepare(args, log=lambda line: None)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     base_before = math.exp(demo_training.mean_loss(model, *data["ordinary"]))
-    start = {init: demo_training.train_init(model, vocab, init, data, steps=0, lr=story.lr, seed=seed)["curve"][0][1]
+    start = {init: demo_training.train_init(model, vocab, init, data, steps=0, lr=story.lr, seed=seed).first_loss
              for init in ("mean", "random", "untouched")}
     ours = demo_training.train_init(model, vocab, "description", data, steps=story.steps, lr=story.lr, seed=seed,
                            log=lambda line: None)
-    (_, before), (_, after) = ours["curve"][0], ours["curve"][-1]
+    (_, before), (_, after) = ours.curve[0], ours.curve[-1]
     assert before < start["random"] and before < start["mean"], (before, start)
     assert math.exp(after) <= 0.7 * math.exp(before), (before, after)
-    base_after = math.exp(demo_training.mean_loss(ours["model"], *data["ordinary"]))
+    base_after = math.exp(demo_training.mean_loss(ours.model, *data["ordinary"]))
     assert abs(base_after / base_before - 1) <= 0.01, (base_before, base_after)
-    assert len(ours["ordinary"]) == story.steps + 1  # tracked at every step through the cache: the slow way's value
-    assert ours["ordinary"][-1][1] == pytest.approx(base_after, rel=1e-5)
-    for name, p in ours["model"].named_parameters():
+    assert len(ours.ordinary) == story.steps + 1  # tracked at every step through the cache: the slow way's value
+    assert ours.ordinary[-1][1] == pytest.approx(base_after, rel=1e-5)
+    for name, p in ours.model.named_parameters():
         if not name.endswith("reserved_weight"):
             assert torch.equal(p, frozen[name]), name
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())  # the base model was copied, not patched

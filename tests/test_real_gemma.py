@@ -130,14 +130,14 @@ def test_a_term_from_its_description_starts_ahead_trains_and_leaves_english_alon
     random_start = demo_training.mean_loss(demo_training.initialised(model, vocab, "random", 0), *text["heldout"])
     ours = demo_training.train_init(model, vocab, "description", text, steps=4, lr=demo.PYDOC.lr, seed=0, batch=6,
                                     evals=1, mix=demo.PYDOC.mix, log=lambda line: None)
-    (_, start), (_, end) = ours["curve"][0], ours["curve"][-1]
+    (_, start), (_, end) = ours.curve[0], ours.curve[-1]
     assert start < random_start and end < start, (start, end, random_start)
-    base_after = math.exp(demo_training.mean_loss(ours["model"], *text["ordinary"]))
+    base_after = math.exp(demo_training.mean_loss(ours.model, *text["ordinary"]))
     assert abs(base_after / base_before - 1) <= 0.01, (base_before, base_after)
     # The perplexity tracked at every step through the cache is the full forward's (FrozenText's 1e-5 target).
-    assert [s for s, _ in ours["ordinary"]] == list(range(5))
-    assert ours["ordinary"][-1][1] == pytest.approx(base_after, rel=1e-5)
-    for name, p in ours["model"].named_parameters():
+    assert [s for s, _ in ours.ordinary] == list(range(5))
+    assert ours.ordinary[-1][1] == pytest.approx(base_after, rel=1e-5)
+    for name, p in ours.model.named_parameters():
         if not name.endswith("reserved_weight"):
             assert torch.equal(p, snapshot[name]), name
 

@@ -56,11 +56,7 @@ from reserved_kernels.demo.report import closing_lines, write_plot
 from reserved_kernels.demo.stories import (
     INIT_LABELS,
     INITS,
-    PYDOC,
-    REGISTERS,
     Story,
-    pydoc_lines,
-    register_lines,
     story_named,
 )
 from reserved_kernels.demo.training import (
@@ -94,8 +90,8 @@ def story_data(story: Story, encode_terms, encode_plain, rng: random.Random, **s
     """``{"train", "heldout", "ordinary", "mix"}``: (input_ids, labels, attention_mask) each; term text split
     70/30; ordinary text held out (the perplexity check), and apart from it the ordinary text a story mixes into
     training (``story.mix``)."""
-    term_lines, ordinary = (register_lines(rng, 2200) if story is REGISTERS else pydoc_lines(rng))
-    cut = len(term_lines) * 7 // 10 if story is PYDOC else 2000
+    term_lines, ordinary = story.text(rng)
+    cut = story.training_lines(len(term_lines))
     held = 60 if story.mix else len(ordinary)
     data = {"train": encode_lines(term_lines[:cut], encode_terms, length=story.length, **special),
             "heldout": encode_lines(term_lines[cut:], encode_terms, length=story.length, **special),
@@ -240,20 +236,20 @@ def run(args: argparse.Namespace) -> dict:
         clock = time.perf_counter()
         results[init] = train_rows(patched, data, steps=train_steps, lr=lr, seed=args.seed, batch=story.batch,
                                    evals=story.evals, mix=story.mix, log=log)
-        curve = results[init]["curve"]
-        log(f"  {INIT_LABELS[init]:26s} held-out term loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f}   "
+        run = results[init]
+        log(f"  {INIT_LABELS[init]:26s} held-out term loss {run.first_loss:.3f} -> {run.last_loss:.3f}   "
             f"({train_steps} steps, {time.perf_counter() - clock:.1f} s)")
     ours = results["description"]
-    trained = ours["model"]
+    trained = ours.model
     if story.prompt is not None:
         texts["trained"] = continuation(trained, encode, decode, story.prompt, special_ids(model)["bos"])
     log("ordinary-text perplexity after training, the slow way (a full forward pass) ...")
     base_after = math.exp(mean_loss(trained, *data["ordinary"]))
-    cached_after = ours["ordinary"][-1][1] if ours["ordinary"] else base_after
+    cached_after = ours.ordinary[-1][1] if ours.ordinary else base_after
     moved = [name for name, p in trained.named_parameters()
              if not name.endswith("reserved_weight") and not torch.equal(p, snapshot[name])]
     moved += [name for name, p in model.named_parameters() if not torch.equal(p, snapshot[name])]
-    state = state_bytes(trained, ours["optimizer"])
+    state = state_bytes(trained, ours.optimizer)
     rows_total, dim = embedding.weight.shape
     if args.model:  # a real checkpoint: computed, not measured on a second copy of it
         dense = rows_total * dim * 4 * 3
@@ -262,9 +258,9 @@ def run(args: argparse.Namespace) -> dict:
         dense = dense_recipe_state_bytes(copy.deepcopy(model), plan.ids, *(t[:16] for t in data["train"]))
         dense_how = "measured after one step of the whole table trainable with a gradient hook"
 
-    term_before, term_after = math.exp(ours["curve"][0][1]), math.exp(ours["curve"][-1][1])
-    for line in closing_lines(results, base_before, base_after, cached_after, story, steps, texts, moved, state, dense,
-                              dense_how):
+    term_before, term_after = math.exp(ours.first_loss), math.exp(ours.last_loss)
+    for line in closing_lines(results, story, base_before=base_before, base_after=base_after, cached_after=cached_after,
+                              steps=steps, texts=texts, moved=moved, state=state, dense=dense, dense_how=dense_how):
         log(line)
 
     from reserved_kernels.models import save_reserved
@@ -278,9 +274,9 @@ def run(args: argparse.Namespace) -> dict:
     shipped = ship_to_gguf(args, story, vocab, log)
     log(f"done in {time.perf_counter() - start:.0f} s")
     summary = dict(base_ppl_before=base_before, base_ppl_after=base_after, base_ppl_after_cached=cached_after,
-                   ordinary_curve=ours["ordinary"], term_ppl_before=term_before,
-                   term_ppl_after=term_after, init_loss={k: r["curve"][0][1] for k, r in results.items()},
-                   final_loss={k: r["curve"][-1][1] for k, r in results.items()}, frozen_identical=not moved,
+                   ordinary_curve=ours.ordinary, term_ppl_before=term_before,
+                   term_ppl_after=term_after, init_loss={k: r.first_loss for k, r in results.items()},
+                   final_loss={k: r.last_loss for k, r in results.items()}, frozen_identical=not moved,
                    state_bytes=state, dense_state_bytes=dense, steps=steps, lr=lr, seed=args.seed,
                    story=story.name, continuations=texts, gguf=shipped)
     if args.json:

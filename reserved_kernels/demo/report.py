@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 from reserved_kernels.demo.stories import INIT_LABELS, Story
+
+if TYPE_CHECKING:
+    from reserved_kernels.demo.training import TrainResult
 
 BASE_TOLERANCE = 0.01  # ordinary-text perplexity may move by at most 1%
 
 
-def closing_lines(results: dict, base_before: float, base_after: float, cached_after: float, story: Story, steps: int,
-                  texts: dict, moved: list[str], state: int, dense: int, dense_how: str) -> list[str]:
-    """The table of initialisations, the ordinary-text check, the continuations, the frozen check, the state."""
+def closing_lines(results: dict[str, TrainResult], story: Story, *, base_before: float, base_after: float,
+                  cached_after: float, steps: int, texts: dict[str, str], moved: list[str], state: int, dense: int,
+                  dense_how: str) -> list[str]:
+    """The table of initialisations (``results``: each one's run), the ordinary-text perplexity before and after
+    (and the cache's value, ``cached_after``), the continuations (``texts``), the frozen check (``moved``: the
+    parameters that changed), and the state the rows cost (``state`` bytes) beside the dense recipe's."""
     lines = ["", f"{'initialisation':28s} {'term loss at step 0':>20s} {'after':>8s}   perplexity"]
     for init, r in results.items():
-        l0, l1 = r["curve"][0][1], r["curve"][-1][1]
-        trained_here = len(r["curve"]) > 1
+        l0, l1 = r.first_loss, r.last_loss
+        trained_here = len(r.curve) > 1
         lines.append(f"{INIT_LABELS[init]:28s} {l0:20.3f} " + (
             f"{l1:8.3f}   {math.exp(l0):6.2f} -> {math.exp(l1):5.2f} ({100 * (math.exp(l1 - l0) - 1):+.0f}%)"
             if trained_here else f"{'':8s}   {math.exp(l0):6.2f}"))
@@ -37,7 +44,7 @@ def closing_lines(results: dict, base_before: float, base_after: float, cached_a
     return lines
 
 
-def write_plot(results: dict, story: Story, path: str) -> bool:
+def write_plot(results: dict[str, TrainResult], story: Story, path: str) -> bool:
     """Two panels as a PNG at ``path``: each initialisation's held-out term loss, and ordinary text's perplexity at
     every step of each trained one (through the cache); False without matplotlib."""
     try:
@@ -50,10 +57,10 @@ def write_plot(results: dict, story: Story, path: str) -> bool:
     fig, (terms, ordinary) = plt.subplots(1, 2, figsize=(11, 3.8))
     rows = len(story.terms) * (2 if story.spaced else 1)
     for init, result in results.items():
-        steps, losses = zip(*result["curve"], strict=True)
+        steps, losses = zip(*result.curve, strict=True)
         terms.plot(steps, losses, marker="o", markersize=3, label=INIT_LABELS[init])
-        if result["ordinary"]:
-            steps, values = zip(*result["ordinary"], strict=True)
+        if result.ordinary:
+            steps, values = zip(*result.ordinary, strict=True)
             ordinary.plot(steps, values, label=INIT_LABELS[init])
     terms.set_ylabel("held-out loss on text with the new tokens")
     ordinary.set_ylabel("ordinary-text perplexity (exact, cached)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+from collections.abc import Callable
 
 INITS = ("description", "mean", "random", "untouched")
 INIT_LABELS = {"description": "description mean (ours)", "mean": "mean of all rows", "random": "random normal row",
@@ -30,26 +31,8 @@ class Story:
     evals: int  # held-out evaluations during training
     spaced: bool  # plan each term after a space too (ReservedVocab.surface_forms): words in running text
     mix: float  # the weight of ordinary text's cached loss in the training loss (0: term text alone)
-
-
-# Control tokens open a line: never after a space, so one form each. The shipped model never learned to continue
-# a marker (its continuation is the same for every row), so it shows no continuation.
-REGISTERS = Story("registers", {"[summary]": "in summary", "[translate]": "in translation"},
-                  "Teaching [summary] and [translate] to a small pretrained Gemma", steps=300, lr=1e-3, batch=16,
-                  length=32, prompt=None, term_is_target=False, train_all=True, evals=10, spaced=False, mix=0.0)
-# Terms in running text: each is planned bare ("[kwarg]", from "keyword ▁argument") and after a space
-# (" [kwarg]", from "▁keyword ▁argument"), so it is one token at the start of a sentence and inside one. Every
-# position is a target, so the tied head learns to predict the terms: ordinary text, through the cache
-# (FrozenText), holds the rest of the distribution in place.
-PYDOC = Story("pydoc", {"[kwarg]": "keyword argument", "[posarg]": "positional argument",
-                        "[builtin]": "built-in function", "[codeblock]": "code block"},
-              "Teaching Gemma 3 270M four terms of Python's documentation", steps=12, lr=5e-4, batch=8, length=40,
-              prompt="A [posarg] must come before a [kwarg] because", term_is_target=True, train_all=False, evals=3,
-              spaced=True, mix=1.0)
-
-
-def story_named(name: str) -> Story:
-    return {"registers": REGISTERS, "pydoc": PYDOC}[name]
+    text: Callable[[random.Random], tuple[list[str], list[str]]]  # (lines with the terms, ordinary lines)
+    training_lines: Callable[[int], int]  # how many of that many lines with the terms train (the rest: held out)
 
 
 def register_lines(rng: random.Random, count: int) -> tuple[list[str], list[str]]:
@@ -91,3 +74,24 @@ def pydoc_lines(rng: random.Random) -> tuple[list[str], list[str]]:
     rng.shuffle(term_lines)
     rng.shuffle(ordinary)
     return term_lines, ordinary[:124]
+
+
+# Control tokens open a line: never after a space, so one form each. The shipped model never learned to continue
+# a marker (its continuation is the same for every row), so it shows no continuation.
+REGISTERS = Story("registers", {"[summary]": "in summary", "[translate]": "in translation"},
+                  "Teaching [summary] and [translate] to a small pretrained Gemma", steps=300, lr=1e-3, batch=16,
+                  length=32, prompt=None, term_is_target=False, train_all=True, evals=10, spaced=False, mix=0.0,
+                  text=lambda rng: register_lines(rng, 2200), training_lines=lambda count: count - 200)
+# Terms in running text: each is planned bare ("[kwarg]", from "keyword ▁argument") and after a space
+# (" [kwarg]", from "▁keyword ▁argument"), so it is one token at the start of a sentence and inside one. Every
+# position is a target, so the tied head learns to predict the terms: ordinary text, through the cache
+# (FrozenText), holds the rest of the distribution in place.
+PYDOC = Story("pydoc", {"[kwarg]": "keyword argument", "[posarg]": "positional argument",
+                        "[builtin]": "built-in function", "[codeblock]": "code block"},
+              "Teaching Gemma 3 270M four terms of Python's documentation", steps=12, lr=5e-4, batch=8, length=40,
+              prompt="A [posarg] must come before a [kwarg] because", term_is_target=True, train_all=False, evals=3,
+              spaced=True, mix=1.0, text=pydoc_lines, training_lines=lambda count: count * 7 // 10)
+
+
+def story_named(name: str) -> Story:
+    return {"registers": REGISTERS, "pydoc": PYDOC}[name]

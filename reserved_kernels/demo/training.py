@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
 
 import torch
 
+
+@dataclasses.dataclass
+class TrainResult:
+    """One initialisation's run: the trained model and its optimizer, and the curves its log and plot show."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    curve: list[tuple[int, float]]  # (step, held-out term loss)
+    ordinary: list[tuple[int, float]]  # (step, ordinary-text perplexity through FrozenText); empty without training
+
+    @property
+    def first_loss(self) -> float:
+        return self.curve[0][1]
+
+    @property
+    def last_loss(self) -> float:
+        return self.curve[-1][1]
 
 def length_batches(ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, batch: int = 16) -> list[dict]:
     """(ids, labels, mask) as batches of ``batch`` lines of similar length, each cut to its longest line."""
@@ -76,7 +94,7 @@ def initialised(base_model, vocab, init: str, seed: int) -> torch.nn.Module:
 
 
 def train_rows(model, data: dict, *, steps: int, lr: float, seed: int, batch: int, evals: int = 6,
-               mix: float = 0.0, log: Callable[[str], None] = print) -> dict:
+               mix: float = 0.0, log: Callable[[str], None] = print) -> TrainResult:
     """Train ``model``'s trainable parameters (its new rows) on ``data["train"]``: the held-out term-loss curve and,
     at every step, ordinary text's perplexity through a :class:`~reserved_kernels.models.FrozenText` of
     ``data["ordinary"]`` (exact, O(K·D) a token). With ``mix``, the loss adds ``mix`` times the cached loss of the
@@ -89,7 +107,7 @@ def train_rows(model, data: dict, *, steps: int, lr: float, seed: int, batch: in
     generator = torch.Generator().manual_seed(seed)
     curve = [(0, mean_loss(model, *data["heldout"]))]
     if steps == 0:
-        return dict(model=model, optimizer=optimizer, curve=curve, ordinary=[])
+        return TrainResult(model=model, optimizer=optimizer, curve=curve, ordinary=[])
     ordinary = FrozenText(model, length_batches(*data["ordinary"]))
     mixed = FrozenText(model, length_batches(*data["mix"])) if mix else None
     ordinary_curve = [(0, ordinary.perplexity())]
@@ -113,11 +131,11 @@ def train_rows(model, data: dict, *, steps: int, lr: float, seed: int, batch: in
                 + f", held-out term loss {curve[-1][1]:.3f}, "
                 f"ordinary-text perplexity {ordinary_curve[-1][1]:.3f} "
                 f"({(time.perf_counter() - start) / step:.2g} s per step with evaluations)")
-    return dict(model=model, optimizer=optimizer, curve=curve, ordinary=ordinary_curve)
+    return TrainResult(model=model, optimizer=optimizer, curve=curve, ordinary=ordinary_curve)
 
 
 def train_init(base_model, vocab, init: str, data: dict, *, steps: int, lr: float, seed: int, batch: int = 16,
-               evals: int = 10, mix: float = 0.0, log=print) -> dict:
+               evals: int = 10, mix: float = 0.0, log=print) -> TrainResult:
     """:func:`initialised`, then :func:`train_rows`."""
     model = initialised(base_model, vocab, init, seed)
     return train_rows(model, data, steps=steps, lr=lr, seed=seed, batch=batch, evals=evals, mix=mix, log=log)
