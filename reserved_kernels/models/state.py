@@ -42,7 +42,8 @@ class PatchState:
     checkpointing: tuple[nn.Module, ...] = ()  # the modules whose gradient_checkpointing flag transformers reads
     dropout: bool = False  # the config asks for dropout: split calls would draw other masks than one call
     forward: ForwardSwap | None = None
-    accelerated: list[nn.Module] = dataclasses.field(default_factory=list)  # PEFT token layers (models.peft_tokens)
+    # PEFT token layers patch_model accelerated (models.integrations.peft_tokens)
+    accelerated: list[nn.Module] = dataclasses.field(default_factory=list)
 
 
 def attach(model: nn.Module, state: PatchState | None) -> None:

@@ -21,7 +21,7 @@ class ReservedHead(Protocol):
     weight: Tensor  # the frozen V x D table
     reserved_weight: Tensor  # the K trainable rows
     reserved_ids: Tensor  # (K,) their ids
-    slot_map: Tensor  # (V,) int32: slot k for reserved id k's row, -1 elsewhere (functional.build_slot_map)
+    slot_map: Tensor  # (V,) int32: k at reserved_ids[k], -1 elsewhere (functional.build_slot_map)
     final_logit_softcapping: float | None  # the head's own soft-cap, or None
 
     def __call__(self, hidden: Tensor, targets: Tensor | None = None, *, ignore_index: int = -100,

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from reserved_kernels._io import atomic_write_many
 from reserved_kernels.models.artifacts.rows import ReservedRows
 from reserved_kernels.models.layout import base_model, input_embedding, output_head
+from reserved_kernels.models.state import patch_state
+from reserved_kernels.vocab.planning import PLAN_FILENAME, ReservedPlan
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 KEY_SUFFIX = ".trainable_tokens_delta"
@@ -78,7 +80,6 @@ def write_adapter(model: nn.Module, folder: str, plan=None, vocab=None) -> None:
     files = {os.path.join(folder, WEIGHTS_NAME): save({k: v.clone() for k, v in tensors.items()}, metadata=metadata),
              config_path: (json.dumps(config, indent=2) + "\n").encode("utf-8")}
     if plan is not None and vocab is None:
-        from reserved_kernels.vocab.planning import PLAN_FILENAME
 
         files[os.path.join(folder, PLAN_FILENAME)] = plan.to_json().encode("utf-8")
     os.makedirs(folder, exist_ok=True)
@@ -121,8 +122,6 @@ def read_adapter(folder: str, model: nn.Module, vocab=None) -> ReservedRows:
     patched with)."""
     from safetensors import safe_open
 
-    from reserved_kernels.models.state import patch_state
-    from reserved_kernels.vocab.planning import PLAN_FILENAME, ReservedPlan
 
     config_path, indices = read_config(folder)
     weights_path = os.path.join(folder, WEIGHTS_NAME)

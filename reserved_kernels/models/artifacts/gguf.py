@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from reserved_kernels import pretrained
+from reserved_kernels.models.artifacts.adapter import CONFIG_NAME, KEY_SUFFIX, TABLE_KEY, AdapterError, read_config
 from reserved_kernels.models.artifacts.rows import ReservedRows
 from reserved_kernels.models.layout import input_embedding, output_head
 from reserved_kernels.models.state import patch_state
@@ -326,13 +328,6 @@ class ExportRows:
         :func:`~reserved_kernels.save_pretrained` wrote, with the plan beside them; read without a model."""
         from safetensors import safe_open
 
-        from reserved_kernels.models.artifacts.adapter import (
-            CONFIG_NAME,
-            KEY_SUFFIX,
-            TABLE_KEY,
-            AdapterError,
-            read_config,
-        )
 
         plan_path = os.path.join(folder, PLAN_FILENAME)
         if not os.path.isdir(folder):
@@ -644,8 +639,6 @@ def _warn_ollama_order(plan: ReservedPlan) -> None:
 
 
 def _resolve_base(base: str | os.PathLike) -> str:
-    from reserved_kernels import pretrained
-
     base = os.fspath(base)
     if pretrained.is_named(base):
         return pretrained.gguf_file(base)

@@ -33,10 +33,12 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from reserved_kernels import functional as F
 from reserved_kernels._progress import Ticker
 from reserved_kernels._table import acc_dtype, cap_slope, softcapped
 from reserved_kernels.models import position_split
 from reserved_kernels.models.batches import batch_parts, config_softcap, default_labels
+from reserved_kernels.models.integrations.gemma_pytorch import decoder_states, tied_table
 from reserved_kernels.models.layout import base_model, is_gemma_pytorch, output_head
 from reserved_kernels.models.state import patch_state
 from reserved_kernels.modules.lm_head import ReservedHead
@@ -62,8 +64,6 @@ def _head(model: nn.Module) -> _Head:
     base = base_model(model)
     softcap = config_softcap(base)
     if is_gemma_pytorch(base):
-        from reserved_kernels.models.integrations.gemma_pytorch import tied_table
-
         table, rows, _, slot_map = tied_table(base)
         return _Head(table, rows, slot_map, softcap)
     head = output_head(model)
@@ -78,8 +78,6 @@ def _hidden_states(model: nn.Module, ids: Tensor, mask: Tensor | None) -> Tensor
     """(B, T, D) final hidden states (before the head) of a Hugging Face or gemma_pytorch-layout model."""
     base = base_model(model)
     if is_gemma_pytorch(base):
-        from reserved_kernels.models.integrations.gemma_pytorch import decoder_states
-
         return decoder_states(base, ids)
     return base.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
@@ -121,8 +119,6 @@ class FrozenText:
 
     def __init__(self, model: nn.Module, batches: Iterable[Tensor | Mapping[str, Tensor]], *,
                  path: str | os.PathLike | None = None, progress: bool = True) -> None:
-        from reserved_kernels import functional as F
-
         if patch_state(model) is None:
             raise TypeError(f"{type(model).__name__} is not patched: FrozenText evaluates a patched model's reserved "
                             "rows (reserved_kernels.patch_model(model, ...) first)")

@@ -21,11 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from reserved_kernels._table import dequantised
-from reserved_kernels.functional import reserved_logits
+from reserved_kernels.functional import build_slot_map, linear_cross_entropy, reduced_loss, reserved_logits
 from reserved_kernels.models import position_split
 from reserved_kernels.models.batches import config_softcap, default_labels, shifted_targets
 from reserved_kernels.models.layout import embedder_name, is_gemma_pytorch
 from reserved_kernels.models.state import patch_state
+from reserved_kernels.modules.embedding import ReservedEmbedding
 
 # gemma_pytorch's additive mask value (its generate() fills masked positions with this).
 MASKED = -2.3819763e38
@@ -110,8 +111,6 @@ def decoder_states(model: nn.Module, input_ids: Tensor) -> Tensor:
 def tied_table(model: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(table, trained rows, their ids, slot map) of the tied head: the float table (dequantised whole for
     int8, as gemma_pytorch's sampler does, but never written) and the rows as the forward pass sees them."""
-    from reserved_kernels.functional import build_slot_map
-    from reserved_kernels.modules.embedding import ReservedEmbedding
 
     embedder = getattr(model, embedder_name(model))
     table = embedder.weight.detach()
@@ -149,7 +148,6 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
     caches). The attention mask only removes targets here (gemma_pytorch's attention has no padding mask), so
     every row can be split. One host read of the ids a step.
     """
-    from reserved_kernels.functional import linear_cross_entropy, reduced_loss
 
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
