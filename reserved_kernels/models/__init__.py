@@ -6,6 +6,12 @@ writes the rows and their tokens into a copy of the model's GGUF, for llama.cpp 
 
 Hugging Face Gemma 1/2/3, Llama 3 and Qwen2 (tied or untied heads, PEFT models around them) and
 gemma_pytorch-layout models.
+
+At the top, the patching core: :mod:`.patch` (patch_model, merge, freeze_rows), :mod:`.state` (what a patch
+keeps), :mod:`.layout` (where a model keeps its table and head), :mod:`.batches` (a batch's parts and targets) and
+:mod:`.position_split` (positions no reserved id reaches, run without a backward). Beneath it
+:mod:`.integrations` (transformers and TRL, PEFT's trainable tokens, gemma_pytorch, the Trainer callback),
+:mod:`.evaluation` (perplexity, FrozenText) and :mod:`.artifacts` (adapters and checkpoints, the GGUF export).
 """
 
 from reserved_kernels.models.artifacts.checkpoint import load_reserved, save_pretrained, save_reserved
