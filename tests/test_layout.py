@@ -80,3 +80,16 @@ def test_models_keeps_at_most_six_files_at_its_top():
 @pytest.mark.parametrize("prefix", ["demo", "stories", "recipes"])
 def test_the_top_level_holds_no_part_of_the_main_job(prefix):
     assert not list(PACKAGE.glob(f"{prefix}*.py"))
+
+
+def test_the_public_names_survive_the_moves():
+    """``rk.*`` and ``reserved_kernels.models.*`` resolve (the layout moved the modules behind them, not them), and
+    the moved functions are the same objects under both."""
+    import reserved_kernels as rk
+    import reserved_kernels.models as models
+
+    missing = [n for n in rk.__all__ if getattr(rk, n, None) is None]
+    missing += [f"models.{n}" for n in models.__all__ if getattr(models, n, None) is None]
+    assert missing == []
+    assert rk.untrained_rows is models.untrained_rows and rk.export_gguf is models.export_gguf
+    assert rk.save_reserved is models.save_reserved and rk.pretrained.shipped_model().endswith("demo_gemma")
