@@ -26,7 +26,7 @@ if OK:
 
     from reserved_kernels.demo import job as demo
     from reserved_kernels.demo import training as demo_training
-    from reserved_kernels.demo.stories import pydoc_sentences, pydoc_text
+    from reserved_kernels.demo.stories import PYDOC, pydoc_sentences, pydoc_text
     from reserved_kernels.models import (
         export_gguf,
         load_reserved,
@@ -48,7 +48,7 @@ except ImportError:
 needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason="llama.cpp's checks need llama-cpp-python "
                                                                "(pip install 'reserved-kernels[llama-cpp]')")
 
-TERMS = demo.PYDOC.terms
+TERMS = PYDOC.terms
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +68,13 @@ def model(folder):
 @pytest.fixture(scope="module")
 def vocab(folder):
     v = ReservedVocab.from_folder(folder, model_vocab_size=262_144)
-    v.assign(TERMS, spaced=demo.PYDOC.spaced)
+    v.assign(TERMS, spaced=PYDOC.spaced)
     return v
 
 
 @pytest.fixture(scope="module")
 def text(vocab, model):
-    data = demo.story_data(demo.PYDOC, vocab.renamed_encoder(), vocab.encode, random.Random(0),
+    data = demo.story_data(PYDOC, vocab.renamed_encoder(), vocab.encode, random.Random(0),
                            **demo.special_ids(model))
     # A fraction of the demo's training and ordinary text (the tier's time budget), all its held-out lines: on 12 of
     # them the description mean and a random row started within 0.01 of each other.
@@ -128,8 +128,8 @@ def test_a_term_from_its_description_starts_ahead_trains_and_leaves_english_alon
     snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
     base_before = math.exp(demo_training.mean_loss(model, *text["ordinary"]))
     random_start = demo_training.mean_loss(demo_training.initialised(model, vocab, "random", 0), *text["heldout"])
-    ours = demo_training.train_init(model, vocab, "description", text, steps=4, lr=demo.PYDOC.lr, seed=0, batch=6,
-                                    evals=1, mix=demo.PYDOC.mix, log=lambda line: None)
+    ours = demo_training.train_init(model, vocab, "description", text, steps=4, lr=PYDOC.lr, seed=0, batch=6,
+                                    evals=1, mix=PYDOC.mix, log=lambda line: None)
     (_, start), (_, end) = ours.curve[0], ours.curve[-1]
     assert start < random_start and end < start, (start, end, random_start)
     base_after = math.exp(demo_training.mean_loss(ours.model, *text["ordinary"]))
@@ -279,13 +279,13 @@ def test_the_main_job_writes_the_models_gguf_and_shows_llama_cpp_reading_it(voca
 
     folder, out, rows = exported
     lines: list[str] = []
-    shipped = demo.ship_to_gguf(argparse.Namespace(model="gemma-3-270m", out=folder), demo.PYDOC, vocab,
+    shipped = demo.ship_to_gguf(argparse.Namespace(model="gemma-3-270m", out=folder), PYDOC, vocab,
                                 lines.append)
     assert shipped["path"] == os.path.join(folder, "model.gguf")
     assert gguf_files.read(shipped["path"]).fields["reserved_kernels.plan"]
     if llama_cpp is not None:
         plan = vocab.plan
-        assert shipped["tokens"][1:] == vocab.renamed_encoder()(demo.PYDOC.prompt)
+        assert shipped["tokens"][1:] == vocab.renamed_encoder()(PYDOC.prompt)
         assert {plan[" [posarg]"].id, plan[" [kwarg]"].id} <= set(shipped["tokens"])
         assert shipped["continuation"] and any(line.startswith("llama.cpp reads") for line in lines)
-    assert demo.ship_to_gguf(argparse.Namespace(model=None, out=folder), demo.PYDOC, vocab, lines.append) is None
+    assert demo.ship_to_gguf(argparse.Namespace(model=None, out=folder), PYDOC, vocab, lines.append) is None
