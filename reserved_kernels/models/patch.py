@@ -87,8 +87,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
         reserved_dtype: dtype of the trainable rows (default float32 for a 16-bit table).
         fused_loss: a Hugging Face model's ``labels=`` loss in training goes through the fused linear
             cross-entropy, without the (B, T, V) logits (:mod:`reserved_kernels.models.integrations.huggingface`);
-            False keeps
-            the model's own loss from logits.
+            False keeps the model's own loss from logits.
         skip_frozen: with the fused loss, positions that no reserved id can reach (before a row's first
             reserved id, and rows without one) run without a backward through the body, and only their K
             head columns' gradient is computed (:mod:`reserved_kernels.models.position_split`): in the training loss,
@@ -112,8 +111,7 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
 
     **PEFT's trainable tokens** (``TrainableTokensConfig``, or ``LoraConfig(trainable_token_indices=...)``):
     ``patch_model(peft_model)`` accelerates them in place (:mod:`reserved_kernels.models.integrations.peft_tokens`):
-    PEFT's
-    ``trainable_tokens_delta`` stays the trainable parameter and PEFT's layers stay in the model, computing
+    PEFT's ``trainable_tokens_delta`` stays the trainable parameter and PEFT's layers stay in the model, computing
     through our fused gather and fused loss. ``reserved`` may then be omitted, or name the same ids (a
     :class:`ReservedVocab` is kept for :func:`save_pretrained`); ``init`` initialises PEFT's rows; the other
     options do not apply. :func:`merge` undoes the acceleration only (PEFT's ``merge_and_unload`` merges);
@@ -209,9 +207,8 @@ def _accelerate_peft(model: nn.Module, reserved, embedding: nn.Module, *, init, 
 def _keep_state(model: nn.Module, reserved, state: PatchState, *, skip_frozen: bool, fused_loss: bool | None) -> None:
     """The end of both patch paths: what a training step needs decided once (the rows, every other parameter,
     whether frozen positions may be skipped, whether the config asks for dropout) onto ``state``, ``state`` onto the
-    model, and a transformers
-    model's patched forward (its labels= path, and TRL's fused head) unless ``fused_loss`` is None (no patched
-    head)."""
+    model, and a transformers model's patched forward (its labels= path, and TRL's fused head) unless
+    ``fused_loss`` is None (no patched head)."""
     state.vocab = reserved if isinstance(reserved, ReservedVocab) else None
     state.skip_frozen = position_split.skip_allowed(skip_frozen)
     attach(model, state)

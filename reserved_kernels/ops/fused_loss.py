@@ -250,15 +250,14 @@ def tiled_cross_entropy(hidden: Tensor, weight: Tensor, reserved_weight: Tensor,
     """:class:`LossParts` ``(loss, entropy, is_top1, grad_hidden, grad_logits_reserved, frozen_lse)`` for flat
     ``hidden`` (N, D) and ``targets`` (N,).
 
-    ``loss`` (N,) in the accumulation dtype, 0 where ignored. ``entropy`` (N,) and ``is_top1`` (N,) bool (the
-    target is the most likely token) when ``stats``, else empty; so is ``frozen_lse`` (N,), the log-sum-exp over
-    the table's columns alone (every column but the K reserved ones, for every token, ignored ones included):
-    the statistic :class:`~reserved_kernels.models.FrozenText` keeps, taken from the same pass. ``grad_hidden`` (N, D)
-    in the hidden dtype
-    when ``grad_hidden``, and ``grad_logits_reserved`` (N, K) in the accumulation dtype when ``grad_rows``,
-    else empty: each token's gradient of its own loss (see the module docstring). The two are independent:
-    without ``grad_hidden`` there is no accumulator, no accumulator GEMM and no softmax copy — one GEMM per
-    tile, what a forward pass costs — while the rows' gradient costs N·K more. Arguments arrive checked.
+    ``loss`` (N,) in the accumulation dtype, 0 where ignored. ``entropy`` (N,) and ``is_top1`` (N,) bool (the target
+    is the most likely token) when ``stats``, else empty; so is ``frozen_lse`` (N,), the log-sum-exp over the
+    table's columns alone (every column but the K reserved ones, for every token, ignored ones included): the
+    statistic :class:`~reserved_kernels.models.FrozenText` keeps, taken from the same pass. ``grad_hidden`` (N, D)
+    in the hidden dtype when ``grad_hidden``, and ``grad_logits_reserved`` (N, K) in the accumulation dtype when
+    ``grad_rows``, else empty: each token's gradient of its own loss (see the module docstring). The two are
+    independent: without ``grad_hidden`` there is no accumulator, no accumulator GEMM and no softmax copy — one GEMM
+    per tile, what a forward pass costs — while the rows' gradient costs N·K more. Arguments arrive checked.
     ``tile_step`` is :func:`reserved_kernels.reference.cross_entropy.lse_tile` or a kernel with its
     signature; one that computes the exponentials without a second buffer says so with
     ``tile_step_needs_scratch=False``.

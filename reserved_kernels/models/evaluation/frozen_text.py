@@ -1,10 +1,9 @@
 """Frozen text: the exact loss of ordinary text at the model's current rows, for O(K·D) a token.
 
 In text without a reserved id (at or before a position, in its row) a patched model's hidden state ``h`` is a
-constant while only the K rows train (:mod:`reserved_kernels.models.position_split`), and so are the log-sum-exp over
-the
-V − K frozen columns of the head and the target's logit when the target is a frozen token. Only the K reserved
-columns move. So the loss of such a position at the current rows ``R`` is exactly::
+constant while only the K rows train (:mod:`reserved_kernels.models.position_split`), and so are the log-sum-exp
+over the V − K frozen columns of the head and the target's logit when the target is a frozen token. Only the K
+reserved columns move. So the loss of such a position at the current rows ``R`` is exactly::
 
     loss = log(exp(lse_frozen) + Σ_k exp(cap(h·R_k))) − z_target       z_target = cap(h·R_k) for target slot k
 

@@ -9,13 +9,13 @@ previous one back. What it does, by call:
   the patched head's fused loss (:func:`reserved_kernels.linear_cross_entropy`) — the model's own label
   shift (or ``shift_labels``), ``ignore_index=-100``, ``num_items_in_batch`` (Trainer's normaliser under
   gradient accumulation) and the config's ``final_logit_softcapping``. No (B, T, V) logits are built, in
-  the forward or the backward; the output's ``logits`` is None, as with Liger-Kernel. Positions no
-  reserved id can reach run without a backward (:mod:`reserved_kernels.models.position_split`); the output then
-  carries the loss alone.
+  the forward or the backward; the output's ``logits`` is None, as with Liger-Kernel. Positions no reserved
+  id can reach run without a backward (:mod:`reserved_kernels.models.position_split`); the output then carries
+  the loss alone.
 * **labels, evaluation** (``model.eval()``): the model's own forward, logits and loss as unpatched — so a
   Trainer's ``compute_metrics`` still gets its logits. ``return_logits=False`` asks for the fused loss
-  there too (what :func:`~reserved_kernels.models.evaluation.perplexity` does); ``return_logits=True`` asks for the
-  logits in training.
+  there too (what :func:`~reserved_kernels.models.perplexity` does); ``return_logits=True`` asks for the logits
+  in training.
 * **``fused_lm_head=True``** (TRL's ``SFTTrainer`` contract, TRL >= 1.16): per-token ``log_probs``,
   ``entropy``, ``is_top1`` and ``label_mask`` from the fused loss, never the logits. TRL's own fused head
   reads ``lm_head.weight`` — the frozen table, without the trained rows — so this one takes its place.
