@@ -329,3 +329,31 @@ def test_the_decision_kept_at_patch_time_follows_the_flags_set_after_it():
     ids, _, _ = _batch()
     dropping = patch_model(copy.deepcopy(model), RESERVED).train()
     assert position_split.frozen_split_unsupported(dropping, dict(input_ids=ids)) == "dropout"
+
+
+def test_a_parameter_registered_anew_after_patching_is_read_where_it_now_is():
+    """FSDP2's fully_shard registers every parameter anew after patching: the step reads each slot's current
+    parameter (its flag, and the rows that get the zero gradient when nothing is live), and keeps none it replaced
+    alive."""
+    import gc
+    import weakref
+
+    model, _ = _model("gemma3")
+    patched = patch_model(copy.deepcopy(model), RESERVED).train()
+    layer = patched.model.layers[0].mlp.down_proj
+    old = weakref.ref(layer.weight)
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    gc.collect()
+    assert old() is None  # the patch state holds no parameter
+    assert position_split.skip_unavailable(patched) is None
+    layer.weight.requires_grad_(True)
+    assert position_split.skip_unavailable(patched) == "a parameter other than the reserved rows trains"
+    # An untied model's input rows get their (zero) gradient from summed_loss when every position is frozen.
+    untied = patch_model(_model("llama-untied")[0], RESERVED).train()
+    embedding = untied.get_input_embeddings()
+    embedding.reserved_weight = torch.nn.Parameter(embedding.reserved_weight.detach().clone())
+    ids = torch.randint(108, 1000, (2, LENGTH), generator=torch.Generator().manual_seed(1))  # ordinary text
+    with _split_calls() as calls:
+        untied(input_ids=ids, labels=ids).loss.backward()
+    assert calls == [True]  # every position frozen: no live part
+    assert embedding.reserved_weight.grad is not None and not embedding.reserved_weight.grad.any()

@@ -101,9 +101,10 @@ def patch_model(model: nn.Module, reserved: Sequence[int] | Tensor | ReservedPla
             cache off there) or in a left-padded row (:func:`~reserved_kernels.models.position_split.split_points`):
             such rows run whole, and rows without a reserved id still run without a backward.
             False (or ``RESERVED_KERNELS_SKIP_FROZEN=0`` when patching) turns it off. Which parameters are the
-            rows is decided here, and each step reads only the ``requires_grad`` flags of the parameters the
-            model had now: a parameter added to the model after patching is not seen (patch after adding it;
-            PEFT's adapters go first anyway, see below).
+            rows is decided here, and each step reads only the ``requires_grad`` flags of what is registered
+            where the model's parameters are now (a parameter registered anew in place, as FSDP2 does, is
+            read): a parameter added elsewhere after patching is not seen (patch after adding it; PEFT's
+            adapters go first anyway, see below).
 
     With PEFT, apply the adapter first (``get_peft_model``), then patch the PEFT model: the adapter and
     the rows train together. Patching first and then calling ``get_peft_model`` freezes the rows (PEFT
@@ -205,14 +206,14 @@ def _accelerate_peft(model: nn.Module, reserved, embedding: nn.Module, *, init, 
 
 
 def _keep_state(model: nn.Module, reserved, state: PatchState, *, skip_frozen: bool, fused_loss: bool | None) -> None:
-    """The end of both patch paths: what a training step needs decided once (the rows, every other parameter,
+    """The end of both patch paths: what a training step needs decided once (where every parameter is registered,
     whether frozen positions may be skipped, whether the config asks for dropout) onto ``state``, ``state`` onto the
     model, and a transformers model's patched forward (its labels= path, and TRL's fused head) unless
     ``fused_loss`` is None (no patched head)."""
     state.vocab = reserved if isinstance(reserved, ReservedVocab) else None
     state.skip_frozen = position_split.skip_allowed(skip_frozen)
     attach(model, state)
-    state.rows, state.others = tuple(position_split.reserved_rows(model)), position_split.other_parameters(model)
+    state.row_slots, state.other_slots = position_split.parameter_slots(model)
     state.dropout = position_split.has_dropout(model)
     state.checkpointing = position_split.checkpointing_modules(model)
     base = base_model(model)

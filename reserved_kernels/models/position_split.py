@@ -57,17 +57,17 @@ def skip_unavailable(model: nn.Module) -> str | None:
     reaches): turned off, gradients off, the rows frozen, or something besides the rows trains (a LoRA adapter
     beside them makes every position depend on it).
 
-    Called on every training forward, so it reads only what :func:`~reserved_kernels.patch_model` kept on the
-    :class:`~reserved_kernels.models.state.PatchState` (the rows and every other parameter, as two tuples) and their
-    ``requires_grad`` flags, which stay the user's to change after patching: no walk of the module tree."""
+    Called on every training forward, so it walks no module tree: it reads the rows and every other parameter
+    through the slots :func:`~reserved_kernels.patch_model` kept (:func:`parameter_slots`), with their
+    ``requires_grad`` flags, which stay the user's to change after patching."""
     state = patch_state(model)
     if state is None or not state.skip_frozen:
         return f"not patched with skip_frozen=True (or patched with {SKIP_ENV_VAR}=0)"
     if not torch.is_grad_enabled():
         return "gradients are off"
-    if not any(p.requires_grad for p in state.rows):
+    if not any(p.requires_grad for p in in_slots(state.row_slots)):
         return "the reserved rows are frozen"
-    if any(p.requires_grad for p in state.others):
+    if any(p.requires_grad for p in in_slots(state.other_slots)):
         return "a parameter other than the reserved rows trains"
     return None
 
@@ -98,10 +98,28 @@ def reserved_rows(model: nn.Module) -> list[nn.Parameter]:
     return list(rows.values())
 
 
-def other_parameters(model: nn.Module) -> tuple[nn.Parameter, ...]:
-    """Every parameter of a patched model besides its reserved rows (each once)."""
+Slots = tuple[tuple[dict, str], ...]
+
+
+def parameter_slots(model: nn.Module) -> tuple[Slots, Slots]:
+    """Where the reserved rows, and every other parameter, of a patched ``model`` are registered: (the module's
+    parameter dict, the name), each parameter once, to read without a walk of the module tree. Slots, not the
+    parameters: a parameter registered anew later (FSDP2's ``fully_shard`` does so for every one) is read where it
+    now is, and the one it replaced is not kept alive."""
     rows = {id(p) for p in reserved_rows(model)}
-    return tuple(p for p in model.parameters() if id(p) not in rows)
+    row_slots, other_slots, seen = [], [], set()
+    for module in model.modules():
+        # A module's own registry, as named_parameters reads it; a shared (tied) parameter is kept once.
+        for name, p in module._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                (row_slots if id(p) in rows else other_slots).append((module._parameters, name))
+    return tuple(row_slots), tuple(other_slots)
+
+
+def in_slots(slots: Slots) -> list[nn.Parameter]:
+    """The parameters registered in ``slots`` now (:func:`parameter_slots`)."""
+    return [p for params, name in slots if (p := params.get(name)) is not None]
 
 
 def other_trainable(model: nn.Module) -> str | None:
@@ -343,5 +361,6 @@ def split_loss(model: nn.Module, body_kwargs: dict, shift_labels: Tensor, *, ign
     def loss_sum(hidden: Tensor, targets: Tensor) -> Tensor:
         return head(hidden, targets, ignore_index=ignore_index, reduction="sum", softcap=softcap)
 
-    total = summed_loss(parts, shift_labels.to(parts[0].hidden.device), loss_sum, patch_state(model).rows)
+    total = summed_loss(parts, shift_labels.to(parts[0].hidden.device), loss_sum,
+                        in_slots(patch_state(model).row_slots))
     return reduced_loss(total, shift_labels, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)

@@ -37,8 +37,9 @@ class PatchState:
     vocab: Any = None  # the ReservedVocab given to patch_model, if one was (its tokenizer for save_pretrained)
     rows_frozen_on_purpose: bool = False  # freeze_rows was called: frozen rows beside PEFT layers are intended
     skip_frozen: bool = True  # positions no reserved id reaches run without a backward (models.position_split)
-    rows: tuple[nn.Parameter, ...] = ()  # the trainable rows: the embedding's, an untied head's own
-    others: tuple[nn.Parameter, ...] = ()  # every other parameter, to read their requires_grad flags without a walk
+    # where the rows and every other parameter are registered, read each step without a walk (position_split)
+    row_slots: tuple[tuple[dict, str], ...] = ()
+    other_slots: tuple[tuple[dict, str], ...] = ()
     checkpointing: tuple[nn.Module, ...] = ()  # the modules whose gradient_checkpointing flag transformers reads
     dropout: bool = False  # the config asks for dropout: split calls would draw other masks than one call
     forward: ForwardSwap | None = None

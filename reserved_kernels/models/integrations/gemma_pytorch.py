@@ -167,5 +167,6 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
         total = loss_sum(decoder.whole(), targets)
     else:
         parts = position_split.split_hidden(plan, decoder, input_ids.device)
-        total = position_split.summed_loss(parts, targets, loss_sum, patch_state(model).rows)
+        trainable = position_split.in_slots(patch_state(model).row_slots)
+        total = position_split.summed_loss(parts, targets, loss_sum, trainable)
     return reduced_loss(total, targets, reduction=reduction)
