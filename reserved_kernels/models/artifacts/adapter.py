@@ -80,7 +80,6 @@ def write_adapter(model: nn.Module, folder: str, plan=None, vocab=None) -> None:
     files = {os.path.join(folder, WEIGHTS_NAME): save({k: v.clone() for k, v in tensors.items()}, metadata=metadata),
              config_path: (json.dumps(config, indent=2) + "\n").encode("utf-8")}
     if plan is not None and vocab is None:
-
         files[os.path.join(folder, PLAN_FILENAME)] = plan.to_json().encode("utf-8")
     os.makedirs(folder, exist_ok=True)
     atomic_write_many(files)
@@ -121,7 +120,6 @@ def read_adapter(folder: str, model: nn.Module, vocab=None) -> ReservedRows:
     tokenizer); a warning for indices that are not reserved slots of ``vocab`` (by default the one the model was
     patched with)."""
     from safetensors import safe_open
-
 
     config_path, indices = read_config(folder)
     weights_path = os.path.join(folder, WEIGHTS_NAME)

@@ -328,7 +328,6 @@ class ExportRows:
         :func:`~reserved_kernels.save_pretrained` wrote, with the plan beside them; read without a model."""
         from safetensors import safe_open
 
-
         plan_path = os.path.join(folder, PLAN_FILENAME)
         if not os.path.isdir(folder):
             raise ExportError(f"{folder}: not a folder of saved rows (save_reserved or save_pretrained writes one)")
